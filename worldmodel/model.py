@@ -1,0 +1,424 @@
+"""The world model's diffusion transformer, top to bottom: config and presets, rotary positions over
+(time, row, column), the static KV cache, the model, its blocks.
+
+Frames enter as latent grids from the autoencoder (worldmodel/autoencoder.py), are cut into tokens,
+and every frame carries its own noise level and its own action (the action that produced it), which
+modulate every block through adaLN-Zero. Attention is block-causal: bidirectional inside a frame,
+causal across frames (Next-Frame Diffusion). It runs through `kernels/`.
+
+Two ways in:
+- `forward(x, t, actions)`: a whole clip, positions 0..F-1 (training, full recompute).
+- `forward_cached(x, t, actions, cache, commit)`: F new frames against the KV cache of clean past
+  frames (inference). The first `commit` of them have their keys and values written into the cache
+  (so one pass can commit a finished frame and take the first denoising step of the next).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from worldmodel.action import ACTION_DIM
+from worldmodel.autoencoder import AutoencoderConfig
+
+# --------------------------------------------------------------------------------------------------
+# Config and presets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    # frames and the autoencoder
+    frame_size: tuple[int, int] = (96, 128)  # (H, W), 4:3
+    fps: int = 35  # one frame per Doom tic
+    latent_channels: int = 16
+    ae_channels: tuple[int, ...] = (16, 32, 64, 128)
+    ae_res_blocks: tuple[int, ...] = (0, 0, 1, 1)
+    # the transformer
+    patch_size: int = 1  # latent pixels per token side
+    dim: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    action_dim: int = ACTION_DIM
+    rope_theta: float = 100.0
+    # context: what the KV cache holds and how long training clips are
+    sink_frames: int = 1  # first frames of a rollout, kept for ever (Self Forcing / StreamingLLM)
+    window_frames: int = 7  # most recent clean frames
+    max_draft: int = 8  # most frames generated in one pass (speculative sampling)
+    context_noise: float = 0.05  # noise level of committed context frames (GameNGen augmentation)
+    # sampling defaults (runtime settings; see worldmodel/sampler.py)
+    sample_steps: int = 4
+    sample_shift: float = 1.0
+
+    def __post_init__(self):
+        self.frame_size = tuple(self.frame_size)
+        self.ae_channels = tuple(self.ae_channels)
+        self.ae_res_blocks = tuple(self.ae_res_blocks)
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for rotary positions")
+        h, w = self.latent_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"latent grid {h}x{w} is not divisible by patch size {self.patch_size}")
+        if self.window_frames < 1 or self.sink_frames < 0 or self.max_draft < 1:
+            raise ValueError("window_frames >= 1, sink_frames >= 0 and max_draft >= 1 are required")
+
+    @property
+    def autoencoder(self) -> AutoencoderConfig:
+        return AutoencoderConfig(frame_size=self.frame_size, latent_channels=self.latent_channels,
+                                 channels=self.ae_channels, res_blocks=self.ae_res_blocks)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.autoencoder.latent_size
+
+    @property
+    def grid(self) -> tuple[int, int]:  # token rows, columns
+        h, w = self.latent_size
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def cache_frames(self) -> int:
+        return self.sink_frames + self.window_frames
+
+    @property
+    def clip_frames(self) -> int:
+        """Training clip length: every position a cached rollout or a speculative draft can use."""
+        return self.sink_frames + self.window_frames + self.max_draft
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # plays at 30+ FPS on 2 CPU cores: 128x96 frames, 6x8 = 48 tokens a frame
+    "tiny": ModelConfig(),
+    # GPU quality tier: 256x192 frames, 12x16 = 192 tokens a frame
+    "small": ModelConfig(frame_size=(192, 256), ae_channels=(32, 64, 128, 256), ae_res_blocks=(0, 1, 1, 2),
+                         dim=512, depth=12, heads=8, window_frames=15),
+    # NFD+ 310M's shape class: 384x224 frames, 14x24 = 336 tokens a frame, 32-frame context; random
+    # weights, for engine benchmarks
+    "nfd-310m": ModelConfig(frame_size=(224, 384), ae_channels=(32, 64, 128, 256), ae_res_blocks=(0, 1, 1, 2),
+                            dim=1024, depth=16, heads=16, window_frames=23),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig.from_dict(PRESETS[name].to_dict())  # a fresh copy
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary positions over (time, row, column)
+# --------------------------------------------------------------------------------------------------
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Rotation pairs given to time, rows and columns (a quarter to time, the rest shared)."""
+    pairs = head_dim // 2
+    t = max(1, pairs // 4)
+    r = (pairs - t) // 2
+    return t, r, pairs - t - r
+
+
+def rope_freqs(n: int, theta: float) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(n, dtype=torch.float32) / max(n, 1))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); cos, sin: (L, D/2). Rotates pairs (i, i + D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Static KV cache: sink frames + a rolling window, an integer frame counter
+# --------------------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer: `sink_frames + window_frames` frame slots of
+    `tokens_per_frame` tokens. Frame n goes to slot n while n < sinks, then to the window slots in
+    ring order. Keys are stored without their temporal rotation: at read time each slot is given a
+    logical time position (sinks first, then the window oldest to newest, then the new frames), so
+    the model only ever sees positions 0..clip_frames-1 that it was trained on, however long the
+    rollout. Shapes never change; all bookkeeping is tensors (no host sync)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32):
+        super().__init__()
+        self.sinks, self.window, self.T = cfg.sink_frames, cfg.window_frames, cfg.tokens_per_frame
+        n_slots = cfg.cache_frames
+        shape = (cfg.depth, batch_size, cfg.heads, n_slots * self.T, cfg.head_dim)  # (L, B, H, S*T, D)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("slot_frame", torch.full((n_slots,), -1, dtype=torch.long, device=device),
+                             persistent=False)  # frame number held by each slot, -1 = empty
+        self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+
+    @property
+    def n_slots(self) -> int:
+        return self.sinks + self.window
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+        self.slot_frame.fill_(-1)
+        self.count.zero_()
+
+    def slots_for(self, n_frames: int) -> torch.Tensor:
+        """Slots that frames count .. count+n_frames-1 are committed to. (n_frames,)"""
+        frame = self.count + torch.arange(n_frames, device=self.count.device)
+        ring = self.sinks + (frame - self.sinks).remainder(self.window)
+        return torch.where(frame < self.sinks, frame, ring)
+
+    def key_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical time position of each slot (n_slots,) and which slots hold a frame (n_slots,)."""
+        f = self.slot_frame
+        first_window = torch.clamp(self.count - self.window, min=self.sinks)
+        pos = torch.where(f < self.sinks, f, self.sinks + f - first_window)
+        valid = f >= 0
+        return torch.where(valid, pos, torch.zeros_like(pos)), valid
+
+    def query_positions(self, n_frames: int) -> torch.Tensor:
+        """Logical time positions of n_frames new frames. (n_frames,)"""
+        start = torch.clamp(self.count, max=self.n_slots)
+        return start + torch.arange(n_frames, device=self.count.device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k, v: (B, H, F*T, D) of F new frames, into their slots. (F,)"""
+        idx = (slots[:, None] * self.T + torch.arange(self.T, device=slots.device)).flatten()  # (F*T,)
+        self.k[layer].index_copy_(2, idx, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, idx, v.to(self.v.dtype))
+
+    def advance(self, slots: torch.Tensor) -> None:
+        n = slots.shape[0]
+        self.slot_frame.index_copy_(0, slots, self.count + torch.arange(n, device=slots.device))
+        self.count += n
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _AttnContext:
+    """What attention needs for one forward pass, built once by the model and shared by all blocks."""
+    cos: torch.Tensor  # (L, D/2) rotation of the new tokens
+    sin: torch.Tensor
+    backend: str
+    tokens_per_frame: int
+    cache: KVCache | None = None
+    cache_cos: torch.Tensor | None = None  # (S*T, D/2) rotation of the cache slots
+    cache_sin: torch.Tensor | None = None
+    cache_valid: torch.Tensor | None = None  # (B, S*T) bool
+    commit_slots: torch.Tensor | None = None  # (n,) where the first n new frames go; None: no commit
+    layer: int = field(default=0)
+
+
+class WorldTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        patch_dim = cfg.latent_channels * cfg.patch_size ** 2
+        self.patch_embed = nn.Linear(patch_dim, cfg.dim)
+        self.noise_embed = NoiseLevelEmbedding(cfg.dim)
+        self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.final = FinalLayer(cfg.dim, patch_dim)
+        nt, nr, nc = rope_split(cfg.head_dim)
+        self.register_buffer("freq_t", rope_freqs(nt, cfg.rope_theta), persistent=False)
+        self.register_buffer("freq_r", rope_freqs(nr, cfg.rope_theta), persistent=False)
+        self.register_buffer("freq_c", rope_freqs(nc, cfg.rope_theta), persistent=False)
+        gh, gw = cfg.grid
+        rows = torch.arange(gh, dtype=torch.float32).repeat_interleave(gw)  # (T,)
+        cols = torch.arange(gw, dtype=torch.float32).repeat(gh)
+        self.register_buffer("spatial_angles", torch.cat(
+            (rows[:, None] * self.freq_r, cols[:, None] * self.freq_c), dim=-1), persistent=False)  # (T, nr+nc)
+        self.attention = "sdpa"  # backend in kernels/: "torch", "sdpa", "flex" or "triton"
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(_basic)
+        nn.init.normal_(self.noise_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.noise_embed.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.action_embed[0].weight, std=0.02)
+        nn.init.normal_(self.action_embed[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts as the identity
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+        nn.init.zeros_(self.final.modulation.weight)
+        nn.init.zeros_(self.final.modulation.bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    # -- positions ---------------------------------------------------------------------------------
+    def _rope(self, time_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """time_pos: (F,) frame positions -> cos, sin: (F*T, D/2) for all their tokens."""
+        T = self.cfg.tokens_per_frame
+        t_ang = time_pos.float()[:, None, None] * self.freq_t  # (F, 1, nt)
+        angles = torch.cat((t_ang.expand(-1, T, -1), self.spatial_angles.expand(len(time_pos), -1, -1)), dim=-1)
+        angles = angles.flatten(0, 1)  # (F*T, D/2)
+        return angles.cos(), angles.sin()
+
+    # -- tokens ------------------------------------------------------------------------------------
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F, C, h, w) -> (B, F, T, C*p*p)"""
+        B, Fr, C, h, w = x.shape
+        p = self.cfg.patch_size
+        x = x.reshape(B, Fr, C, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(B, Fr, (h // p) * (w // p), C * p * p)
+
+    def _untokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F, T, C*p*p) -> (B, F, C, h, w)"""
+        B, Fr = x.shape[:2]
+        p, C = self.cfg.patch_size, self.cfg.latent_channels
+        gh, gw = self.cfg.grid
+        x = x.reshape(B, Fr, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(B, Fr, C, gh * p, gw * p)
+
+    def _run(self, x, t, actions, ctx: _AttnContext) -> torch.Tensor:
+        h = self.patch_embed(self._tokens(x))  # (B, F, T, C)
+        c = self.noise_embed(t) + self.action_embed(actions.to(h.dtype))  # (B, F, C)
+        for i, block in enumerate(self.blocks):
+            ctx.layer = i
+            h = block(h, c, ctx)
+        return self._untokens(self.final(h, c))
+
+    # -- entry points ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """A whole clip. x: (B, F, C, h, w) noisy latents; t: (B, F) noise levels; actions: (B, F, A).
+        Returns the predicted velocity (B, F, C, h, w). Frame f sees frames <= f only."""
+        cos, sin = self._rope(torch.arange(x.shape[1], device=x.device))
+        ctx = _AttnContext(cos=cos, sin=sin, backend=self.attention, tokens_per_frame=self.cfg.tokens_per_frame)
+        return self._run(x, t, actions, ctx)
+
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, cache: KVCache,
+                       commit: int = 0) -> torch.Tensor:
+        """F new frames after the frames in `cache` (same shapes as `forward`). The keys and values of
+        the first `commit` frames are written into the cache and its counter advances by `commit`."""
+        B, Fr = x.shape[:2]
+        if not 0 <= commit <= min(Fr, self.cfg.window_frames):
+            raise ValueError(f"commit must be within 0..{min(Fr, self.cfg.window_frames)}, got {commit}")
+        cos, sin = self._rope(cache.query_positions(Fr))
+        key_pos, valid = cache.key_positions()
+        cache_cos, cache_sin = self._rope(key_pos)
+        T = self.cfg.tokens_per_frame
+        ctx = _AttnContext(cos=cos, sin=sin, backend=self.attention, tokens_per_frame=T, cache=cache,
+                           cache_cos=cache_cos, cache_sin=cache_sin,
+                           cache_valid=valid.repeat_interleave(T)[None].expand(B, -1),
+                           commit_slots=cache.slots_for(commit) if commit else None)
+        out = self._run(x, t, actions, ctx)
+        if commit:
+            cache.advance(ctx.commit_slots)
+        return out
+
+
+class NoiseLevelEmbedding(nn.Module):
+    """Per-frame noise level t in [0, 1] -> (B, F, dim): sinusoidal features of 1000 t, then an MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000.0)[..., None] * freqs
+        emb = torch.cat((args.cos(), args.sin()), dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """DiT block with adaLN-Zero; x: (B, F, T, C), c: (B, F, C) one conditioning vector a frame."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
+        self.modulation = nn.Linear(cfg.dim, 6 * cfg.dim)
+
+    def forward(self, x, c, ctx: _AttnContext):
+        mod = self.modulation(F.silu(c)).unsqueeze(2)  # (B, F, 1, 6C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), ctx)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
+        B, Fr, T, C = x.shape
+        qkv = self.qkv(x).view(B, Fr * T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]  # (B, H, F*T, D)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k_rot = apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is None:
+            out = kernels.block_causal_attention(q, k_rot, v, ctx.tokens_per_frame, backend=ctx.backend)
+        else:
+            cache = ctx.cache
+            k_cache = apply_rope(cache.k[ctx.layer], ctx.cache_cos, ctx.cache_sin)
+            out = kernels.cached_attention(q, k_rot, v, k_cache, cache.v[ctx.layer], ctx.cache_valid,
+                                           ctx.tokens_per_frame, backend=ctx.backend)
+            if ctx.commit_slots is not None:  # after reading: a new frame may reuse the oldest slot
+                n = ctx.commit_slots.shape[0] * ctx.tokens_per_frame
+                cache.write(ctx.layer, k[:, :, :n], v[:, :, :n], ctx.commit_slots)
+        out = out.transpose(1, 2).reshape(B, Fr, T, C)
+        return self.proj(out)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, c):  # (B, F, T, C), (B, F, C) -> (B, F, T, out)
+        shift, scale = self.modulation(F.silu(c)).unsqueeze(2).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
