@@ -1,0 +1,263 @@
+"""What the front-end can drive: anything with `reset() -> frame` and `step(action) -> frame`.
+
+- `DreamGame`: the world model, seeded from a start scene (the real game's first frames on a map, or a
+  start clip shipped with the checkpoint). While its start scene came from the real game, it also steps
+  that game with the same actions (`companion_frame`), so the real game can be shown beside the dream.
+- `RealGame`: the real Doom (`worldmodel.game.DoomEnv`).
+- `ReplayGame`: a recorded MP4 played back frame by frame (actions are ignored).
+
+All of them are stepped from the worker thread (play/worker.py), never from the UI thread.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from worldmodel.action import NOOP, TURN_MAX, Action, decode_actions
+from worldmodel.errors import UserError
+
+
+class Game(Protocol):
+    name: str
+    kind: str  # "dream", "real", "replay"
+    frame_size: tuple[int, int]
+    fps: int
+
+    def reset(self) -> np.ndarray: ...
+
+    def step(self, action: Action) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Start scenes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StartScene:
+    frames: np.ndarray  # uint8 (N, H, W, 3)
+    actions: list[Action]  # actions[i] produced frames[i]
+    label: str
+    env: Any = None  # the DoomEnv left in the state of frames[-1], when the scene came from the real game
+
+
+def warmup_actions(n: int, rng: random.Random | None) -> list[Action]:
+    """n warm-up actions: standing still (rng None, the first start) or a short random walk."""
+    if rng is None:
+        return [NOOP] * n
+    out: list[Action] = []
+    while len(out) < n:
+        turn = rng.choice((-1, 1)) * rng.uniform(3.0, TURN_MAX * 0.6)
+        out += [Action(turn=round(turn, 3))] * rng.randint(2, 12)
+        out += [Action(move=1, strafe=rng.choice((-1, 0, 0, 1)))] * rng.randint(4, 20)
+    return out[:n]
+
+
+class RealStarts:
+    """Start scenes from the real game: a DoomEnv on `map`, reset with a new seed each time, a warm-up,
+    and the last `context` frames with their actions. The first start stands still (deterministic);
+    later ones walk a little at random first so that Backspace gives a fresh scene."""
+
+    def __init__(self, map: str = "MAP01", wad: str = "freedoom2", frame_size=(96, 128), seed: int = 0,
+                 context: int = 8, max_walk: int = 105):
+        self.map, self.wad, self.frame_size, self.seed = map, wad, tuple(frame_size), int(seed)
+        self.context, self.max_walk = max(1, int(context)), int(max_walk)
+        self.count = 0
+        self.env = None
+
+    def _env(self):
+        if self.env is None:
+            from worldmodel.game import DoomEnv
+
+            self.env = DoomEnv(wad=self.wad, map=self.map, seed=self.seed, frame_size=self.frame_size)
+        return self.env
+
+    def next(self) -> StartScene:
+        env = self._env()
+        n = self.count
+        self.count += 1
+        rng = None if n == 0 else random.Random(self.seed * 1000003 + n)
+        walk = 0 if rng is None else rng.randint(0, self.max_walk)
+        frames = [env.reset(seed=self.seed + n)]
+        actions = [NOOP]
+        for a in warmup_actions(walk + self.context - 1, rng):
+            frames.append(env.step(a))
+            actions.append(a)
+            if env.restarted:  # left the level during the walk: start the context over
+                frames, actions = [frames[-1]], [NOOP]
+        frames, actions = frames[-self.context:], actions[-self.context:]
+        return StartScene(np.stack(frames), actions, f"{self.wad} {self.map} start {n}", env=env)
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+def _as_clip(item) -> tuple[np.ndarray, list[Action]]:
+    if isinstance(item, dict):
+        frames, actions = item["frames"], item["actions"]
+    elif hasattr(item, "frames"):
+        frames, actions = item.frames, item.actions
+    else:
+        frames, actions = item
+    frames = np.ascontiguousarray(np.asarray(frames, dtype=np.uint8))
+    if len(actions) and not isinstance(actions[0], Action):
+        import torch
+
+        actions = decode_actions(torch.as_tensor(np.asarray(actions, dtype=np.float32)))
+    return frames, list(actions)
+
+
+def load_clips(folder: str | Path) -> list[tuple[np.ndarray, list[Action]]]:
+    """Start clips shipped in a checkpoint folder (`start_clips/*.npz`: frames uint8 (N,H,W,3),
+    actions float32 (N,5)). Uses the engine's loader when it has one."""
+    try:
+        from worldmodel.engine import load_start_clips  # the engine's helper, when present
+    except ImportError:
+        load_start_clips = None
+    if load_start_clips is not None:
+        return [_as_clip(c) for c in load_start_clips(folder)]
+    clips = []
+    for p in sorted(Path(folder, "start_clips").glob("*.npz")):
+        with np.load(p) as z:
+            clips.append(_as_clip((z["frames"], z["actions"])))
+    return clips
+
+
+class ClipStarts:
+    """Start scenes from the clips shipped with a checkpoint: needs no dataset and no game."""
+
+    def __init__(self, clips: Sequence[tuple[np.ndarray, list[Action]]], context: int = 8, name: str = "clip"):
+        if not clips:
+            raise UserError("no start clips")
+        self.clips, self.context, self.name = list(clips), max(1, int(context)), name
+        self.count = 0
+
+    def next(self) -> StartScene:
+        i = self.count % len(self.clips)
+        self.count += 1
+        frames, actions = self.clips[i]
+        return StartScene(frames[-self.context:], actions[-self.context:], f"{self.name} {i}")
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Games
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DreamGame:
+    """The world model as a game. `starts` gives the start scenes; `real_starts` (optional) gives
+    start scenes from the real game, used for the side-by-side view."""
+
+    model: Any  # worldmodel.WorldModel
+    starts: Any  # RealStarts | ClipStarts
+    real_starts: Any = None
+    kind: str = "dream"
+    follow_real: bool = False  # next reset() starts from the real game so that it can be shown beside
+    scene: StartScene | None = field(default=None, init=False)
+    companion_frame: np.ndarray | None = field(default=None, init=False)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return tuple(self.model.frame_size)
+
+    @property
+    def fps(self) -> int:
+        return int(self.model.fps)
+
+    @property
+    def has_companion(self) -> bool:
+        """The real game is running in lockstep (same start, same actions)."""
+        return self.scene is not None and self.scene.env is not None
+
+    def reset(self) -> np.ndarray:
+        source = self.starts
+        if self.follow_real and not isinstance(self.starts, RealStarts) and self.real_starts is not None:
+            source = self.real_starts
+        self.scene = source.next()
+        self.model.reset(self.scene.frames, self.scene.actions)
+        self.companion_frame = self.scene.frames[-1] if self.scene.env is not None else None
+        return self.scene.frames[-1]
+
+    def step(self, action: Action) -> np.ndarray:
+        if self.scene is not None and self.scene.env is not None:
+            self.companion_frame = self.scene.env.step(action)  # the real game, ~0.2 ms a tic
+        return self.model.step(action)
+
+    def close(self) -> None:
+        for s in (self.starts, self.real_starts):
+            if s is not None:
+                s.close()
+
+
+class RealGame:
+    """The real Doom in the same window (no model needed)."""
+
+    kind = "real"
+    companion_frame = None
+    has_companion = False
+
+    def __init__(self, starts: RealStarts):
+        self.starts = starts
+        self.frame_size = tuple(starts.frame_size)
+        self.fps = 35
+        self.name = f"real game ({starts.wad} {starts.map})"
+        self.scene: StartScene | None = None
+
+    def reset(self) -> np.ndarray:
+        self.scene = self.starts.next()
+        return self.scene.frames[-1]
+
+    def step(self, action: Action) -> np.ndarray:
+        return self.scene.env.step(action)
+
+    def close(self) -> None:
+        self.starts.close()
+
+
+class ReplayGame:
+    """A recording (MP4) played back; the actions the player gives are ignored."""
+
+    kind = "replay"
+    companion_frame = None
+    has_companion = False
+
+    def __init__(self, path: str | Path, fps: int = 35):
+        from worldmodel.recording import read_video
+
+        path = Path(path)
+        try:
+            frames = list(read_video(path))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: cannot read the recording: {e}") from None
+        if not frames:
+            raise UserError(f"{path}: no frames could be read (is it an MP4 written by `worldmodel record`?)")
+        self.frames = frames
+        self.frame_size = frames[0].shape[:2]
+        self.fps = int(fps)
+        self.name = f"replay {path.name}"
+        self.i = 0
+
+    def reset(self) -> np.ndarray:
+        self.i = 0
+        return self.frames[0]
+
+    def step(self, action: Action) -> np.ndarray:
+        self.i = (self.i + 1) % len(self.frames)
+        return self.frames[self.i]
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,207 @@
+"""The model thread: runs the game (`reset()`/`step()`) off the UI thread, one frame per tic.
+
+It paces itself at the game's frame rate: when the previous frame is done and the next tic is due, it
+takes the action for the next frame from `action_source` (the input state the UI thread fills from
+keys and mouse, or the autoplay script) and generates the frame. Finished frames go to the UI through a
+queue (`poll()`); the UI waits for them at most a frame period at a time (`wait(timeout)`) and shows the
+latest. Taking the action here, the moment the model is free, rather than handing it over from the UI
+thread, saves two thread wake-ups per frame and samples the input as late as possible.
+
+torch releases the GIL inside its ops, so the UI thread keeps running while a frame is generated.
+Commands from the UI (restart, pause, settings such as denoising steps) are applied between frames,
+never in the middle of one.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from worldmodel.action import Action
+
+WAKE_MARGIN = 0.001  # seconds: a tic that is due within this is started now
+
+
+@dataclass
+class Result:
+    kind: str  # "reset", "step" or "end" (the action source ran out)
+    index: int = 0  # frames generated since the loop started, this one included
+    frame: np.ndarray | None = None
+    companion: np.ndarray | None = None  # the real game beside the dream, when it runs in lockstep
+    action: Action | None = None
+    t_action: float = 0.0  # when the action was taken (the input sampled)
+    t_end: float = 0.0  # when the frame was ready
+    compute_s: float = 0.0
+    error: BaseException | None = None
+    info: dict = field(default_factory=dict)
+
+
+class FrameWorker:
+    """`start()` begins the loop; `request_reset()`, `pause()`, `set()` steer it; `poll()` collects the
+    finished frames; `close()` stops it after the frame in progress."""
+
+    def __init__(self, game, action_source: Callable[[], Action | None], fps: float = 35.0,
+                 max_frames: int | None = None, clock: Callable[[], float] = time.perf_counter, nice: int = 0):
+        self.game = game
+        self.action_source = action_source
+        self.period = 1.0 / float(fps)
+        self.max_frames = max_frames
+        self.clock = clock
+        self.nice = int(nice)
+        self._results: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._pending: dict[str, Any] = {}
+        self._reset = False
+        self._paused = False
+        self._stop = False
+        self._started = False
+        self.frames = 0  # frames generated (worker side)
+        self.busy = False  # a reset or a step is running
+        self.finished = False  # max_frames reached or the action source ran out
+        self.wakeup = threading.Event()  # set when a result is ready
+        self._thread = threading.Thread(target=self._run, name="worldmodel-frames", daemon=True)
+
+    # -- UI side -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def _notify(self, **changes) -> None:
+        with self._cond:
+            for k, v in changes.items():
+                setattr(self, k, v)
+            self._cond.notify_all()
+
+    def request_reset(self) -> None:
+        """Load a fresh start scene before the next frame."""
+        self._notify(_reset=True)
+
+    def pause(self, on: bool) -> None:
+        self._notify(_paused=bool(on))
+
+    def set(self, name: str, value) -> None:
+        """Set an attribute of the game's model (e.g. steps) before the next frame starts."""
+        with self._cond:
+            self._pending[name] = value
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a result is ready or `timeout` seconds pass; True if a result is ready."""
+        if timeout > 0:
+            self.wakeup.wait(timeout)
+        return not self._results.empty()
+
+    def poll(self) -> list[Result]:
+        self.wakeup.clear()  # cleared first: a result put after this sets it again
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._notify(_stop=True)
+        if self._started:
+            self._thread.join(timeout)
+
+    # -- worker side -------------------------------------------------------------------------------
+    def _put(self, r: Result) -> None:
+        self._results.put(r)
+        self.wakeup.set()
+
+    def _apply_pending(self) -> None:
+        with self._cond:
+            pending, self._pending = self._pending, {}
+        model = getattr(self.game, "model", None)
+        for name, value in pending.items():
+            if model is not None:
+                setattr(model, name, value)
+
+    def _renice(self) -> None:
+        if self.nice and hasattr(os, "setpriority"):
+            try:  # this thread (and the torch threads it starts) yield the CPU to the UI thread
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        self._renice()
+        clock = self.clock
+        next_due = clock()
+        while True:
+            with self._cond:
+                while True:
+                    if self._stop:
+                        return
+                    if self._reset or self._pending:
+                        break
+                    if self._paused or self.finished:
+                        self._cond.wait()
+                        continue
+                    wait = next_due - WAKE_MARGIN - clock()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                do_reset, self._reset = self._reset, False
+                self.busy = True
+            try:
+                self._apply_pending()
+                if do_reset:
+                    self._do_reset()
+                    next_due = clock()
+                elif not (self._paused or self.finished) and clock() >= next_due - WAKE_MARGIN:
+                    next_due = self._do_step(next_due)
+            finally:
+                self.busy = False
+
+    def _do_reset(self) -> None:
+        r = Result("reset", self.frames)
+        r.t_action = self.clock()
+        try:
+            r.frame = self.game.reset()
+            r.companion = getattr(self.game, "companion_frame", None)
+        except BaseException as e:  # handed to the UI thread, which reports it
+            r.error = e
+        r.t_end = self.clock()
+        r.compute_s = r.t_end - r.t_action
+        self._put(r)
+
+    def _do_step(self, next_due: float) -> float:
+        t_action = self.clock()
+        try:
+            action = self.action_source()
+        except BaseException as e:
+            self._put(Result("step", self.frames, error=e))
+            self.finished = True
+            return next_due
+        if action is None:
+            self.finished = True
+            self._put(Result("end", self.frames))
+            return next_due
+        r = Result("step", self.frames + 1, action=action, t_action=t_action)
+        try:
+            r.frame = self.game.step(action)
+            r.companion = getattr(self.game, "companion_frame", None)
+            stats = getattr(getattr(self.game, "model", None), "stats", None)
+            if isinstance(stats, dict):
+                r.info["stats"] = stats
+        except BaseException as e:
+            r.error = e
+            self.finished = True
+        r.t_end = self.clock()
+        r.compute_s = r.t_end - t_action
+        self.frames += 1
+        self._put(r)
+        if self.max_frames is not None and self.frames >= self.max_frames:
+            self.finished = True
+            self._put(Result("end", self.frames))
+        # the next tic is due one period after this one was, or now if the model is behind
+        return max(next_due + self.period, t_action)
