@@ -1,0 +1,100 @@
+"""`worldmodel bench`: every field of the JSON for a small random model on CPU, the plot, the helpers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.bench import percentiles, rollout_bins, trace_summary
+from worldmodel.action import Action
+from worldmodel.cli import main
+
+
+def make_checkpoint(folder):
+    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.engine import WorldModel
+    from worldmodel.model import ModelConfig, WorldTransformer
+
+    cfg = ModelConfig(dim=64, depth=2, heads=2, ae_channels=(8, 16, 32, 64), ae_res_blocks=(0, 0, 0, 0),
+                      window_frames=3, max_draft=4, sample_steps=2)
+    torch.manual_seed(0)
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+RESULT_FIELDS = ("rounds", "fps_rounds", "fps", "latency_ms", "warmup_s", "reset_ms", "total_s", "peak_memory_mb", "acceptance_rate",
+                 "engine_stats", "latency_ms_per_frame", "frames", "warmup_frames", "speedup", "by_rollout_length")
+
+
+def test_bench_json_has_every_field(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "small")
+    out = tmp_path / "b" / "bench_small_cpu.json"
+    rc = main(["bench", "--checkpoint", ckpt, "--device", "cpu", "--frames", "12", "--warmup", "2",
+               "--steps", "1,2", "--speculative", "2", "--attention", "torch,triton", "--compile", "off",
+               "--trace", "blind", "--rounds", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    shown = capsys.readouterr().out
+    assert "baseline" in shown and "steps=1" in shown and "p99 ms" in shown
+    r = json.loads(out.read_text())
+    for k in ("schema", "command", "created", "commit", "torch", "python", "device", "model", "trace", "frames",
+              "warmup_frames", "memory", "baseline_settings", "baseline", "variants", "plot"):
+        assert k in r, k
+    assert r["command"].startswith("worldmodel ") and r["torch"] == torch.__version__
+    assert r["device"]["type"] == "cpu" and r["device"]["name"] and r["device"]["threads"] >= 1
+    assert r["model"]["cache_frames"] == 4 and r["model"]["tokens_per_frame"] == 48
+    assert r["memory"] == "process_peak_rss" and r["frames"] == 12 and r["warmup_frames"] == 2
+    assert r["baseline_settings"] == {"steps": 2, "speculative": 1, "attention": "sdpa", "compile": False}
+    b = r["baseline"]
+    for k in RESULT_FIELDS:
+        assert k in b, k
+    assert set(b["latency_ms"]) >= {"mean", "p50", "p90", "p99", "max"}
+    assert b["latency_ms"]["p50"] <= b["latency_ms"]["p90"] <= b["latency_ms"]["p99"] <= b["latency_ms"]["max"]
+    assert len(b["latency_ms_per_frame"]) == 12 and b["fps"] > 0 and b["peak_memory_mb"] > 0
+    assert r["rounds"] == 2 and b["rounds"] == 2 and len(b["fps_rounds"]) == 2 and b["frames"] == 24
+    assert b["by_rollout_length"][0]["frames"] == [1, 1]
+    assert sum(x["frames"][1] - x["frames"][0] + 1 for x in b["by_rollout_length"]) == 12
+    # steps=2 is the baseline and compile=off too: not measured again
+    got = {(v["factor"], v["value"]): v for v in r["variants"]}
+    assert set(got) == {("steps", 1), ("speculative", 2), ("attention", "torch"), ("attention", "triton")}
+    for key in (("steps", 1), ("speculative", 2), ("attention", "torch")):
+        v = got[key]
+        assert v["status"] == "ok" and v["speedup"] == pytest.approx(v["fps"] / b["fps"])
+        for k in RESULT_FIELDS:
+            assert k in v, (key, k)
+    assert got[("attention", "triton")]["status"].startswith("unavailable")  # no CUDA here: said, not crashed
+    png = out.with_suffix(".png")
+    assert r["plot"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_unknown_preset_is_a_clear_error(tmp_path, capsys):
+    rc = main(["bench", "--preset", "nope", "--frames", "5", "--out", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "unknown preset 'nope'" in err
+
+
+def test_bench_refuses_a_bad_sweep(tmp_path, capsys):
+    rc = main(["bench", "--preset", "tiny", "--compile", "maybe", "--out", str(tmp_path / "b.json")])
+    assert rc == 2 and "--compile" in capsys.readouterr().err
+
+
+def test_percentiles_and_rollout_bins():
+    p = percentiles(np.arange(1, 101))
+    assert p["p50"] == pytest.approx(50.5) and p["p99"] == pytest.approx(99.01) and p["max"] == 100
+    bins = rollout_bins(list(range(1, 21)), cache_frames=8)
+    assert [b["frames"] for b in bins] == [[1, 1], [2, 3], [4, 7], [8, 8], [9, 15], [16, 20]]
+    assert bins[0]["p50_ms"] == 1 and bins[0]["fps"] == pytest.approx(1000.0)
+
+
+def test_trace_summary():
+    t = [Action(move=1)] * 3 + [Action(turn=1.0)] + [Action(turn=1.0)]
+    s = trace_summary(t)
+    assert s["frames"] == 5 and s["repeat_fraction"] == pytest.approx(3 / 4)
+    assert s["mean_run_length"] == pytest.approx(2.5) and s["turning_fraction"] == pytest.approx(0.4)

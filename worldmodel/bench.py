@@ -1,0 +1,603 @@
+"""`worldmodel bench`: the engine's speed, for a checkpoint or for a preset with random weights.
+
+    worldmodel bench --preset tiny --frames 300 --steps 1,2,4 --speculative 1,2,4 --attention sdpa,torch \
+        --compile on,off --out benchmarks/bench_tiny_cpu.json
+
+What is measured, for the baseline (the model's own settings: its sampling steps, speculative 1,
+default attention backend, compile off) and for each variant, one setting changed at a time:
+- warm-up (first `--warmup` frames after a reset, compile time included) timed apart and excluded;
+- then a fresh reset with ONE context frame, so the timed frames show the KV cache filling up
+  (frames 1 .. sink+window) and then staying full; per-frame latency of `WorldModel.step` with
+  synchronised timers (CUDA synchronised around each step), frames/s = frames / total time,
+  p50/p90/p99/max latency, latency by rollout length (log-spaced bins);
+- speculative N: acceptance rate from the engine's `stats` under a human-like action trace
+  (benchmarks/traces/*.jsonl: the explorer policy playing the real game; `--trace game` records one now);
+- peak memory: CUDA max allocated, or the process's peak RSS (VmHWM, reset before each variant) on CPU.
+Variants are compared as ratios to the baseline measured in the same run.
+
+Output: a table on screen, the JSON (device, commit, command, torch version, threads, every result) and a
+PNG beside it (latency vs rollout length; frames/s per variant).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from worldmodel.action import Action, load_actions, save_actions
+from worldmodel.errors import UserError
+from worldmodel.record import (add_model_arguments, engine_stats, load_model, parse_int_list, reset_engine_stats,
+                               set_compile)
+
+SCHEMA_VERSION = 1
+TRACE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "traces"
+DEFAULT_TRACE = "explorer_MAP01_seed0.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------
+# device, memory, timers
+# --------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device) -> dict:
+    import torch
+
+    device = torch.device(device)
+    info = {"type": device.type, "device": str(device), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        p = torch.cuda.get_device_properties(idx)
+        info.update(name=torch.cuda.get_device_name(idx), memory_gb=round(p.total_memory / 2**30, 1),
+                    capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda)
+    else:
+        info["name"] = info["cpu"] if device.type == "cpu" else device.type
+    return info
+
+
+def device_tag(info: dict) -> str:
+    """A short name for file names: cpu, h100, a100, rtx4090, ..."""
+    if info["type"] != "cuda":
+        return info["type"]
+    name = info.get("name", "cuda").lower().replace("nvidia", "").replace("geforce", "")
+    for tok in name.replace("-", " ").split():
+        if any(c.isdigit() for c in tok):
+            return "".join(c for c in tok if c.isalnum())
+    return "cuda"
+
+
+def _read_status(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # kB -> MiB
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reset_peak_memory(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def memory_mb(device, peak: bool = False) -> float | None:
+    """CUDA memory allocated (peak: max allocated since the last reset), or the process's RSS (peak: VmHWM)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        f = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
+        return f(device) / 2**20
+    v = _read_status("VmHWM" if peak else "VmRSS")
+    if v is None and peak:
+        import resource
+
+        v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return v
+
+
+def memory_kind(device) -> str:
+    import torch
+
+    return "cuda_max_allocated" if torch.device(device).type == "cuda" else "process_peak_rss"
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentiles(values_ms) -> dict:
+    v = np.asarray(values_ms, dtype=np.float64)
+    if v.size == 0:
+        return {}
+    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
+            "p99": float(np.percentile(v, 99)), "min": float(v.min()), "max": float(v.max())}
+
+
+def rollout_bins(latencies_ms, cache_frames: int) -> list[dict]:
+    """Latency by rollout length: frames 1, 2-3, 4-7, ... (and the frame where the cache is full)."""
+    n = len(latencies_ms)
+    edges = sorted({1, *[2 ** k for k in range(1, int(math.log2(max(n, 1))) + 2)], cache_frames + 1, n + 1})
+    edges = [e for e in edges if e <= n + 1]
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        seg = latencies_ms[a - 1:b - 1]
+        if len(seg):
+            out.append({"frames": [a, b - 1], "p50_ms": float(np.median(seg)), "mean_ms": float(np.mean(seg)),
+                        "fps": float(1000.0 * len(seg) / np.sum(seg))})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the action trace
+# --------------------------------------------------------------------------------------------------
+def game_trace(n: int, map_name: str = "MAP01", seed: int = 0, wad: str = "freedoom2") -> list[Action]:
+    """n actions of the explorer policy playing the real game (it sees depth and position): human-like."""
+    from worldmodel.game import DoomEnv
+    from worldmodel.policy import ExplorerPolicy
+
+    policy = ExplorerPolicy(seed)
+    out = []
+    with DoomEnv(wad=wad, map=map_name, seed=seed, depth=True) as env:
+        env.reset()
+        for _ in range(n):
+            a = policy.act(env.position, env.depth)
+            env.step(a)
+            out.append(a)
+    return out
+
+
+def load_trace(spec: str | None, n: int, seed: int = 0) -> tuple[list[Action], str]:
+    """(actions, description). spec: a JSON Lines file, 'game' (record now), 'blind' (explorer without
+    eyes), or None (the shipped trace, else 'game')."""
+    if spec is None:
+        shipped = TRACE_DIR / DEFAULT_TRACE
+        if shipped.exists():
+            spec = str(shipped)
+        else:
+            spec = "game"
+    if spec == "game":
+        return game_trace(n, seed=seed), f"explorer policy playing freedoom2 MAP01, seed {seed} (recorded now)"
+    if spec == "blind":
+        from worldmodel.policy import explorer_actions
+
+        return explorer_actions(n, seed), f"explorer policy without eyes, seed {seed}"
+    actions = load_actions(spec)
+    try:
+        shown = str(Path(spec).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(spec)
+    return actions, shown
+
+
+def trace_summary(actions: list[Action], tolerance: float | None = None) -> dict:
+    """How repetitive a trace is: exact repeats, runs, turning; with `tolerance` (the engine's
+    speculative_tolerance, degrees) the fraction of next actions a draft could stand for (an upper bound
+    on the speculative acceptance rate)."""
+    pairs = list(zip(actions, actions[1:]))
+    same = sum(1 for a, b in pairs if a == b)
+    runs = 1 + sum(1 for a, b in pairs if a != b) if actions else 0
+    out = {"frames": len(actions), "repeat_fraction": same / max(1, len(pairs)),
+           "mean_run_length": len(actions) / max(1, runs),
+           "turning_fraction": sum(1 for a in actions if a.turn != 0) / max(1, len(actions))}
+    if tolerance is not None:
+        try:
+            from worldmodel.engine import speculative_match
+        except ImportError:
+            speculative_match = None
+        if speculative_match is not None:
+            out["speculative_tolerance"] = tolerance
+            out["draftable_fraction"] = sum(1 for a, b in pairs if speculative_match(a, b, tolerance)) / max(1, len(pairs))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one measurement
+# --------------------------------------------------------------------------------------------------
+def apply_settings(wm, settings: dict) -> None:
+    for k in ("steps", "speculative", "attention"):
+        if k in settings:
+            setattr(wm, k, settings[k])
+    if "compile" in settings:
+        if settings["compile"]:
+            set_compile(wm, True)
+        elif hasattr(wm, "compile") and not callable(getattr(wm, "compile")):
+            wm.compile = False
+
+
+def current_settings(wm) -> dict:
+    out = {"steps": wm.steps, "speculative": wm.speculative, "attention": wm.attention}
+    c = getattr(wm, "compile", None)
+    out["compile"] = bool(c) if isinstance(c, bool) else False
+    return out
+
+
+def extra_settings(wm) -> dict:
+    """Engine settings that are not swept but shape the numbers (recorded in the JSON)."""
+    out = {}
+    for k in ("speculative_tolerance", "dtype", "fused"):
+        v = getattr(wm, k, None)
+        if v is not None and not callable(v):
+            out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def context_frames(wm, n: int = 1) -> tuple[np.ndarray, list[Action]]:
+    """A start scene for speed tests: the checkpoint's first start clip if it ships one, else noise (the
+    content does not change the cost)."""
+    from worldmodel.record import start_clips
+
+    try:
+        clips = start_clips(getattr(wm, "folder", None))
+    except Exception:
+        clips = []
+    if clips:
+        f, a = clips[0]
+        return f[-n:], a[-n:]
+    H, W = wm.frame_size
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8), [Action()] * n
+
+
+def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) -> dict:
+    """Warm up, then time `frames` steps from a one-frame context. Returns the raw result."""
+    dev = wm.device
+    ctx_f, ctx_a = context_frames(wm, 1)
+    act = lambda i: trace[i % len(trace)]  # noqa: E731
+    synchronize(dev)
+    t0 = time.perf_counter()
+    if warmup:
+        wm.reset(ctx_f, ctx_a)
+        for i in range(warmup):
+            wm.step(act(i))
+        synchronize(dev)
+    warmup_s = time.perf_counter() - t0
+    reset_peak_memory(dev)
+    synchronize(dev)
+    t = time.perf_counter()
+    wm.reset(ctx_f, ctx_a)
+    synchronize(dev)
+    reset_ms = (time.perf_counter() - t) * 1000
+    reset_engine_stats(wm)
+    lat = np.empty(frames)
+    t_start = time.perf_counter()
+    for i in range(frames):
+        t = time.perf_counter()
+        wm.step(act(i))
+        synchronize(dev)
+        lat[i] = (time.perf_counter() - t) * 1000
+        if progress is not None:
+            progress.update(1)
+    total_s = time.perf_counter() - t_start
+    stats = engine_stats(wm)
+    res = {"status": "ok", "frames": frames, "warmup_frames": warmup, "warmup_s": warmup_s, "reset_ms": reset_ms,
+           "total_s": total_s, "fps": frames / total_s, "latency_ms": percentiles(lat),
+           "peak_memory_mb": memory_mb(dev, peak=True),
+           "acceptance_rate": (stats or {}).get("acceptance_rate"), "engine_stats": stats,
+           "latency_ms_per_frame": [round(float(x), 3) for x in lat]}
+    if frames > wm.cfg.cache_frames + 1:
+        full = lat[wm.cfg.cache_frames:]
+        res["fps_cache_full"] = float(1000.0 * len(full) / full.sum())
+    return res
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One result from several rounds of the same measurement: frames/s over all frames, latency
+    percentiles over all frames, the per-frame curve as the median over rounds at each rollout length,
+    warm-up of the first round (it holds any compile time)."""
+    if len(runs) == 1:
+        return {**runs[0], "rounds": 1, "fps_rounds": [runs[0]["fps"]]}
+    lat = np.asarray([r["latency_ms_per_frame"] for r in runs])  # (rounds, frames)
+    frames = sum(r["frames"] for r in runs)
+    total = sum(r["total_s"] for r in runs)
+    out = {**runs[0], "rounds": len(runs), "frames": frames, "total_s": total, "fps": frames / total,
+           "fps_rounds": [r["fps"] for r in runs], "warmup_s": runs[0]["warmup_s"],
+           "warmup_s_rounds": [r["warmup_s"] for r in runs], "reset_ms": float(np.median([r["reset_ms"] for r in runs])),
+           "latency_ms": percentiles(lat.ravel()),
+           "peak_memory_mb": max((r["peak_memory_mb"] or 0) for r in runs) or None,
+           "latency_ms_per_frame": [round(float(x), 3) for x in np.median(lat, axis=0)]}
+    stats = [r["engine_stats"] for r in runs if r.get("engine_stats")]
+    if stats:
+        summed = {k: sum(s.get(k, 0) for s in stats) for k in stats[0]
+                  if isinstance(stats[0][k], (int, float)) and "rate" not in k}
+        out["engine_stats"] = summed
+        resolved = summed.get("accepted", 0) + summed.get("discarded", 0)
+        if resolved:
+            out["acceptance_rate"] = summed["accepted"] / resolved
+        else:
+            acc = [r["acceptance_rate"] for r in runs if r.get("acceptance_rate") is not None]
+            out["acceptance_rate"] = float(np.mean(acc)) if acc else None
+    if "fps_cache_full" in runs[0]:
+        out["fps_cache_full"] = float(np.mean([r["fps_cache_full"] for r in runs]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--frames", type=int, default=300, help="timed frames per measurement (default 300)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed warm-up frames before each (default 20)")
+    parser.add_argument("--out", metavar="FILE.json",
+                        help="where to write the JSON (default benchmarks/bench_<model>_<device>.json); the PNG "
+                             "goes beside it")
+    parser.add_argument("--steps", metavar="K,..", help="denoising steps to compare, e.g. 1,2,4")
+    parser.add_argument("--speculative", metavar="N,..", help="speculative frames per pass to compare, e.g. 1,2,4,8")
+    parser.add_argument("--attention", metavar="B,..", help="attention backends to compare, e.g. sdpa,torch,flex,triton")
+    parser.add_argument("--compile", metavar="on,off", help="compare torch.compile on/off")
+    parser.add_argument("--trace", metavar="FILE|game|blind",
+                        help=f"action trace (default benchmarks/traces/{DEFAULT_TRACE}, else 'game': the explorer "
+                             f"policy playing MAP01 now)")
+    parser.add_argument("--save-trace", metavar="FILE", help="also write the trace used (JSON Lines)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure everything this many times, in rotating order, and pool (default 1; more "
+                             "evens out a busy machine)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plot", action="store_true", help="no PNG")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _variants(args, base: dict) -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    if args.steps:
+        out += [("steps", v) for v in parse_int_list(args.steps, "steps")]
+    if args.speculative:
+        out += [("speculative", v) for v in parse_int_list(args.speculative, "speculative")]
+    if args.attention:
+        out += [("attention", v.strip()) for v in args.attention.split(",") if v.strip()]
+    if args.compile:
+        for v in args.compile.split(","):
+            v = v.strip().lower()
+            if v not in ("on", "off"):
+                raise UserError(f"--compile: expected on and/or off, got {v!r}")
+            out.append(("compile", v == "on"))
+    seen, uniq = set(), []
+    for k, v in out:
+        if (k, v) not in seen and base.get(k) != v:
+            seen.add((k, v))
+            uniq.append((k, v))
+    return uniq
+
+
+def _fmt(v, spec=".1f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def print_table(result: dict, file=None) -> None:
+    file = file or sys.stdout
+    rows = [("baseline", result["baseline"])] + [(f"{v['factor']}={v['value']}", v) for v in result["variants"]]
+    head = f"{'variant':<18}{'fps':>8}{'x base':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'warmup s':>10}" \
+           f"{'peak MB':>9}{'accept':>8}"
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for name, r in rows:
+        if r.get("status") != "ok":
+            print(f"{name:<18}  {r.get('status')}", file=file)
+            continue
+        lat = r["latency_ms"]
+        acc = r.get("acceptance_rate")
+        print(f"{name:<18}{r['fps']:>8.1f}{_fmt(r.get('speedup', 1.0), '.2f'):>8}{lat['p50']:>9.1f}{lat['p90']:>9.1f}"
+              f"{lat['p99']:>9.1f}{r['warmup_s']:>10.1f}{_fmt(r.get('peak_memory_mb'), '.0f'):>9}"
+              f"{_fmt(acc, '.2f'):>8}", file=file)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [("baseline", result["baseline"])] + [(f"{v['factor']}={v['value']}", v) for v in result["variants"]
+                                                  if v.get("status") == "ok"]
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(10, 9), gridspec_kw={"height_ratios": [3, 2]})
+    cache = result["model"]["cache_frames"]
+    for i, (name, r) in enumerate(runs):
+        lat = np.asarray(r["latency_ms_per_frame"])
+        x = np.arange(1, len(lat) + 1)
+        if i == 0:
+            ax.plot(x, lat, ".", ms=3, alpha=0.35, color="C0", label="baseline, each frame")
+        # a running mean: it is the throughput that matters, and speculative sampling's latencies are
+        # bimodal (an accepted draft costs a decode, a miss a whole batched pass), which a median hides
+        k = max(1, min(15, len(lat) // 20))
+        c = np.concatenate([[0.0], np.cumsum(lat)])
+        lo, hi = np.maximum(0, np.arange(len(lat)) - k), np.minimum(len(lat), np.arange(len(lat)) + k + 1)
+        smooth = (c[hi] - c[lo]) / (hi - lo)
+        ax.plot(x, smooth, "-", lw=2 if i == 0 else 1.2, color=f"C{i % 10}", label=f"{name} (running mean)")
+    ax.axvline(cache, ls="--", color="grey")
+    ax.text(cache, ax.get_ylim()[1], f" KV cache full ({cache} frames)", va="top", color="grey", fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("rollout length (frames since reset with one context frame)")
+    ax.set_ylabel("latency per frame (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=3, loc="upper right", framealpha=0.85)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend
+    dev = result["device"]
+    ax.set_title(f"worldmodel bench: {result['model']['name']} on {dev['name']} ({dev['type']}, torch threads "
+                 f"{dev['threads']}), commit {str(result.get('commit') or '?')[:10]}", fontsize=10)
+    names = [n for n, _ in runs]
+    fps = [r["fps"] for _, r in runs]
+    bars = bx.bar(range(len(runs)), fps, color=[f"C{i % 10}" for i in range(len(runs))])
+    for b, (_, r) in zip(bars, runs):
+        label = f"{r['fps']:.1f}\nx{r.get('speedup', 1.0):.2f}"
+        if r.get("acceptance_rate") is not None:
+            label += f"\nacc {r['acceptance_rate']:.2f}"
+        bx.text(b.get_x() + b.get_width() / 2, b.get_height(), label, ha="center", va="bottom", fontsize=8)
+    bx.set_xticks(range(len(runs)), names, rotation=20, fontsize=8)
+    bx.set_ylabel("frames / s")
+    bx.set_ylim(0, max(fps) * 1.35)
+    bx.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    if len(lines) > 1 and text.endswith(":"):
+        text += " " + lines[1]
+    return text[:limit]
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "worldmodel " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from worldmodel.recording import git_commit
+
+    if args.frames < 2:
+        raise UserError(f"--frames must be at least 2, got {args.frames}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    wm = load_model(args)
+    base = current_settings(wm)
+    variants = _variants(args, base)
+    dev = device_info(wm.device)
+    need = args.warmup + args.frames
+    trace, trace_src = load_trace(args.trace, max(need, 1000), seed=args.seed)
+    if args.save_trace:
+        Path(args.save_trace).parent.mkdir(parents=True, exist_ok=True)
+        save_actions(args.save_trace, trace)
+    model_name = args.preset or Path(str(getattr(wm, "folder", None) or args.checkpoint or "model")).name
+    out = Path(args.out or f"benchmarks/bench_{model_name}_{device_tag(dev)}.json")
+    if out.suffix != ".json":
+        raise UserError(f"--out must name a .json file, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = wm.cfg
+    n_params = sum(p.numel() for p in wm.transformer.parameters())
+    n_ae = sum(p.numel() for p in wm.autoencoder.parameters())
+    result = {
+        "schema": SCHEMA_VERSION, "tool": "worldmodel bench", "command": _command_line(),
+        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "device": dev,
+        "model": {"name": model_name, "preset": args.preset, "checkpoint": str(getattr(wm, "folder", None) or "")
+                  or None, "random_weights": bool(args.preset), "frame_size": list(cfg.frame_size),
+                  "fps_target": wm.fps, "tokens_per_frame": cfg.tokens_per_frame, "dim": cfg.dim,
+                  "depth": cfg.depth, "heads": cfg.heads, "sink_frames": cfg.sink_frames,
+                  "window_frames": cfg.window_frames, "cache_frames": cfg.cache_frames,
+                  "transformer_params": n_params, "autoencoder_params": n_ae},
+        "trace": {"source": trace_src, **trace_summary(trace[:need], getattr(wm, "speculative_tolerance", None))},
+        "frames": args.frames, "warmup_frames": args.warmup, "rounds": args.rounds, "memory": memory_kind(wm.device),
+        "baseline_settings": base, "engine_settings": extra_settings(wm),
+        "loadavg_before": _loadavg(),
+    }
+    rows = [("baseline", None, base)] + [(f, v, dict(base, **{f: v})) for f, v in variants]
+    runs: list[list[dict]] = [[] for _ in rows]
+    status: dict[int, str] = {}
+    bar = tqdm(total=args.frames * len(rows) * args.rounds, unit="frame", desc="bench", disable=args.no_progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        for rnd in range(args.rounds):
+            # rounds rotate the order, so that a change in machine load spreads over every variant
+            k = rnd % len(rows)
+            for i in list(range(k, len(rows))) + list(range(k)):
+                factor, value, settings = rows[i]
+                if i in status:
+                    bar.update(args.frames)
+                    continue
+                bar.set_postfix_str(factor if value is None else f"{factor}={value}")
+                try:
+                    try:
+                        apply_settings(wm, settings)
+                    except Exception as e:  # a setting this engine or device does not offer
+                        raise _Unavailable(_first_line(e)) from None
+                    runs[i].append(measure(wm, trace, args.frames, args.warmup, bar))
+                except _Unavailable as e:
+                    status[i] = f"unavailable: {e}"
+                    bar.update(args.frames)
+                except Exception as e:  # offered, but it broke while running (e.g. torch.compile): say so
+                    if i == 0:
+                        raise
+                    status[i] = f"failed: {type(e).__name__}: {_first_line(e)}"
+                    bar.update(args.frames)
+                finally:
+                    try:
+                        apply_settings(wm, base)
+                    except Exception:
+                        pass
+    baseline = combine_rounds(runs[0])
+    baseline.update(settings=base, speedup=1.0, p50_ratio=1.0,
+                    by_rollout_length=rollout_bins(baseline["latency_ms_per_frame"], cfg.cache_frames))
+    result["baseline"] = baseline
+    result["variants"] = []
+    for i, (factor, value, settings) in enumerate(rows[1:], 1):
+        v = {"factor": factor, "value": value, "settings": settings}
+        if i in status:
+            v["status"] = status[i]
+        else:
+            r = combine_rounds(runs[i])
+            v.update(r)
+            v["speedup"] = r["fps"] / baseline["fps"]
+            v["p50_ratio"] = r["latency_ms"]["p50"] / baseline["latency_ms"]["p50"]
+            v["by_rollout_length"] = rollout_bins(r["latency_ms_per_frame"], cfg.cache_frames)
+        result["variants"].append(v)
+    result["loadavg_after"] = _loadavg()
+    png = out.with_suffix(".png")
+    if not args.no_plot:
+        plot(result, png)
+        result["plot"] = png.name
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{result['model']['name']} ({'random weights' if args.preset else 'checkpoint'}), "
+          f"{dev['name']} [{dev['type']}, {dev['threads']} threads], torch {torch.__version__}, "
+          f"commit {str(result['commit'])[:12]}")
+    print(f"{args.frames} timed frames per row{f' x {args.rounds} rounds' if args.rounds > 1 else ''} after "
+          f"{args.warmup} warm-up frames; trace: {trace_src}; load average {result['loadavg_before']} -> "
+          f"{result['loadavg_after']}")
+    print_table(result)
+    print(f"\nwrote {out}" + ("" if args.no_plot else f" and {png}"))
+    return 0

@@ -1,0 +1,291 @@
+"""`worldmodel record`: headless rollouts of the world model, written in the recording format of
+`worldmodel.recording` (PREFIX.mp4 + PREFIX.actions.jsonl + PREFIX.meta.json + PREFIX.timings.csv).
+
+    worldmodel record --actions walk.jsonl --frames 350 --out runs/walk
+    worldmodel record --preset tiny --policy explorer --frames 700 --seed 0,1,2 --out runs/ --side-by-side
+
+Start scene: the real game (`DoomEnv`) on --map, reset with the seed, standing still for --context frames;
+or, with --start-clip, a start clip shipped in the checkpoint folder (start_clips/*.npz).
+Actions: one or more action scripts (JSON Lines; a recording's PREFIX.actions.jsonl replays it), or the
+built-in explorer policy, which looks through the real game's eyes (depth, position) while the real game
+runs beside the model (it always does when the start scene came from the game: it is cheap), blind otherwise.
+--side-by-side writes [model | real game] frames, the real game fed the same actions.
+Deterministic for a seed: the sampler, the policy and the game are all seeded with it.
+
+Also home of the model-choosing flags shared by `record`, `bench` and `eval` (`add_model_arguments`,
+`load_model`).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from worldmodel.action import NOOP, Action, load_actions
+from worldmodel.errors import UserError
+
+DEFAULT_CHECKPOINT = "checkpoints/doom-tiny"
+
+
+# --------------------------------------------------------------------------------------------------
+# choosing a model (shared by record, bench, eval)
+# --------------------------------------------------------------------------------------------------
+def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", metavar="C",
+                   help=f"checkpoint folder or Hub id (default: the shipped {DEFAULT_CHECKPOINT})")
+    g.add_argument("--preset", metavar="P", help="random weights in a preset's shape: tiny, small or nfd-310m")
+    if device:
+        parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+
+
+def default_checkpoint() -> Path:
+    """checkpoints/doom-tiny in the working directory, else beside the package (an editable install)."""
+    here = Path(DEFAULT_CHECKPOINT)
+    if here.exists():
+        return here
+    beside = Path(__file__).resolve().parent.parent / DEFAULT_CHECKPOINT
+    if beside.exists():
+        return beside
+    raise UserError(f"the shipped checkpoint {DEFAULT_CHECKPOINT} is missing (no trained model here yet): "
+                    f"pass --checkpoint DIR, or --preset tiny|small|nfd-310m for random weights")
+
+
+def parse_int_list(spec: str, name: str) -> list[int]:
+    try:
+        out = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{name}: expected comma-separated integers, got {spec!r}") from None
+    if not out:
+        raise UserError(f"--{name}: no value given")
+    return out
+
+
+def load_model(args, **settings):
+    """The WorldModel the flags name (--checkpoint / --preset / --device), with sampling settings (None
+    values are left at the model's defaults)."""
+    from worldmodel.engine import WorldModel
+    from worldmodel.model import PRESETS
+
+    settings = {k: v for k, v in settings.items() if v is not None}
+    device = getattr(args, "device", "auto")
+    compile_ = settings.pop("compile", None)
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+        wm = WorldModel.from_preset(args.preset, device=device, **settings)
+    else:
+        wm = WorldModel.from_pretrained(args.checkpoint or default_checkpoint(), device=device, **settings)
+    if compile_:
+        set_compile(wm, True)
+    return wm
+
+
+def set_compile(wm, on: bool) -> None:
+    """Turn torch.compile on/off through the engine's `compile` setting; UserError if it has none."""
+    if not hasattr(wm, "compile") or callable(getattr(wm, "compile")):
+        raise UserError("this engine has no compile option")
+    wm.compile = bool(on)
+
+
+def engine_stats(wm) -> dict | None:
+    s = getattr(wm, "stats", None)
+    return dict(s) if isinstance(s, dict) else None
+
+
+def reset_engine_stats(wm) -> None:
+    f = getattr(wm, "reset_stats", None)
+    if callable(f):
+        f()
+
+
+# --------------------------------------------------------------------------------------------------
+# start scenes
+# --------------------------------------------------------------------------------------------------
+def start_clips(folder) -> list[tuple[np.ndarray, list[Action]]]:
+    """Start clips shipped in a checkpoint folder (start_clips/*.npz with frames uint8 (N,H,W,3) and
+    actions float32 (N,5)); the engine's loader when it has one."""
+    import torch
+
+    from worldmodel.action import decode_actions
+
+    try:
+        from worldmodel.engine import load_start_clips
+    except ImportError:
+        load_start_clips = None
+    raw = []
+    if folder is None:
+        return []
+    if load_start_clips is not None:
+        raw = list(load_start_clips(folder))
+    else:
+        for p in sorted(Path(folder, "start_clips").glob("*.npz")):
+            with np.load(p) as z:
+                raw.append((z["frames"], z["actions"]))
+    out = []
+    for item in raw:
+        if isinstance(item, dict):
+            frames, actions = item["frames"], item["actions"]
+        elif hasattr(item, "frames"):
+            frames, actions = item.frames, item.actions
+        else:
+            frames, actions = item
+        frames = np.ascontiguousarray(np.asarray(frames, dtype=np.uint8))
+        actions = list(actions)
+        if actions and not isinstance(actions[0], Action):
+            actions = decode_actions(torch.as_tensor(np.asarray(actions, dtype=np.float32)))
+        out.append((frames, actions))
+    return out
+
+
+def game_start(wad: str, map_name: str, seed: int, frame_size, context: int, depth: bool = False):
+    """(env, frames (context, H, W, 3), actions): the real game reset with `seed`, standing still."""
+    from worldmodel.game import DoomEnv
+
+    env = DoomEnv(wad=wad, map=map_name, seed=seed, frame_size=frame_size, depth=depth)
+    frames, actions = [env.reset()], [NOOP]
+    while len(frames) < context:
+        frames.append(env.step(NOOP))
+        actions.append(NOOP)
+    return env, np.stack(frames), actions
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--actions", nargs="+", metavar="SCRIPT",
+                     help="action script(s), JSON Lines (a recording's PREFIX.actions.jsonl replays it)")
+    src.add_argument("--policy", choices=["explorer"], help="a built-in policy instead of a script")
+    parser.add_argument("--frames", type=int, metavar="N",
+                        help="frames to generate (default: the whole script; 350 for a policy)")
+    parser.add_argument("--out", required=True, metavar="PREFIX",
+                        help="output prefix (PREFIX.mp4, .actions.jsonl, .meta.json, .timings.csv); a folder "
+                             "(existing, or ending in /) names the files after the script and seed")
+    parser.add_argument("--map", default="MAP01", help="start scene from the real game on this map (default MAP01)")
+    parser.add_argument("--wad", default="freedoom2", choices=["freedoom2", "freedoom1"])
+    parser.add_argument("--start-clip", type=int, metavar="I",
+                        help="start from the checkpoint's start clip I instead of the game")
+    parser.add_argument("--context", type=int, metavar="N", help="context frames (default: the model's cache size)")
+    parser.add_argument("--seed", default="0", help="seed, or several: 0,1,2 (default 0)")
+    parser.add_argument("--steps", type=int, metavar="K", help="denoising steps (default: the model's)")
+    parser.add_argument("--speculative", type=int, metavar="N", help="speculative frames per pass (1 = off)")
+    parser.add_argument("--attention", metavar="B", help="attention backend (torch, sdpa, flex, triton)")
+    parser.add_argument("--side-by-side", action="store_true", help="write [model | real game] frames")
+    parser.add_argument("--crf", type=int, default=17, help="H.264 quality, 0 (lossless) to 51 (default 17)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _jobs(args) -> list[tuple[str, list[Action] | None, int]]:
+    seeds = parse_int_list(args.seed, "seed")
+    if args.actions:
+        scripts = [(Path(p).name.removesuffix(".jsonl").removesuffix(".actions"), load_actions(p))
+                   for p in args.actions]
+    else:
+        scripts = [(args.policy, None)]
+    return [(name, acts, seed) for (name, acts), seed in itertools.product(scripts, seeds)]
+
+
+def _prefixes(out: str, jobs) -> list[Path]:
+    is_dir = out.endswith(("/", "\\")) or Path(out).is_dir()
+    if len(jobs) == 1 and not is_dir:
+        return [Path(out)]
+    names = [f"{name}_seed{seed}" for name, _, seed in jobs]
+    if len(set(names)) < len(names):  # the same script name twice: number them
+        names = [f"{i:02d}_{n}" for i, n in enumerate(names)]
+    return [Path(out) / n if is_dir else Path(f"{out}_{n}") for n in names]
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from worldmodel.maps import check_map
+    from worldmodel.recording import Recorder, model_meta
+
+    for name in ("frames", "context", "steps", "speculative"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if not 0 <= args.crf <= 51:
+        raise UserError(f"--crf must be 0..51, got {args.crf}")
+    jobs = _jobs(args)  # reads the scripts first: a bad script fails before the model loads
+    map_name = check_map(args.wad, args.map, "any")
+    if args.side_by_side and args.start_clip is not None:
+        raise UserError("--side-by-side needs the real game's start scene, not --start-clip")
+    wm = load_model(args, steps=args.steps, speculative=args.speculative, attention=args.attention)
+    context = args.context or wm.cfg.cache_frames
+    clips = None
+    if args.start_clip is not None:
+        clips = start_clips(getattr(wm, "folder", None))
+        if not clips:
+            raise UserError("--start-clip: this checkpoint ships no start clips (start_clips/*.npz)")
+        if not 0 <= args.start_clip < len(clips):
+            raise UserError(f"--start-clip: choose 0..{len(clips) - 1}")
+    H, W = wm.frame_size
+    prefixes = _prefixes(args.out, jobs)
+
+    for (name, script, seed), prefix in zip(jobs, prefixes):
+        n = args.frames or (len(script) if script is not None else 350)
+        if script is not None and n > len(script):
+            print(f"worldmodel record: {name} holds {len(script)} actions; recording {len(script)} frames, "
+                  f"not {n}", file=sys.stderr)
+            n = len(script)
+        policy = None
+        if script is None:
+            from worldmodel.policy import ExplorerPolicy
+
+            policy = ExplorerPolicy(seed)
+        env = None
+        if clips is not None:
+            frames, actions = clips[args.start_clip]
+            frames, actions = frames[-context:], actions[-context:]
+            start = {"source": "start_clip", "index": args.start_clip, "frames": len(frames)}
+        else:
+            env, frames, actions = game_start(args.wad, map_name, seed, (H, W), context, depth=policy is not None)
+            start = {"source": "game", "wad": args.wad, "map": map_name, "seed": seed, "frames": len(frames),
+                     "actions": "stand still"}
+        wm.seed = seed
+        wm.reset(frames, actions)
+        reset_engine_stats(wm)
+        meta = model_meta(wm)
+        meta.update({"command": "worldmodel " + " ".join(sys.argv[1:]) if sys.argv else None,
+                     "start_scene": start, "frames_requested": n,
+                     "actions_source": f"policy {args.policy} seed {seed}" if policy else f"script {name}",
+                     "layout": "model | real game" if args.side_by_side else "model",
+                     "model_frame_size": [H, W]})
+        size = (H, 2 * W) if args.side_by_side else (H, W)
+        t0 = time.perf_counter()
+        with Recorder(prefix, wm.fps, size, meta, crf=args.crf) as rec, \
+                tqdm(total=n, unit="frame", desc=prefix.name, disable=args.no_progress, file=sys.stderr,
+                     dynamic_ncols=True) as bar:
+            for i in range(n):
+                if policy is not None:
+                    a = policy.act(env.position, env.depth) if env is not None else policy.act()
+                else:
+                    a = script[i]
+                t = time.perf_counter()
+                frame = wm.step(a)
+                ms = (time.perf_counter() - t) * 1000
+                if env is not None:
+                    real = env.step(a)
+                    if args.side_by_side:
+                        frame = np.concatenate([frame, real], axis=1)
+                rec.add(frame, a, latency_ms=ms)
+                bar.update(1)
+                if i % 10 == 9:
+                    bar.set_postfix(fps=f"{(i + 1) / (time.perf_counter() - t0):.1f}")
+            stats = engine_stats(wm)
+            if stats:
+                rec.update_meta(engine_stats=stats)
+        if env is not None:
+            env.close()
+        secs = time.perf_counter() - t0
+        print(f"wrote {rec.paths['video']} ({rec.frames} frames, {rec.frames / secs:.1f} frames/s), "
+              f"{rec.paths['actions'].name}, {rec.paths['meta'].name}, {rec.paths['timings'].name}")
+    return 0

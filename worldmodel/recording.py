@@ -1,0 +1,468 @@
+"""The recording format shared by `worldmodel record` and the play UI's R key.
+
+A recording is three files side by side, named from one prefix:
+
+    PREFIX.mp4            the frames: H.264 (yuv420p) in a *fragmented* MP4 written by the ffmpeg that
+                          ships inside the imageio-ffmpeg wheel; frames are piped to it as they come
+                          (`-movflags frag_keyframe+empty_moov+default_base_moof`, one keyframe a second)
+                          so a killed process still leaves a playable file.
+    PREFIX.actions.jsonl  the action that produced each frame, in the action-script format of
+                          `worldmodel.action` (one JSON object per line, runs of equal actions as one line
+                          with "repeat": n) -- `worldmodel record --actions PREFIX.actions.jsonl` replays it.
+                          Written as it goes: a run's line is rewritten in place (padded with spaces) each
+                          time it grows, and the file is compacted on close.
+    PREFIX.meta.json      a small JSON sidecar: format version, fps, frame size, frame count, whether the
+                          recording was closed cleanly, and whatever the caller passes in `meta` (model,
+                          checkpoint, steps, seed, start scene, ...). Rewritten atomically about once a
+                          second and on close.
+    PREFIX.timings.csv    (only when `add` is given latencies) `frame,latency_ms`, one line per frame.
+
+Frame i of the MP4 was produced by action i (expanded). A Ctrl-C or a kill loses at most the frame being
+written: `load_recording` trims the two to the shorter if they differ by that one frame.
+
+If no ffmpeg can be found the video falls back to OpenCV's `mp4v` writer with a loud warning: that file
+is only readable after a clean `close()`.
+
+    with Recorder("recordings/run1", fps=35, frame_size=(96, 128), meta={"model": "doom-tiny"}) as rec:
+        rec.add(frame, action)        # uint8 (H, W, 3) RGB, worldmodel.Action
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from worldmodel.action import Action, load_actions
+
+FORMAT = "worldmodel-recording"
+FORMAT_VERSION = 1
+VIDEO_SUFFIX = ".mp4"
+ACTIONS_SUFFIX = ".actions.jsonl"
+META_SUFFIX = ".meta.json"
+TIMINGS_SUFFIX = ".timings.csv"
+_SUFFIXES = (ACTIONS_SUFFIX, META_SUFFIX, TIMINGS_SUFFIX, VIDEO_SUFFIX)
+_REPEAT_DIGITS = 10  # room reserved on each actions line for "repeat": n (n < 10**10)
+
+
+class RecordingError(RuntimeError):
+    """The video encoder failed; the message carries ffmpeg's own error."""
+
+
+# --------------------------------------------------------------------------------------------------
+# paths and small helpers
+# --------------------------------------------------------------------------------------------------
+def split_prefix(path: str | os.PathLike) -> Path:
+    """'runs/a', 'runs/a.mp4', 'runs/a.meta.json' or 'runs/a.actions.jsonl' -> Path('runs/a')."""
+    s = str(path)
+    for suffix in _SUFFIXES:
+        if s.endswith(suffix):
+            return Path(s[: -len(suffix)])
+    return Path(s)
+
+
+def paths(prefix: str | os.PathLike) -> dict[str, Path]:
+    p = str(split_prefix(prefix))
+    return {"video": Path(p + VIDEO_SUFFIX), "actions": Path(p + ACTIONS_SUFFIX), "meta": Path(p + META_SUFFIX),
+            "timings": Path(p + TIMINGS_SUFFIX)}
+
+
+def new_prefix(directory: str | os.PathLike = "recordings", stem: str = "play") -> Path:
+    """A fresh timestamped prefix in `directory`, e.g. recordings/play-20250101-120000 (never an existing one)."""
+    directory = Path(directory)
+    base = f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    prefix, n = directory / base, 1
+    while any(p.exists() for p in paths(prefix).values()):
+        n += 1
+        prefix = directory / f"{base}-{n}"
+    return prefix
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def ffmpeg_exe() -> str | None:
+    """The ffmpeg binary: imageio-ffmpeg's bundled one, else one on PATH, else None."""
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:
+        return shutil.which("ffmpeg")
+
+
+def git_commit(short: bool = False) -> str | None:
+    """The commit of the source tree this package runs from (None outside a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+                             cwd=root, capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        sha = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return sha + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+_hash_cache: dict[tuple, str] = {}
+
+
+def checkpoint_hash(folder: str | os.PathLike | None) -> str | None:
+    """sha256 over a checkpoint folder's config.json and *.safetensors (names and bytes), first 16 hex."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("config.json")])
+    if not files:
+        return None
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _hash_cache:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        _hash_cache[key] = h.hexdigest()[:16]
+    return _hash_cache[key]
+
+
+def model_meta(wm) -> dict:
+    """What a recording should say about the model that made it (works on any WorldModel)."""
+    import torch
+
+    folder = getattr(wm, "folder", None)
+    out = {"model": getattr(wm, "name", None), "checkpoint": str(folder) if folder else None,
+           "checkpoint_sha256": checkpoint_hash(folder), "device": str(getattr(wm, "device", "")),
+           "torch": torch.__version__, "commit": git_commit()}
+    for name in ("steps", "speculative", "speculative_tolerance", "attention", "seed", "compile"):
+        v = getattr(wm, name, None)
+        if isinstance(v, (bool, int, float, str)):
+            out[name] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the actions log: JSON Lines, run-length encoded, on disk after every frame
+# --------------------------------------------------------------------------------------------------
+class _ActionLog:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.runs: list[list] = []  # [action, count]
+        self.end = 0  # bytes written
+        self.line_start = 0  # offset of the current run's line
+        self.line_len = 0  # its length, including padding and "\n"
+
+    def _line(self, action: Action, count: int) -> str:
+        d = action.to_dict()
+        if count > 1:
+            d["repeat"] = count
+        return json.dumps(d)
+
+    def add(self, action: Action) -> None:
+        if self.runs and self.runs[-1][0] == action:
+            self.runs[-1][1] += 1
+            text = self._line(action, self.runs[-1][1])
+            data = (text.ljust(self.line_len - 1) + "\n").encode()
+            if len(data) == self.line_len:  # rewrite the run's line in place: one small pwrite
+                os.pwrite(self.fd, data, self.line_start)
+                return
+            self.runs[-1][1] -= 1  # (never: the line reserves room for a 10-digit repeat) start a new run
+        self.runs.append([action, 1])
+        room = len(self._line(action, 10 ** (_REPEAT_DIGITS - 1)))
+        data = (self._line(action, 1).ljust(room) + "\n").encode()
+        self.line_start, self.line_len = self.end, len(data)
+        os.pwrite(self.fd, data, self.end)
+        self.end += len(data)
+
+    @property
+    def count(self) -> int:
+        return sum(c for _, c in self.runs)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        os.close(self.fd)
+        self.fd = -1
+        # compact: the same lines without padding (what action.save_actions writes), atomically
+        _atomic_write_text(self.path, "".join(self._line(a, c) + "\n" for a, c in self.runs))
+
+
+# --------------------------------------------------------------------------------------------------
+# video writers
+# --------------------------------------------------------------------------------------------------
+class _FFmpegWriter:
+    codec = "h264 (libx264, yuv420p, fragmented mp4)"
+
+    def __init__(self, exe: str, path: Path, fps: float, frame_size: tuple[int, int], crf: int):
+        h, w = frame_size
+        self.path = path
+        self.log = tempfile.TemporaryFile()
+        gop = max(1, int(round(fps)))  # a keyframe (and so a finished fragment) every second
+        cmd = [exe, "-hide_banner", "-loglevel", "error", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps:g}", "-i", "pipe:0",
+               "-an", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",  # yuv420p needs even sides
+               "-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency", "-crf", str(int(crf)),
+               "-pix_fmt", "yuv420p", "-g", str(gop),
+               "-movflags", "frag_keyframe+empty_moov+default_base_moof", "-flush_packets", "1",
+               "-f", "mp4", str(path)]
+        # its own session: a Ctrl-C in the terminal reaches only us, and we close the pipe cleanly; if we
+        # are killed, ffmpeg sees the pipe close and finishes the file by itself
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log,
+                                     bufsize=0, start_new_session=True)
+
+    def _error(self) -> str:
+        try:
+            self.log.seek(0)
+            return self.log.read().decode(errors="replace").strip()[-2000:]
+        except Exception:
+            return ""
+
+    def write(self, frame: np.ndarray) -> None:
+        view = memoryview(frame.tobytes())
+        try:
+            while view:
+                n = os.write(self.proc.stdin.fileno(), view)
+                view = view[n:]
+        except (BrokenPipeError, OSError) as e:
+            self.proc.wait(timeout=10)
+            raise RecordingError(f"ffmpeg stopped while writing {self.path}: {self._error() or e}") from None
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            rc = self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        err = self._error()
+        self.log.close()
+        if rc != 0:
+            raise RecordingError(f"ffmpeg failed (exit {rc}) writing {self.path}: {err}")
+
+
+class _OpenCVWriter:
+    codec = "mpeg4 part 2 (OpenCV mp4v; unplayable if the process dies before close)"
+
+    def __init__(self, path: Path, fps: float, frame_size: tuple[int, int]):
+        import cv2
+
+        h, w = frame_size
+        self.cv2 = cv2
+        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+        if not self.writer.isOpened():
+            raise RecordingError(f"OpenCV cannot open {path} for writing (mp4v)")
+
+    def write(self, frame: np.ndarray) -> None:
+        self.writer.write(self.cv2.cvtColor(frame, self.cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        self.writer.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# the recorder
+# --------------------------------------------------------------------------------------------------
+class Recorder:
+    """Write frames and the actions that produced them as they come. `meta` (JSON-serialisable) goes
+    into the sidecar. `crf`: H.264 quality (0 lossless .. 51; 17 is visually lossless)."""
+
+    def __init__(self, path_prefix: str | os.PathLike, fps: float, frame_size: Sequence[int], meta: dict | None = None,
+                 *, crf: int = 17, meta_every_s: float = 1.0):
+        self.prefix = split_prefix(path_prefix)
+        self.paths = paths(self.prefix)
+        self.fps = float(fps)
+        self.frame_size = (int(frame_size[0]), int(frame_size[1]))
+        if self.fps <= 0 or min(self.frame_size) < 1:
+            raise ValueError(f"bad recording settings: fps {fps}, frame size {frame_size}")
+        self.meta_in = dict(meta or {})
+        json.dumps(self.meta_in)  # fail now, not at the first meta write
+        self.frames = 0
+        self.closed = False
+        self._meta_every = float(meta_every_s)
+        self._last_meta = 0.0
+        self._timings = None
+        self.started = _now()
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+
+        exe = ffmpeg_exe()
+        if exe is not None:
+            self.video = _FFmpegWriter(exe, self.paths["video"], self.fps, self.frame_size, crf)
+        else:
+            msg = ("\n" + "!" * 78 + "\nWARNING: no ffmpeg found (pip install imageio-ffmpeg). Falling back to "
+                   "OpenCV's mp4v writer:\n  the MP4 is NOT H.264 and is UNPLAYABLE if this process is killed "
+                   "before it closes.\n" + "!" * 78)
+            print(msg, file=sys.stderr, flush=True)
+            warnings.warn("no ffmpeg: recording with OpenCV mp4v (not crash-safe)", RuntimeWarning, stacklevel=2)
+            self.video = _OpenCVWriter(self.paths["video"], self.fps, self.frame_size)
+        self.actions = _ActionLog(self.paths["actions"])
+        self._write_meta()
+
+    # -- writing --------------------------------------------------------------------------------------
+    def add(self, frame: np.ndarray, action: Action, latency_ms: float | None = None) -> None:
+        """Append one frame (uint8 (H, W, 3) RGB) and the action that produced it; on disk when this returns
+        (the video in ffmpeg's hands). `latency_ms`, if given, goes to PREFIX.timings.csv."""
+        if self.closed:
+            raise RuntimeError("Recorder.add() after close()")
+        if not isinstance(action, Action):
+            raise ValueError(f"Recorder.add needs an Action, got {type(action).__name__}")
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.shape != (*self.frame_size, 3):
+            raise ValueError(f"Recorder.add needs a uint8 frame of shape {(*self.frame_size, 3)}, got "
+                             f"{frame.dtype} {frame.shape}")
+        self.video.write(np.ascontiguousarray(frame))
+        self.actions.add(action)
+        if latency_ms is not None:
+            if self._timings is None:
+                self._timings = open(self.paths["timings"], "w", buffering=1)
+                self._timings.write("frame,latency_ms\n")
+                for i in range(self.frames):  # frames added before the first timing have none
+                    self._timings.write(f"{i},\n")
+            self._timings.write(f"{self.frames},{float(latency_ms):.3f}\n")
+        elif self._timings is not None:
+            self._timings.write(f"{self.frames},\n")
+        self.frames += 1
+        now = time.monotonic()
+        if now - self._last_meta >= self._meta_every:
+            self._write_meta()
+
+    def update_meta(self, **fields) -> None:
+        """Add or change sidecar fields (written at the next periodic write and on close)."""
+        json.dumps(fields)
+        self.meta_in.update(fields)
+
+    def _write_meta(self, complete: bool = False) -> None:
+        self._last_meta = time.monotonic()
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "video": self.paths["video"].name,
+                "actions": self.paths["actions"].name, "codec": self.video.codec, "fps": self.fps,
+                "frame_size": list(self.frame_size), "frames": self.frames, "complete": complete,
+                "started": self.started}
+        if complete:
+            meta["finished"] = _now()
+        if self._timings is not None:
+            meta["timings"] = self.paths["timings"].name
+        meta.update({k: v for k, v in self.meta_in.items() if k not in meta})
+        _atomic_write_text(self.paths["meta"], json.dumps(meta, indent=2) + "\n")
+
+    def close(self) -> None:
+        """Finish the video, compact the actions file and write the final sidecar (complete: true)."""
+        if self.closed:
+            return
+        self.closed = True
+        err = None
+        try:
+            self.video.close()
+        except RecordingError as e:
+            err = e
+        self.actions.close()
+        if self._timings is not None:
+            self._timings.close()
+        self._write_meta(complete=err is None)
+        if err is not None:
+            raise err
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self.closed:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Recorder({str(self.prefix)!r}, {self.frames} frames{', closed' if self.closed else ''})"
+
+
+# --------------------------------------------------------------------------------------------------
+# reading back
+# --------------------------------------------------------------------------------------------------
+def read_video(path: str | os.PathLike) -> np.ndarray:
+    """Decode a video to uint8 (N, H, W, 3) RGB (through ffmpeg if there is one, else OpenCV)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such video")
+    exe = ffmpeg_exe()
+    if exe is not None:
+        import imageio_ffmpeg
+
+        gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        info = next(gen)
+        w, h = info["size"]
+        frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in gen]
+        return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8)
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+    cap.release()
+    if not frames:
+        raise ValueError(f"{path}: no frame could be decoded")
+    return np.stack(frames)
+
+
+def load_recording(prefix: str | os.PathLike, trim: bool = True) -> tuple[np.ndarray, list[Action], dict]:
+    """(frames uint8 (N, H, W, 3), actions (N), meta). A recording cut short by a kill may hold one more
+    frame than actions or the reverse; `trim` keeps the first min of the two."""
+    p = paths(prefix)
+    meta = json.loads(p["meta"].read_text()) if p["meta"].exists() else {}
+    frames = read_video(p["video"])
+    actions = load_actions(p["actions"]) if p["actions"].stat().st_size else []
+    h, w = meta.get("frame_size", frames.shape[1:3])
+    frames = frames[:, :h, :w]  # drop the padding to even sides
+    if trim:
+        n = min(len(frames), len(actions))
+        frames, actions = frames[:n], actions[:n]
+    return frames, actions, meta
+
+
+def write_recording(prefix, frames: Iterable[np.ndarray], actions: Iterable[Action], fps: float,
+                    meta: dict | None = None) -> Path:
+    """Write a whole recording at once (for tools that already hold the frames)."""
+    frames, actions = list(frames), list(actions)
+    if len(frames) != len(actions) or not frames:
+        raise ValueError(f"need as many actions as frames (and at least one): {len(frames)} vs {len(actions)}")
+    with Recorder(prefix, fps, frames[0].shape[:2], meta) as rec:
+        for f, a in zip(frames, actions):
+            rec.add(f, a)
+    return rec.prefix
