@@ -36,9 +36,9 @@ from play.hud import Hud, Meter  # noqa: E402
 from play.keymap import DEFAULT_SENSITIVITY, InputState, key_table  # noqa: E402
 from play.worker import FrameWorker  # noqa: E402
 from worldmodel.action import Action, load_actions  # noqa: E402
+from worldmodel.cli_common import DEFAULT_CHECKPOINT, load_model  # noqa: E402
 from worldmodel.errors import UserError  # noqa: E402
 
-DEFAULT_CHECKPOINT = "checkpoints/doom-tiny"
 MAX_STEPS = 64
 WAKE_MARGIN = 0.003  # seconds: the loop's waits end this much before the next update or tic is due
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default 0.005): the UI thread gets the GIL back sooner
@@ -89,13 +89,13 @@ class PlayApp:
         self.game = game
         self.opt = options or Options()
         self.clock = clock
-        self.fps = int(getattr(game, "fps", 35) or 35)
+        self.fps = int(game.fps)
         self.period = 1.0 / self.fps
         self.frame_size = tuple(game.frame_size)  # (H, W)
         self.input = InputState(self.opt.sensitivity)
         self.meter = Meter(self.period)
-        self.model = getattr(game, "model", None)
-        self.steps = getattr(self.model, "steps", None)
+        self.model = game.model  # the WorldModel of the dream, else None
+        self.steps = self.model.steps if self.model is not None else None
         # state
         self.running = True
         self.paused = False
@@ -227,7 +227,7 @@ class PlayApp:
             self.say(f"side by side compares the dream with the real game; this is the {self.game.kind}")
             return
         self.side_by_side = not self.side_by_side
-        if self.side_by_side and not getattr(self.game, "has_companion", False):
+        if self.side_by_side and not self.game.has_companion:
             self.game.follow_real = True
             self._restart("restarting dream and real game from the same start...")
         self._open_window()
@@ -282,9 +282,8 @@ class PlayApp:
                      "frame_size": list(self.frame_size)})
         if m is not None:
             meta["steps"] = self.steps
-        scene = getattr(self.game, "scene", None)
-        if scene is not None:
-            meta["start_scene"] = scene.label
+        if self.game.scene is not None:
+            meta["start_scene"] = self.game.scene.label
         meta.update(self.opt.extra_meta)
         return meta
 
@@ -438,11 +437,10 @@ class PlayApp:
         self.draw(self.clock())
         pygame.display.flip()
         pygame.event.pump()
-        real_starts = getattr(self.game, "real_starts", None)
-        if real_starts is not None and hasattr(real_starts, "_env"):
-            real_starts._env()  # for the side-by-side view (Tab), ready in advance
+        if self.game.real_starts is not None:
+            self.game.real_starts._env()  # for the side-by-side view (Tab), ready in advance
         self.frame = self.game.reset()
-        self.companion = getattr(self.game, "companion_frame", None)
+        self.companion = self.game.companion_frame
         self.ready = True
 
     def _loop(self) -> None:
@@ -488,9 +486,9 @@ class PlayApp:
         m = self.model
         stats = dict(self._stats)
         s = {"checkpoint": self.opt.checkpoint or self.game.name, "game": self.game.kind,
-             "device": str(getattr(m, "device", "cpu")) if m is not None else "cpu",
+             "device": str(m.device) if m is not None else "cpu",
              "hud_fps": round(self.meter.fps_now(now), 2),
-             "steps": self.steps, "speculative": getattr(m, "speculative", 1) if m is not None else None,
+             "steps": self.steps, "speculative": m.speculative if m is not None else None,
              "acceptance_rate": stats.get("acceptance_rate"), "speculative_stats": stats or None}
         s.update(self.meter.summary())
         if final:
@@ -501,19 +499,16 @@ class PlayApp:
                      load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                      cpu_count=os.cpu_count(), steps_history=self.steps_history,
                      recordings=self.recordings, screenshots=self.screenshots,
-                     start_scene=getattr(getattr(self.game, "scene", None), "label", None),
-                     attention=getattr(m, "attention", None) if m is not None else None,
+                     start_scene=self.game.scene.label if self.game.scene is not None else None,
+                     attention=m.attention if m is not None else None,
                      torch_threads=_torch_threads(), started_at=self.started_at)
         return s
 
 
-def _torch_threads():
-    try:
-        import torch
+def _torch_threads() -> int:
+    import torch
 
-        return torch.get_num_threads()
-    except ImportError:
-        return None
+    return torch.get_num_threads()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -566,17 +561,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--screenshot-dir", default="screenshots", help="where F12 saves screenshots")
 
 
-def find_default_checkpoint() -> Path | None:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        p = base / DEFAULT_CHECKPOINT
-        if (p / "config.json").exists():
-            return p
-    return None
+NO_CHECKPOINT_ALTERNATIVES = ("try the engine with random weights (`worldmodel play --preset tiny`), or play the "
+                              "real game (`worldmodel play --real`)")
 
 
 def build_game(args):
     """The game named by the command line: the dream (checkpoint or preset), the real game or a replay."""
-    from play.sources import ClipStarts, DreamGame, RealGame, RealStarts, ReplayGame, load_clips
+    from play.sources import ClipStarts, DreamGame, RealGame, RealStarts, ReplayGame
 
     if args.replay:
         if not Path(args.replay).exists():
@@ -585,40 +576,20 @@ def build_game(args):
     if args.real:
         return RealGame(RealStarts(args.map, args.wad, seed=args.seed, context=1)), f"real {args.wad} {args.map}"
 
-    from worldmodel.engine import WorldModel
-
-    settings = dict(device=args.device, speculative=args.speculative, seed=args.seed)
-    if args.steps is not None:
-        if args.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {args.steps}")
-        settings["steps"] = args.steps
-    if args.attention:
-        settings["attention"] = args.attention
-    if args.preset:
-        model = WorldModel.from_preset(args.preset, **settings)
-        label = f"preset {args.preset} (random weights)"
-    else:
-        ckpt = args.checkpoint
-        if ckpt is None:
-            found = find_default_checkpoint()
-            if found is None:
-                raise UserError(
-                    f"no checkpoint: {DEFAULT_CHECKPOINT}/ is not in this checkout. Pass --checkpoint DIR, "
-                    "try the engine with random weights (`worldmodel play --preset tiny`), "
-                    "or play the real game (`worldmodel play --real`)")
-            ckpt = str(found)
-        model = WorldModel.from_pretrained(ckpt, **settings)
-        label = ckpt
-    context = model.cfg.sink_frames + model.cfg.window_frames
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    model = load_model(args, NO_CHECKPOINT_ALTERNATIVES, steps=args.steps, speculative=args.speculative,
+                       attention=args.attention or None, seed=args.seed)
+    label = f"preset {args.preset} (random weights)" if args.preset else args.checkpoint or str(model.folder)
+    context = model.cfg.cache_frames
     real_starts = RealStarts(args.map, args.wad, frame_size=model.frame_size, seed=args.seed, context=context)
     starts = real_starts
-    folder = getattr(model, "folder", None)
-    if args.start in ("auto", "clips") and folder is not None:
-        clips = model.start_clips() if hasattr(model, "start_clips") else load_clips(folder)
+    if args.start in ("auto", "clips") and model.folder is not None:
+        clips = model.start_clips()
         if clips:
-            starts = ClipStarts(clips, context=context, name=f"{Path(folder).name} clip")
+            starts = ClipStarts(clips, context=context, name=f"{Path(model.folder).name} clip")
         elif args.start == "clips":
-            raise UserError(f"{folder} ships no start clips (start_clips/*.npz); use --start real")
+            raise UserError(f"{model.folder} ships no start clips (start_clips/*.npz); use --start real")
     elif args.start == "clips":
         raise UserError("--start clips needs a checkpoint that ships start clips")
     return DreamGame(model, starts, real_starts=real_starts), label
@@ -652,9 +623,7 @@ def run(args) -> int:
         opts = options_from_args(args, label)
         report = PlayApp(game, opts).run()
     finally:
-        close = getattr(game, "close", None)
-        if close is not None:
-            close()
+        game.close()
     fps = report.get("displayed_fps")
     print(f"worldmodel play: {report['frames_generated']} frames generated, "
           f"{'-' if fps is None else fps} displayed frames/s (target {report['target_fps']:g}), latency p50 "

@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.preset:
         source = ["--preset", args.preset]
     else:
-        from play.app import find_default_checkpoint
+        from worldmodel.cli_common import find_default_checkpoint
 
-        source = ["--checkpoint", str(find_default_checkpoint())] if find_default_checkpoint() else ["--preset", "tiny"]
+        found = find_default_checkpoint()
+        source = ["--checkpoint", str(found)] if found else ["--preset", "tiny"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SDL_VIDEODRIVER": "x11"}

@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from worldmodel.action import NOOP, TURN_MAX, Action, decode_actions
+from worldmodel.action import NOOP, TURN_MAX, Action
 from worldmodel.errors import UserError
 
 
@@ -26,10 +26,17 @@ class Game(Protocol):
     kind: str  # "dream", "real", "replay"
     frame_size: tuple[int, int]
     fps: int
+    model: Any  # the WorldModel of the dream, else None
+    real_starts: Any  # the real game's start scenes beside the dream (RealStarts), else None
+    scene: Any  # the current StartScene (None for a replay)
+    companion_frame: np.ndarray | None  # the real game's frame beside the dream, when it runs in lockstep
+    has_companion: bool
 
     def reset(self) -> np.ndarray: ...
 
     def step(self, action: Action) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,37 +103,6 @@ class RealStarts:
         if self.env is not None:
             self.env.close()
             self.env = None
-
-
-def _as_clip(item) -> tuple[np.ndarray, list[Action]]:
-    if isinstance(item, dict):
-        frames, actions = item["frames"], item["actions"]
-    elif hasattr(item, "frames"):
-        frames, actions = item.frames, item.actions
-    else:
-        frames, actions = item
-    frames = np.ascontiguousarray(np.asarray(frames, dtype=np.uint8))
-    if len(actions) and not isinstance(actions[0], Action):
-        import torch
-
-        actions = decode_actions(torch.as_tensor(np.asarray(actions, dtype=np.float32)))
-    return frames, list(actions)
-
-
-def load_clips(folder: str | Path) -> list[tuple[np.ndarray, list[Action]]]:
-    """Start clips shipped in a checkpoint folder (`start_clips/*.npz`: frames uint8 (N,H,W,3),
-    actions float32 (N,5)). Uses the engine's loader when it has one."""
-    try:
-        from worldmodel.engine import load_start_clips  # the engine's helper, when present
-    except ImportError:
-        load_start_clips = None
-    if load_start_clips is not None:
-        return [_as_clip(c) for c in load_start_clips(folder)]
-    clips = []
-    for p in sorted(Path(folder, "start_clips").glob("*.npz")):
-        with np.load(p) as z:
-            clips.append(_as_clip((z["frames"], z["actions"])))
-    return clips
 
 
 class ClipStarts:
@@ -207,6 +183,8 @@ class RealGame:
     """The real Doom in the same window (no model needed)."""
 
     kind = "real"
+    model = None
+    real_starts = None
     companion_frame = None
     has_companion = False
 
@@ -232,6 +210,9 @@ class ReplayGame:
     """A recording (MP4) played back; the actions the player gives are ignored."""
 
     kind = "replay"
+    model = None
+    real_starts = None
+    scene = None
     companion_frame = None
     has_companion = False
 

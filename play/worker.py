@@ -119,10 +119,9 @@ class FrameWorker:
     def _apply_pending(self) -> None:
         with self._cond:
             pending, self._pending = self._pending, {}
-        model = getattr(self.game, "model", None)
-        for name, value in pending.items():
-            if model is not None:
-                setattr(model, name, value)
+        if self.game.model is not None:
+            for name, value in pending.items():
+                setattr(self.game.model, name, value)
 
     def _renice(self) -> None:
         if self.nice and hasattr(os, "setpriority"):
@@ -167,7 +166,7 @@ class FrameWorker:
         r.t_action = self.clock()
         try:
             r.frame = self.game.reset()
-            r.companion = getattr(self.game, "companion_frame", None)
+            r.companion = self.game.companion_frame
         except BaseException as e:  # handed to the UI thread, which reports it
             r.error = e
         r.t_end = self.clock()
@@ -189,10 +188,9 @@ class FrameWorker:
         r = Result("step", self.frames + 1, action=action, t_action=t_action)
         try:
             r.frame = self.game.step(action)
-            r.companion = getattr(self.game, "companion_frame", None)
-            stats = getattr(getattr(self.game, "model", None), "stats", None)
-            if isinstance(stats, dict):
-                r.info["stats"] = stats
+            r.companion = self.game.companion_frame
+            if self.game.model is not None:
+                r.info["stats"] = self.game.model.stats
         except BaseException as e:
             r.error = e
             self.finished = True

@@ -212,6 +212,8 @@ def test_tab_shows_the_real_game_beside_the_dream_from_the_same_start(tmp_path):
 class SlowGame:
     """A game whose frames take 5 frame periods (sleeping releases the GIL, like torch's ops)."""
     kind, name, frame_size, fps = "dream", "slow", (96, 128), 35
+    model = real_starts = scene = companion_frame = None  # no model to steer, no real game beside it
+    has_companion = False
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -277,7 +279,7 @@ def test_without_display_or_checkpoint_the_message_says_what_to_do(monkeypatch, 
     assert len(err.splitlines()) == 1 and "SDL_VIDEODRIVER=dummy" in err and "xvfb-run" in err
 
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    monkeypatch.setattr("play.app.find_default_checkpoint", lambda: None)
+    monkeypatch.setattr("worldmodel.cli_common.find_default_checkpoint", lambda: None)
     monkeypatch.chdir(tmp_path)
     assert main(["play"]) == 2
     err = capsys.readouterr().err.strip()

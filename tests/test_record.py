@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import record
+from worldmodel import cli_common
 from worldmodel.action import Action, load_actions, save_actions
 from worldmodel.cli import main
 from worldmodel.recording import load_recording, paths, read_video
@@ -137,7 +137,7 @@ def test_unknown_preset_is_a_clear_error(tmp_path, capsys):
 
 
 def test_missing_default_checkpoint_says_what_to_do(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(record, "DEFAULT_CHECKPOINT", "checkpoints/no-such-checkpoint")
+    monkeypatch.setattr(cli_common, "DEFAULT_CHECKPOINT", "checkpoints/no-such-checkpoint")
     monkeypatch.chdir(tmp_path)
     save_actions(tmp_path / "a.jsonl", SCRIPT)
     rc = main(["record", "--actions", "a.jsonl", "--out", "x"])

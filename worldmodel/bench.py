@@ -21,7 +21,6 @@ PNG beside it (latency vs rollout length; frames/s per variant).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
@@ -33,9 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from worldmodel.action import Action, load_actions, save_actions
+from worldmodel.cli_common import add_model_arguments, load_model, model_name, parse_int_list, provenance
 from worldmodel.errors import UserError
-from worldmodel.record import (add_model_arguments, engine_stats, load_model, parse_int_list, reset_engine_stats,
-                               set_compile)
 
 SCHEMA_VERSION = 1
 TRACE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "traces"
@@ -209,56 +207,38 @@ def trace_summary(actions: list[Action], tolerance: float | None = None) -> dict
            "mean_run_length": len(actions) / max(1, runs),
            "turning_fraction": sum(1 for a in actions if a.turn != 0) / max(1, len(actions))}
     if tolerance is not None:
-        try:
-            from worldmodel.engine import speculative_match
-        except ImportError:
-            speculative_match = None
-        if speculative_match is not None:
-            out["speculative_tolerance"] = tolerance
-            out["draftable_fraction"] = sum(1 for a, b in pairs if speculative_match(a, b, tolerance)) / max(1, len(pairs))
+        from worldmodel.engine import speculative_match
+
+        out["speculative_tolerance"] = tolerance
+        out["draftable_fraction"] = sum(1 for a, b in pairs if speculative_match(a, b, tolerance)) / max(1, len(pairs))
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # one measurement
 # --------------------------------------------------------------------------------------------------
+SWEPT = ("steps", "speculative", "attention", "compile")  # the settings a variant may change
+
+
 def apply_settings(wm, settings: dict) -> None:
-    for k in ("steps", "speculative", "attention"):
+    for k in SWEPT:
         if k in settings:
             setattr(wm, k, settings[k])
-    if "compile" in settings:
-        if settings["compile"]:
-            set_compile(wm, True)
-        elif hasattr(wm, "compile") and not callable(getattr(wm, "compile")):
-            wm.compile = False
 
 
 def current_settings(wm) -> dict:
-    out = {"steps": wm.steps, "speculative": wm.speculative, "attention": wm.attention}
-    c = getattr(wm, "compile", None)
-    out["compile"] = bool(c) if isinstance(c, bool) else False
-    return out
+    return {k: getattr(wm, k) for k in SWEPT}
 
 
 def extra_settings(wm) -> dict:
     """Engine settings that are not swept but shape the numbers (recorded in the JSON)."""
-    out = {}
-    for k in ("speculative_tolerance", "dtype", "fused"):
-        v = getattr(wm, k, None)
-        if v is not None and not callable(v):
-            out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
-    return out
+    return {"speculative_tolerance": wm.speculative_tolerance, "dtype": str(wm.dtype)}
 
 
 def context_frames(wm, n: int = 1) -> tuple[np.ndarray, list[Action]]:
     """A start scene for speed tests: the checkpoint's first start clip if it ships one, else noise (the
     content does not change the cost)."""
-    from worldmodel.record import start_clips
-
-    try:
-        clips = start_clips(getattr(wm, "folder", None))
-    except Exception:
-        clips = []
+    clips = wm.start_clips()
     if clips:
         f, a = clips[0]
         return f[-n:], a[-n:]
@@ -286,7 +266,7 @@ def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) ->
     wm.reset(ctx_f, ctx_a)
     synchronize(dev)
     reset_ms = (time.perf_counter() - t) * 1000
-    reset_engine_stats(wm)
+    wm.reset_stats()
     lat = np.empty(frames)
     t_start = time.perf_counter()
     for i in range(frames):
@@ -297,11 +277,11 @@ def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) ->
         if progress is not None:
             progress.update(1)
     total_s = time.perf_counter() - t_start
-    stats = engine_stats(wm)
+    stats = wm.stats
     res = {"status": "ok", "frames": frames, "warmup_frames": warmup, "warmup_s": warmup_s, "reset_ms": reset_ms,
            "total_s": total_s, "fps": frames / total_s, "latency_ms": percentiles(lat),
            "peak_memory_mb": memory_mb(dev, peak=True),
-           "acceptance_rate": (stats or {}).get("acceptance_rate"), "engine_stats": stats,
+           "acceptance_rate": stats["acceptance_rate"], "engine_stats": stats,
            "latency_ms_per_frame": [round(float(x), 3) for x in lat]}
     if frames > wm.cfg.cache_frames + 1:
         full = lat[wm.cfg.cache_frames:]
@@ -324,17 +304,12 @@ def combine_rounds(runs: list[dict]) -> dict:
            "latency_ms": percentiles(lat.ravel()),
            "peak_memory_mb": max((r["peak_memory_mb"] or 0) for r in runs) or None,
            "latency_ms_per_frame": [round(float(x), 3) for x in np.median(lat, axis=0)]}
-    stats = [r["engine_stats"] for r in runs if r.get("engine_stats")]
-    if stats:
-        summed = {k: sum(s.get(k, 0) for s in stats) for k in stats[0]
-                  if isinstance(stats[0][k], (int, float)) and "rate" not in k}
-        out["engine_stats"] = summed
-        resolved = summed.get("accepted", 0) + summed.get("discarded", 0)
-        if resolved:
-            out["acceptance_rate"] = summed["accepted"] / resolved
-        else:
-            acc = [r["acceptance_rate"] for r in runs if r.get("acceptance_rate") is not None]
-            out["acceptance_rate"] = float(np.mean(acc)) if acc else None
+    stats = [r["engine_stats"] for r in runs]
+    summed = {k: sum(s[k] for s in stats) for k, v in stats[0].items()
+              if isinstance(v, (int, float)) and "rate" not in k}
+    out["engine_stats"] = summed
+    resolved = summed["accepted"] + summed["discarded"]
+    out["acceptance_rate"] = summed["accepted"] / resolved if resolved else None
     if "fps_cache_full" in runs[0]:
         out["fps_cache_full"] = float(np.mean([r["fps_cache_full"] for r in runs]))
     return out
@@ -481,17 +456,9 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return text[:limit]
 
 
-def _command_line() -> str:
-    import shlex
-
-    return "worldmodel " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def run(args) -> int:
     import torch
     from tqdm import tqdm
-
-    from worldmodel.recording import git_commit
 
     if args.frames < 2:
         raise UserError(f"--frames must be at least 2, got {args.frames}")
@@ -512,8 +479,8 @@ def run(args) -> int:
     if args.save_trace:
         Path(args.save_trace).parent.mkdir(parents=True, exist_ok=True)
         save_actions(args.save_trace, trace)
-    model_name = args.preset or Path(str(getattr(wm, "folder", None) or args.checkpoint or "model")).name
-    out = Path(args.out or f"benchmarks/bench_{model_name}_{device_tag(dev)}.json")
+    name = model_name(args, wm)
+    out = Path(args.out or f"benchmarks/bench_{name}_{device_tag(dev)}.json")
     if out.suffix != ".json":
         raise UserError(f"--out must name a .json file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -521,17 +488,15 @@ def run(args) -> int:
     n_params = sum(p.numel() for p in wm.transformer.parameters())
     n_ae = sum(p.numel() for p in wm.autoencoder.parameters())
     result = {
-        "schema": SCHEMA_VERSION, "tool": "worldmodel bench", "command": _command_line(),
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
-        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "schema": SCHEMA_VERSION, "tool": "worldmodel bench", **provenance(), "platform": platform.platform(),
         "device": dev,
-        "model": {"name": model_name, "preset": args.preset, "checkpoint": str(getattr(wm, "folder", None) or "")
-                  or None, "random_weights": bool(args.preset), "frame_size": list(cfg.frame_size),
+        "model": {"name": name, "preset": args.preset, "checkpoint": None if args.preset else str(wm.folder),
+                  "random_weights": bool(args.preset), "frame_size": list(cfg.frame_size),
                   "fps_target": wm.fps, "tokens_per_frame": cfg.tokens_per_frame, "dim": cfg.dim,
                   "depth": cfg.depth, "heads": cfg.heads, "sink_frames": cfg.sink_frames,
                   "window_frames": cfg.window_frames, "cache_frames": cfg.cache_frames,
                   "transformer_params": n_params, "autoencoder_params": n_ae},
-        "trace": {"source": trace_src, **trace_summary(trace[:need], getattr(wm, "speculative_tolerance", None))},
+        "trace": {"source": trace_src, **trace_summary(trace[:need], wm.speculative_tolerance)},
         "frames": args.frames, "warmup_frames": args.warmup, "rounds": args.rounds, "memory": memory_kind(wm.device),
         "baseline_settings": base, "engine_settings": extra_settings(wm),
         "loadavg_before": _loadavg(),

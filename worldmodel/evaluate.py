@@ -27,7 +27,6 @@ fidelity.png (PSNR and SSIM against horizon), controllability.png, stability.png
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import sys
@@ -37,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from worldmodel.action import NOOP, Action
+from worldmodel.cli_common import add_model_arguments, load_model, model_name, parse_int_list, provenance
 from worldmodel.errors import UserError
 from worldmodel.metrics import (PSNR_CAP, STATS, flow_cosine, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
-from worldmodel.record import add_model_arguments, engine_stats, load_model, parse_int_list, reset_engine_stats
 
 # probe name -> (action held, motion field looked at, expected sign)
 PROBES = {
@@ -223,7 +222,7 @@ def stability(wm, ep: Episode, frames: int, every: int, seed: int, real_stats: d
 
     policy = ExplorerPolicy(seed + 7919)  # blind: the dream has no depth buffer
     wm.reset(ep.ctx_frames, ep.ctx_actions)
-    reset_engine_stats(wm)
+    wm.reset_stats()
     samples = {"frame": [], "latency_ms": [], "memory_mb": [], **{k: [] for k in STATS}}
     lat_bin = []
     t_all = time.perf_counter()
@@ -247,7 +246,7 @@ def stability(wm, ep: Episode, frames: int, every: int, seed: int, real_stats: d
     n = len(samples["frame"])
     res = {"frames": frames, "seconds": total, "fps": frames / total, "sample_every": every, "samples": samples,
            "memory": "cuda_allocated" if wm.device.type == "cuda" else "process_rss",
-           "engine_stats": engine_stats(wm)}
+           "engine_stats": wm.stats}
     in_range = {}
     for k in STATS:
         lo, hi = real_stats[k]["p1"], real_stats[k]["p99"]
@@ -374,13 +373,10 @@ def _plots(res: dict, out: Path) -> list[str]:
 # the command
 # --------------------------------------------------------------------------------------------------
 def run(args) -> int:
-    import platform
-
-    import torch
     from tqdm import tqdm
 
     from worldmodel.bench import device_info
-    from worldmodel.recording import Recorder, git_commit, model_meta
+    from worldmodel.recording import Recorder, model_meta
 
     maps, horizons = _check_args(args)  # held-out maps fail here, before anything loads
     wm = load_model(args, steps=args.steps, speculative=args.speculative, attention=args.attention)
@@ -388,7 +384,7 @@ def run(args) -> int:
     hmax = max(horizons)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.preset or Path(str(getattr(wm, "folder", None) or "model")).name
+    name = model_name(args, wm)
     if args.preset:
         print(f"worldmodel eval: note: --preset {args.preset} has random weights; the numbers only test the "
               f"pipeline", file=sys.stderr)
@@ -446,9 +442,7 @@ def run(args) -> int:
             hz[str(h)]["ssim_gain_over_copy"] = hz[str(h)]["ssim"] - hz[str(h)]["ssim_copy"]
 
     res = {
-        "tool": "worldmodel eval", "command": "worldmodel " + " ".join(sys.argv[1:]),
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
-        "torch": torch.__version__, "python": platform.python_version(), "device": device_info(wm.device),
+        "tool": "worldmodel eval", **provenance(), "device": device_info(wm.device),
         "model": {**model_meta(wm), "name": name, "random_weights": bool(args.preset)},
         "wad": args.wad, "maps": maps, "episodes": args.episodes, "context": context, "horizons": horizons,
         "fps": wm.fps, "psnr_cap_db": PSNR_CAP,

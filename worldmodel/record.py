@@ -11,9 +11,6 @@ built-in explorer policy, which looks through the real game's eyes (depth, posit
 runs beside the model (it always does when the start scene came from the game: it is cheap), blind otherwise.
 --side-by-side writes [model | real game] frames, the real game fed the same actions.
 Deterministic for a seed: the sampler, the policy and the game are all seeded with it.
-
-Also home of the model-choosing flags shared by `record`, `bench` and `eval` (`add_model_arguments`,
-`load_model`).
 """
 from __future__ import annotations
 
@@ -26,122 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from worldmodel.action import NOOP, Action, load_actions
+from worldmodel.cli_common import add_model_arguments, command_line, load_model, parse_int_list
 from worldmodel.errors import UserError
-
-DEFAULT_CHECKPOINT = "checkpoints/doom-tiny"
-
-
-# --------------------------------------------------------------------------------------------------
-# choosing a model (shared by record, bench, eval)
-# --------------------------------------------------------------------------------------------------
-def add_model_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--checkpoint", metavar="C",
-                   help=f"checkpoint folder or Hub id (default: the shipped {DEFAULT_CHECKPOINT})")
-    g.add_argument("--preset", metavar="P", help="random weights in a preset's shape: tiny, small or nfd-310m")
-    if device:
-        parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
-
-
-def default_checkpoint() -> Path:
-    """checkpoints/doom-tiny in the working directory, else beside the package (an editable install)."""
-    here = Path(DEFAULT_CHECKPOINT)
-    if here.exists():
-        return here
-    beside = Path(__file__).resolve().parent.parent / DEFAULT_CHECKPOINT
-    if beside.exists():
-        return beside
-    raise UserError(f"the shipped checkpoint {DEFAULT_CHECKPOINT} is missing (no trained model here yet): "
-                    f"pass --checkpoint DIR, or --preset tiny|small|nfd-310m for random weights")
-
-
-def parse_int_list(spec: str, name: str) -> list[int]:
-    try:
-        out = [int(x) for x in str(spec).split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--{name}: expected comma-separated integers, got {spec!r}") from None
-    if not out:
-        raise UserError(f"--{name}: no value given")
-    return out
-
-
-def load_model(args, **settings):
-    """The WorldModel the flags name (--checkpoint / --preset / --device), with sampling settings (None
-    values are left at the model's defaults)."""
-    from worldmodel.engine import WorldModel
-    from worldmodel.model import PRESETS
-
-    settings = {k: v for k, v in settings.items() if v is not None}
-    device = getattr(args, "device", "auto")
-    compile_ = settings.pop("compile", None)
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-        wm = WorldModel.from_preset(args.preset, device=device, **settings)
-    else:
-        wm = WorldModel.from_pretrained(args.checkpoint or default_checkpoint(), device=device, **settings)
-    if compile_:
-        set_compile(wm, True)
-    return wm
-
-
-def set_compile(wm, on: bool) -> None:
-    """Turn torch.compile on/off through the engine's `compile` setting; UserError if it has none."""
-    if not hasattr(wm, "compile") or callable(getattr(wm, "compile")):
-        raise UserError("this engine has no compile option")
-    wm.compile = bool(on)
-
-
-def engine_stats(wm) -> dict | None:
-    s = getattr(wm, "stats", None)
-    return dict(s) if isinstance(s, dict) else None
-
-
-def reset_engine_stats(wm) -> None:
-    f = getattr(wm, "reset_stats", None)
-    if callable(f):
-        f()
 
 
 # --------------------------------------------------------------------------------------------------
 # start scenes
 # --------------------------------------------------------------------------------------------------
-def start_clips(folder) -> list[tuple[np.ndarray, list[Action]]]:
-    """Start clips shipped in a checkpoint folder (start_clips/*.npz with frames uint8 (N,H,W,3) and
-    actions float32 (N,5)); the engine's loader when it has one."""
-    import torch
-
-    from worldmodel.action import decode_actions
-
-    try:
-        from worldmodel.engine import load_start_clips
-    except ImportError:
-        load_start_clips = None
-    raw = []
-    if folder is None:
-        return []
-    if load_start_clips is not None:
-        raw = list(load_start_clips(folder))
-    else:
-        for p in sorted(Path(folder, "start_clips").glob("*.npz")):
-            with np.load(p) as z:
-                raw.append((z["frames"], z["actions"]))
-    out = []
-    for item in raw:
-        if isinstance(item, dict):
-            frames, actions = item["frames"], item["actions"]
-        elif hasattr(item, "frames"):
-            frames, actions = item.frames, item.actions
-        else:
-            frames, actions = item
-        frames = np.ascontiguousarray(np.asarray(frames, dtype=np.uint8))
-        actions = list(actions)
-        if actions and not isinstance(actions[0], Action):
-            actions = decode_actions(torch.as_tensor(np.asarray(actions, dtype=np.float32)))
-        out.append((frames, actions))
-    return out
-
-
 def game_start(wad: str, map_name: str, seed: int, frame_size, context: int, depth: bool = False):
     """(env, frames (context, H, W, 3), actions): the real game reset with `seed`, standing still."""
     from worldmodel.game import DoomEnv
@@ -222,7 +110,7 @@ def run(args) -> int:
     context = args.context or wm.cfg.cache_frames
     clips = None
     if args.start_clip is not None:
-        clips = start_clips(getattr(wm, "folder", None))
+        clips = wm.start_clips()
         if not clips:
             raise UserError("--start-clip: this checkpoint ships no start clips (start_clips/*.npz)")
         if not 0 <= args.start_clip < len(clips):
@@ -252,9 +140,9 @@ def run(args) -> int:
                      "actions": "stand still"}
         wm.seed = seed
         wm.reset(frames, actions)
-        reset_engine_stats(wm)
+        wm.reset_stats()
         meta = model_meta(wm)
-        meta.update({"command": "worldmodel " + " ".join(sys.argv[1:]) if sys.argv else None,
+        meta.update({"command": command_line(),
                      "start_scene": start, "frames_requested": n,
                      "actions_source": f"policy {args.policy} seed {seed}" if policy else f"script {name}",
                      "layout": "model | real game" if args.side_by_side else "model",
@@ -280,9 +168,7 @@ def run(args) -> int:
                 bar.update(1)
                 if i % 10 == 9:
                     bar.set_postfix(fps=f"{(i + 1) / (time.perf_counter() - t0):.1f}")
-            stats = engine_stats(wm)
-            if stats:
-                rec.update_meta(engine_stats=stats)
+            rec.update_meta(engine_stats=wm.stats)
         if env is not None:
             env.close()
         secs = time.perf_counter() - t0

@@ -154,18 +154,14 @@ def checkpoint_hash(folder: str | os.PathLike | None) -> str | None:
 
 
 def model_meta(wm) -> dict:
-    """What a recording should say about the model that made it (works on any WorldModel)."""
+    """What a recording should say about the WorldModel that made it."""
     import torch
 
-    folder = getattr(wm, "folder", None)
-    out = {"model": getattr(wm, "name", None), "checkpoint": str(folder) if folder else None,
-           "checkpoint_sha256": checkpoint_hash(folder), "device": str(getattr(wm, "device", "")),
-           "torch": torch.__version__, "commit": git_commit()}
-    for name in ("steps", "speculative", "speculative_tolerance", "attention", "seed", "compile"):
-        v = getattr(wm, name, None)
-        if isinstance(v, (bool, int, float, str)):
-            out[name] = v
-    return out
+    return {"model": wm.name, "checkpoint": str(wm.folder) if wm.folder else None,
+            "checkpoint_sha256": checkpoint_hash(wm.folder), "device": str(wm.device),
+            "torch": torch.__version__, "commit": git_commit(),
+            **{k: getattr(wm, k) for k in ("steps", "speculative", "speculative_tolerance", "attention", "seed",
+                                            "compile")}}
 
 
 # --------------------------------------------------------------------------------------------------
