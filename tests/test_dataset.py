@@ -261,3 +261,20 @@ def test_manifest_is_json_with_checksums(tmp_path):
     assert m["frame_size"] == [H, W] and m["action_fields"] == ["move", "strafe", "turn", "attack", "use"]
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
     assert [s["name"] for s in m["shards"]] == sorted(s["name"] for s in m["shards"])
+
+
+def test_start_clips_export_loads_as_checkpoint_start_scenes(tmp_path):
+    from worldmodel.engine import load_start_clips
+
+    make_dataset(tmp_path / "d")
+    paths = ds.export_start_clips(tmp_path / "d", tmp_path / "ckpt" / "start_clips", count=3, frames=8, skip=5)
+    assert len(paths) == 3
+    clips = load_start_clips(tmp_path / "ckpt", (H, W))
+    episodes = [int(frames[0, 0, 0, 2]) for frames, _ in clips]  # channel 2 encodes the episode id
+    assert sorted(episodes) == [0, 1, 2]
+    for frames, actions in clips:
+        ep = int(frames[0, 0, 0, 2])
+        assert frames.shape == (8, H, W, 3) and len(actions) == 8
+        assert actions == [Action.from_vector(v) for v in episode_arrays(ep, 13, "MAP01")["actions"][5:13]]
+    with pytest.raises(ds.DatasetError, match="only 3 episodes"):
+        ds.export_start_clips(tmp_path / "d", tmp_path / "x", count=4, frames=8, skip=5)

@@ -654,6 +654,36 @@ def preview_grid(root: str | Path, n: int = 48, cols: int = 8, seed: int = 0) ->
 
 
 # -- CLI: worldmodel data ... ----------------------------------------------------------------------------
+def export_start_clips(root: str | Path, out: str | Path, count: int, frames: int, maps: Iterable[str] | None = None,
+                       skip: int = 70) -> list[Path]:
+    """Write `count` start clips of `frames` consecutive frames each (from different episodes, `skip`
+    frames into the shard so the scene is under way) as `out/clipNN.npz` with `frames` uint8
+    (N, H, W, 3) and `actions` float32 (N, 5): the start scenes a checkpoint ships so that playing
+    needs no dataset."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    seen_episodes: set[int] = set()
+    for arrays in iter_shards(root, maps):
+        if len(written) == count:
+            break
+        for start, end in _run_bounds(arrays["episode"]):
+            ep = int(arrays["episode"][start])
+            if ep in seen_episodes or end - start < skip + frames:
+                continue
+            seen_episodes.add(ep)
+            sl = slice(start + skip, start + skip + frames)
+            path = out / f"clip{len(written):02d}.npz"
+            buf = io.BytesIO()
+            np.savez_compressed(buf, frames=arrays["frames"][sl], actions=arrays["actions"][sl].astype(np.float32))
+            atomic_write_bytes(path, buf.getvalue())
+            written.append(path)
+            break
+    if len(written) < count:
+        raise DatasetError(f"{root}: found only {len(written)} episodes with {skip + frames} frames for start clips")
+    return written
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -677,6 +707,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--cols", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=1, help="enlarge each frame by this factor")
+    c = sub.add_parser("start-clips", help="export start scenes for a checkpoint folder (start_clips/*.npz)")
+    c.add_argument("dir", help="dataset directory")
+    c.add_argument("--out", required=True, help="folder to write clipNN.npz into, e.g. checkpoints/NAME/start_clips")
+    c.add_argument("--count", type=int, default=4, help="number of clips, each from another episode (default 4)")
+    c.add_argument("--frames", type=int, default=8, help="frames per clip (default 8: the tiny model's cache)")
+    c.add_argument("--maps", default=None, help="maps to draw from, e.g. MAP01-MAP05 (default: all)")
     parser.set_defaults(_data_parser=parser)
 
 
@@ -706,6 +742,13 @@ def run(args) -> int:
         if not cv2.imwrite(str(args.out), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
             raise UserError(f"{args.out}: cannot write the image")
         print(f"wrote {args.out}")
+        return 0
+    if args.data_command == "start-clips":
+        from worldmodel.maps import parse_maps
+
+        paths = export_start_clips(args.dir, args.out, args.count, args.frames,
+                                   parse_maps(args.maps) if args.maps else None)
+        print(f"wrote {len(paths)} start clips to {args.out}")
         return 0
     args._data_parser.print_help()
     return 2
