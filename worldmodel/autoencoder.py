@@ -7,6 +7,7 @@ the diffusion model sees roughly unit-variance inputs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -134,14 +135,45 @@ class Autoencoder(nn.Module):
         the decoder also renders slightly-off latents (what the diffusion model produces) cleanly."""
         x = self.to_float(frames).to(self.latent_mean.device)
         z = self.encoder(x)
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype,
+                            device=generator.device if generator is not None else z.device).to(z.device)
         z = z + self.cfg.latent_noise * z.detach().std(dim=(0, 2, 3), keepdim=True) * noise
         recon = self.decoder(z)
         return F.l1_loss(recon, x) + F.mse_loss(recon, x)
 
     @torch.no_grad()
-    def calibrate(self, frames: torch.Tensor) -> None:
-        """Measure per-channel latent mean and std on a batch of uint8 frames (B, H, W, 3)."""
-        z = self.encoder(self.to_float(frames).to(self.latent_mean.device))
-        self.latent_mean.copy_(z.mean(dim=(0, 2, 3)))
-        self.latent_std.copy_(z.std(dim=(0, 2, 3)).clamp_min(1e-4))
+    def calibrate(self, frames, batch_size: int = 256) -> None:
+        """Measure per-channel latent mean and std over uint8 frames (B, H, W, 3) -- a tensor, or an
+        iterable of such batches -- encoded `batch_size` at a time (sums in float64), and store them
+        in `latent_mean` / `latent_std`, so that `encode` gives roughly zero-mean unit-variance latents."""
+        batches = frames.split(batch_size) if isinstance(frames, torch.Tensor) else frames
+        n, s1, s2 = 0, 0.0, 0.0
+        for batch in batches:
+            z = self.encoder(self.to_float(batch).to(self.latent_mean.device)).double()
+            n += z.shape[0] * z.shape[2] * z.shape[3]
+            s1 = s1 + z.sum(dim=(0, 2, 3))
+            s2 = s2 + z.pow(2).sum(dim=(0, 2, 3))
+        if n < 2:
+            raise ValueError("calibrate needs at least one frame")
+        mean = s1 / n
+        var = (s2 - n * mean.pow(2)) / (n - 1)
+        self.latent_mean.copy_(mean.float())
+        self.latent_std.copy_(var.clamp_min(0).sqrt().float().clamp_min(1e-4))
+
+    @torch.no_grad()
+    def reconstruct(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (B, H, W, 3) -> their uint8 reconstructions through the latent grid."""
+        return self.decode_uint8(self.encode(frames))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-frame PSNR in dB of uint8 frames (..., H, W, 3) against (..., H, W, 3); peak 255, capped at 100."""
+    mse = (a.float() - b.float()).pow(2).flatten(-3).mean(-1)
+    return (10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).clamp(max=100.0)
+
+
+def psnr_pooled(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of the mean squared error over all frames (torchmetrics' default reduction): unlike
+    the mean of per-frame PSNRs it is not dominated by a few (near-)identical frames."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))

@@ -35,3 +35,41 @@ def timesteps(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     """steps + 1 noise levels from 1 down to 0. shift > 1 spends more steps at high noise (SD3-style)."""
     t = torch.linspace(1.0, 0.0, steps + 1, device=device)
     return shift * t / (1 + (shift - 1) * t)
+
+
+def shift_noise_levels(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t -> shift * t / (1 + (shift - 1) * t): shift > 1 moves levels towards pure noise (SD3), the
+    same map `timesteps` uses for sampling."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+def sample_training_noise_levels(batch: int, frames: int, generator: torch.Generator | None = None, device=None,
+                                 context_prob: float = 0.5, context_max: float = 0.3,
+                                 shift: float = 1.0) -> torch.Tensor:
+    """Noise levels (batch, frames) for one training batch of clips.
+
+    Every clip starts from Diffusion Forcing: an independent level per frame (`sample_noise_levels`).
+    With probability `context_prob` a clip is laid out as at inference instead: a prefix of random
+    length k in 1..frames-1 is *context*, each of its frames noised to its own low level drawn
+    uniformly from [0, context_max] (GameNGen's noise augmentation; the model is told the level, and the
+    sampler commits frames at `ModelConfig.context_noise`, inside that range), and the frames after it
+    keep their independent levels. Without this the model would almost never see a nearly-clean past
+    followed by a noisy frame, which is all it does when it plays. `shift` > 1 moves the independent
+    levels towards pure noise, where the model has to rely on the context the most."""
+    t = shift_noise_levels(sample_noise_levels((batch, frames), generator=generator, device=device), shift)
+    if frames < 2 or context_prob <= 0:
+        return t
+    use = torch.rand(batch, generator=generator, device=device) < context_prob  # (B,)
+    k = torch.randint(1, frames, (batch,), generator=generator, device=device)  # (B,) prefix length
+    ctx = torch.rand((batch, frames), generator=generator, device=device) * context_max
+    prefix = torch.arange(frames, device=device)[None] < k[:, None]  # (B, F)
+    return torch.where(use[:, None] & prefix, ctx, t)
+
+
+def flow_matching_loss(model, x0: torch.Tensor, actions: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted velocity. x0, noise: (B, F, C, h, w) clean latents and
+    their noise; actions: (B, F, A); t: (B, F) per-frame noise levels."""
+    x_t = add_noise(x0, noise, t)
+    v = model(x_t, t, actions)
+    return (v.float() - velocity_target(x0, noise).float()).pow(2).mean()

@@ -2,10 +2,19 @@
 
 One frame, in numbered steps:
   1. denoise: start from noise at t = 1 and take `steps` Euler steps of the flow to t = 0, the new
-     frame attending to the cached clean past (one pass per step);
-  2. commit: write the finished frame into the cache with one clean pass at the context noise level
-     used in training;
+     frame attending to the cached clean past (one pass per step). `generate` does this for N frames
+     at once (speculative drafts, block-causal among themselves, all assuming given actions);
+  2. commit: the finished frame is written into the cache by one clean pass at the context noise
+     level used in training. With `fused=True` (the default) that pass is the first denoising pass
+     of the next frame: the finished frame waits in `pending` and the next pass commits it
+     (`forward_cached(commit=1)`), which gives the same result as a separate commit pass (the new
+     frames attend the cache *after* the commit) for the cost of one pass with one more frame;
   3. decode: the autoencoder turns the latent into pixels (the engine does this, see engine.py).
+
+Noise is counter-based: the noise of frame n (and of its commit) is drawn from a generator seeded
+with (seed, n), so a frame's noise does not depend on how many frames were drafted or discarded
+before it. That makes speculation with N = 1 identical to plain sampling, a rejected draft leave no
+trace, and the same seed give the same frames whatever was drafted.
 """
 from __future__ import annotations
 
@@ -14,21 +23,32 @@ import torch
 from worldmodel.diffusion import add_noise, timesteps
 from worldmodel.model import KVCache, ModelConfig, WorldTransformer
 
+_DENOISE, _COMMIT = 0, 1  # noise streams of a frame
+
 
 class FrameSampler:
+    """`generate(actions (B, N, A)) -> latents (B, N, C, h, w)`: the next N frames, each assuming its
+    action, nothing committed; `accept(latents, actions)`: those frames happened (they are committed
+    by the next pass); `next(actions (B, 1, A))`: both for one frame. `reset(latents, actions)` seeds
+    the context. `flush()` commits what is pending now (not needed for sampling)."""
+
     def __init__(self, transformer: WorldTransformer, cfg: ModelConfig, steps: int, seed: int = 0,
-                 batch_size: int = 1):
+                 batch_size: int = 1, fused: bool = True):
         self.model, self.cfg = transformer, cfg
         p = next(transformer.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(cfg, batch_size, device=self.device, dtype=self.dtype)
         self.batch_size = batch_size
         self.generator = torch.Generator(device=self.device)
-        self.seed = seed
+        self.seed = int(seed)
+        self.fused = fused
         self.steps = steps
-        self.generator.manual_seed(seed)
         C, (h, w) = cfg.latent_channels, cfg.latent_size
-        self.latent_shape = (batch_size, 1, C, h, w)
+        self.frame_shape = (batch_size, 1, C, h, w)
+        self.max_commit = min(cfg.window_frames, cfg.max_draft)  # frames one pass may commit
+        self.forward = transformer.forward_cached  # what runs a pass; the engine may swap in a compiled one
+        self.frame_index = 0  # number of the next frame (context frames count), for the noise
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # finished, not yet committed
 
     @property
     def steps(self) -> int:
@@ -36,55 +56,102 @@ class FrameSampler:
 
     @steps.setter
     def steps(self, n: int) -> None:
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"steps must be a positive integer, got {n!r}")
         self._steps = n
-        self._t = timesteps(n, self.cfg.sample_shift, device=self.device)  # (steps + 1,)
+        t = timesteps(n, self.cfg.sample_shift)  # (steps + 1,) on the host: python floats, no syncs later
+        self._t = [float(x) for x in t]
 
     def reseed(self, seed: int) -> None:
-        self.seed = seed
-        self.generator.manual_seed(seed)
+        self.seed = int(seed)
 
-    def _noise(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _noise(self, frame: int, stream: int) -> torch.Tensor:
+        """(B, 1, C, h, w) standard normal noise of frame number `frame` (counter-based)."""
+        self.generator.manual_seed((self.seed * 0x9E3779B1 + frame * 2 + stream) % (2 ** 63))
+        return torch.randn(self.frame_shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def _full(self, value: float, n: int) -> torch.Tensor:
+        return torch.full((self.batch_size, n), value, device=self.device, dtype=self.dtype)
+
+    # -- 2. commit ----------------------------------------------------------------------------------
+    def _take_pending(self, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Up to `limit` pending frames, oldest first, noised to the context level: (x, actions)."""
+        take, self._pending = self._pending[:limit], self._pending[limit:]
+        if not take:
+            return None
+        first = self.frame_index - len(take) - len(self._pending)
+        x = torch.cat([add_noise(lat, self._noise(first + i, _COMMIT), self._full(self.cfg.context_noise, 1))
+                       for i, (lat, _) in enumerate(take)], dim=1)
+        return x, torch.cat([a for _, a in take], dim=1)
+
+    @torch.inference_mode()
+    def flush(self, keep: int = 0) -> None:
+        """Commit pending frames with plain commit passes until at most `keep` are left."""
+        while len(self._pending) > keep:
+            x, a = self._take_pending(min(self.max_commit, len(self._pending) - keep))
+            self.forward(x, self._full(self.cfg.context_noise, x.shape[1]), a, self.cache, commit=x.shape[1])
+
+    @torch.inference_mode()
+    def accept(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
+        """Frames (B, F, C, h, w) that happened, with the actions that produced them (B, F, A), in
+        order after what is already there. They are committed by the next pass (or now, unfused)."""
+        for i in range(latents.shape[1]):
+            self._pending.append((latents[:, i:i + 1].to(self.device, self.dtype),
+                                  actions[:, i:i + 1].to(self.device, self.dtype)))
+            self.frame_index += 1
+        if not self.fused:
+            self.flush()
 
     @torch.inference_mode()
     def commit(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
-        """Write clean frames (B, F, C, h, w) with their actions (B, F, A) into the cache, at the
-        context noise level, in chunks the window can take."""
-        B, n = latents.shape[:2]
-        chunk = self.cfg.window_frames
-        for i in range(0, n, chunk):
-            x = latents[:, i:i + chunk].to(self.device, self.dtype)
-            f = x.shape[1]
-            t = torch.full((B, f), self.cfg.context_noise, device=self.device, dtype=self.dtype)
-            x = add_noise(x, self._noise(x.shape), t)
-            self.model.forward_cached(x, t, actions[:, i:i + chunk].to(self.device, self.dtype), self.cache, commit=f)
+        """Write clean frames (B, F, C, h, w) with their actions (B, F, A) into the cache now."""
+        self.accept(latents, actions)
+        self.flush()
 
     @torch.inference_mode()
     def reset(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
         """Seed the context with clean frames (B, N, C, h, w) and the actions that produced them
         (B, N, A): the first `sink_frames` become the sinks, the last `window_frames` the window."""
         self.cache.reset()
-        self.generator.manual_seed(self.seed)
+        self._pending = []
+        self.frame_index = 0
         n, S, W = latents.shape[1], self.cfg.sink_frames, self.cfg.window_frames
         keep = list(range(n)) if n <= S + W else list(range(S)) + list(range(n - W, n))
         self.commit(latents[:, keep], actions[:, keep])
 
+    # -- 1. denoise ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def denoise(self, actions: torch.Tensor) -> torch.Tensor:
-        """Generate the next frame's latent (B, 1, C, h, w) for actions (B, 1, A); nothing is committed."""
-        x = self._noise(self.latent_shape)
+    def generate(self, actions: torch.Tensor) -> torch.Tensor:
+        """The next N frames' latents (B, N, C, h, w) for actions (B, N, A) (N <= max_draft), denoised
+        together in `steps` passes, block-causal among themselves; the first pass also commits what is
+        pending. Nothing new is committed: pass the frames that happened to `accept`."""
+        N = actions.shape[1]
+        if not 1 <= N <= self.cfg.max_draft:
+            raise ValueError(f"generate: 1..{self.cfg.max_draft} frames at once, got {N}")
+        self.flush(keep=self.max_commit)
         a = actions.to(self.device, self.dtype)
+        x = torch.cat([self._noise(self.frame_index + i, _DENOISE) for i in range(N)], dim=1)
+        ts = self._t
         for i in range(self._steps):
-            t = self._t[i].expand(self.batch_size, 1).to(self.dtype)
-            v = self.model.forward_cached(x, t, a, self.cache, commit=0)
-            x = x + (self._t[i + 1] - self._t[i]).to(self.dtype) * v
+            pending = self._take_pending(self.max_commit) if i == 0 else None
+            if pending is None:
+                v = self.forward(x, self._full(ts[i], N), a, self.cache, commit=0)
+            else:
+                xp, ap = pending
+                P = xp.shape[1]
+                t = torch.cat((self._full(self.cfg.context_noise, P), self._full(ts[i], N)), dim=1)
+                v = self.forward(torch.cat((xp, x), dim=1), t, torch.cat((ap, a), dim=1), self.cache, commit=P)[:, P:]
+            x = x + (ts[i + 1] - ts[i]) * v
         return x
 
     @torch.inference_mode()
     def next(self, actions: torch.Tensor) -> torch.Tensor:
-        """1. denoise, 2. commit; returns the new frame's clean latent (B, 1, C, h, w)."""
-        x = self.denoise(actions)
-        self.commit(x, actions)
+        """1. denoise, 2. commit (now or, fused, with the next pass); returns the new frame's clean
+        latent (B, 1, C, h, w)."""
+        x = self.generate(actions)
+        self.accept(x, actions)
         return x

@@ -1,0 +1,114 @@
+"""The transformer: block-causal across frames, and it can learn (overfits one small batch)."""
+import pytest
+import torch
+
+from worldmodel import diffusion
+from worldmodel.model import ModelConfig, WorldTransformer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the tiny shapes gain nothing from more, and a shared 2-core machine with
+    OpenMP spinning on both cores is many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**kw) -> ModelConfig:
+    """32x32 frames -> 4x4 latents (16 tokens a frame), dim 64, 2 blocks; clips of 1 + 3 + 2 = 6 frames."""
+    d = dict(frame_size=(32, 32), latent_channels=4, ae_channels=(8, 8, 16), ae_res_blocks=(0, 0, 0),
+             dim=64, depth=2, heads=2, sink_frames=1, window_frames=3, max_draft=2)
+    d.update(kw)
+    return ModelConfig(**d)
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """adaLN-Zero starts every block as the identity and the output at zero: give the zero-initialised
+    weights values so that the test exercises attention across frames."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _inputs(cfg: ModelConfig, B: int = 2, F: int | None = None, seed: int = 0):
+    F = F or cfg.clip_frames
+    g = torch.Generator().manual_seed(seed)
+    C, (h, w) = cfg.latent_channels, cfg.latent_size
+    return (torch.randn(B, F, C, h, w, generator=g), torch.rand(B, F, generator=g),
+            torch.randn(B, F, cfg.action_dim, generator=g))
+
+
+@pytest.mark.parametrize("t_changed", [0, 2, 5])
+@pytest.mark.parametrize("what", ["latent", "noise_level", "action"])
+def test_block_causal_future_frames_do_not_change_the_past(t_changed, what):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = WorldTransformer(cfg).eval()
+    _randomize(model)
+    x, t, a = _inputs(cfg)
+    with torch.no_grad():
+        ref = model(x, t, a)
+        x2, t2, a2 = x.clone(), t.clone(), a.clone()
+        if what == "latent":
+            x2[:, t_changed] += torch.randn_like(x2[:, t_changed])
+        elif what == "noise_level":
+            t2[:, t_changed] = 1.0 - t2[:, t_changed]
+        else:
+            a2[:, t_changed] = -a2[:, t_changed] + 1.0
+        out = model(x2, t2, a2)
+    # frames before the changed one: unchanged (to float tolerance)
+    torch.testing.assert_close(out[:, :t_changed], ref[:, :t_changed], atol=1e-5, rtol=1e-5)
+    # the changed frame itself (and, through attention, the later ones): changed
+    assert (out[:, t_changed] - ref[:, t_changed]).abs().max() > 1e-3
+    if t_changed + 1 < cfg.clip_frames:
+        assert (out[:, t_changed + 1:] - ref[:, t_changed + 1:]).abs().max() > 1e-4
+
+
+def test_within_a_frame_attention_is_bidirectional():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = WorldTransformer(cfg).eval()
+    _randomize(model)
+    x, t, a = _inputs(cfg, B=1)
+    with torch.no_grad():
+        ref = model(x, t, a)
+        x2 = x.clone()
+        x2[:, 1, :, -1, -1] += 3.0  # the last token of frame 1
+        out = model(x2, t, a)
+    # the first token of frame 1 sees the last one
+    assert (out[:, 1, :, 0, 0] - ref[:, 1, :, 0, 0]).abs().max() > 1e-4
+    torch.testing.assert_close(out[:, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_overfits_one_small_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = WorldTransformer(cfg)
+    x0, _, a = _inputs(cfg, B=2, seed=1)
+    g = torch.Generator().manual_seed(2)
+    t = diffusion.sample_training_noise_levels(2, cfg.clip_frames, g)
+    noise = torch.randn(x0.shape, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss = diffusion.flow_matching_loss(model, x0, a, t, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])
+
+
+def test_training_noise_levels():
+    g = torch.Generator().manual_seed(0)
+    t = diffusion.sample_training_noise_levels(4000, 8, g, context_prob=0.5, context_max=0.3)
+    assert t.shape == (4000, 8) and t.min() >= 0 and t.max() <= 1
+    # frame 0 is a (noise-augmented) context frame in about half of the clips
+    assert 0.4 < (t[:, 0] <= 0.3).float().mean() < 0.7
+    # Diffusion Forcing alone: independent levels, no prefix structure
+    t = diffusion.sample_training_noise_levels(4000, 8, g, context_prob=0.0)
+    assert abs(torch.corrcoef(t[:, :2].T)[0, 1]) < 0.05

@@ -1,0 +1,248 @@
+"""Training: deterministic data order, a killed-and-resumed run equals an uninterrupted one step for
+step, a 2-process torchrun (gloo) run trains and checkpoints (and matches one process), and the
+`worldmodel train autoencoder|model` commands run end to end on a tiny dataset and export a checkpoint
+that WorldModel loads. Tiny shapes throughout (32x32 frames, 16 tokens a frame, dim 64, 2 blocks)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel import train as T
+
+from test_model import _one_thread, tiny_config  # noqa: F401
+
+HERE = Path(__file__).resolve().parent
+
+
+def synthetic_latents(cfg, frames_per_episode=40, episodes=4, seed=0) -> T.LatentClips:
+    g = torch.Generator().manual_seed(seed)
+    n = frames_per_episode * episodes
+    # smooth in time, so that there is something to predict
+    z = torch.randn(episodes, 1, cfg.latent_channels, *cfg.latent_size, generator=g)
+    drift = 0.1 * torch.randn(episodes, frames_per_episode, cfg.latent_channels, *cfg.latent_size, generator=g)
+    latents = (z + drift.cumsum(1)).flatten(0, 1).half()
+    actions = torch.randn(n, cfg.action_dim, generator=g)
+    episode = torch.arange(episodes).repeat_interleave(frames_per_episode)
+    frame_index = torch.arange(frames_per_episode).repeat(episodes)
+    starts = T.clip_starts(episode, frame_index, cfg.clip_frames)
+    return T.LatentClips(latents, actions, starts, cfg.clip_frames, ["MAP01"])
+
+
+def quick(**kw) -> T.ModelTrainConfig:
+    d = dict(steps=8, batch=4, lr=1e-3, warmup=2, log_every=1, val_every=1000, ckpt_every=3, device="cpu",
+             progress=False, seed=3)
+    d.update(kw)
+    return T.ModelTrainConfig(**d)
+
+
+def test_batch_indices_are_a_function_of_the_step():
+    n, b = 10, 4
+    seq = torch.cat([T.batch_indices(s, b, n, seed=1) for s in range(5)])  # 20 = two epochs
+    assert sorted(seq[:10].tolist()) == list(range(10)) and sorted(seq[10:20].tolist()) == list(range(10))
+    assert torch.equal(T.batch_indices(3, b, n, seed=1), seq[12:16])  # no state: step 3 alone
+    assert not torch.equal(T.batch_indices(0, b, n, seed=2), T.batch_indices(0, b, n, seed=1))
+
+
+def test_clip_starts_stay_inside_episodes():
+    episode = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    frame_index = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 3, 4, 5])  # a gap in episode 2
+    assert T.clip_starts(episode, frame_index, 3).tolist() == [0, 1, 4, 9]
+    assert T.clip_starts(episode, frame_index, 3, stride=2).tolist() == [0, 4, 9]
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    data = synthetic_latents(cfg)
+    full = T.train_model(data, tmp_path / "full", cfg, quick())
+    assert full["start_step"] == 0 and len(full["losses"]) == 8
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(step, loss):
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train_model(data, tmp_path / "run", cfg, quick(), on_step=kill_at_7)
+    assert [p.name for p in T.checkpoint_dirs(tmp_path / "run")] == ["step_00000003", "step_00000006"]
+    # a leftover temporary folder from a checkpoint killed while being written is ignored
+    (tmp_path / "run" / "checkpoints" / ".step_00000009.tmp").mkdir()
+    resumed = T.train_model(data, tmp_path / "run", cfg, quick(), resume=True)
+    assert resumed["start_step"] == 6
+    assert resumed["losses"] == full["losses"][6:]  # exactly, step for step
+    for name in ("model", "ema"):
+        a, b = _state(full[name]), _state(resumed[name])
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # the optimizer state too (compare the written checkpoints)
+    fa = T.load_tensors(tmp_path / "full" / "checkpoints" / "step_00000008" / "optimizer.safetensors")
+    fb = T.load_tensors(tmp_path / "run" / "checkpoints" / "step_00000008" / "optimizer.safetensors")
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    # metrics: one line per step, the replayed steps not duplicated
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000008" / "state.json").read_text())
+    assert state["step"] == 8 and state["data_position"]["clips_seen"] == 32
+    # a run resumed with nothing left to do is a no-op
+    again = T.train_model(data, tmp_path / "run", cfg, quick(), resume=True)
+    assert again["losses"] == [] and again["start_step"] == 8
+
+
+def test_autoencoder_training_resumes_exactly(tmp_path):
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (64, 32, 32, 3), generator=g, dtype=torch.uint8)
+    tc = dict(steps=6, batch=8, warmup=1, log_every=1, val_every=3, ckpt_every=2, device="cpu", progress=False,
+              val_frames=16, calibrate_frames=32, crop=(16, 16))
+    full = T.train_autoencoder(frames, tmp_path / "full", cfg, T.AutoencoderTrainConfig(**tc), frames[:16])
+
+    def kill(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train_autoencoder(frames, tmp_path / "run", cfg, T.AutoencoderTrainConfig(**tc), frames[:16], on_step=kill)
+    resumed = T.train_autoencoder(frames, tmp_path / "run", cfg, T.AutoencoderTrainConfig(**tc), frames[:16],
+                                  resume=True)
+    assert resumed["start_step"] == 4 and resumed["losses"] == full["losses"][4:]
+    a = (tmp_path / "full" / T.AE_FILE).read_bytes()
+    assert a == (tmp_path / "run" / T.AE_FILE).read_bytes()
+    ae, config = T.load_autoencoder(tmp_path / "run")
+    assert config["kind"] == "autoencoder" and np.isfinite(config["info"]["val_psnr"])
+    assert not torch.equal(ae.latent_std, torch.ones_like(ae.latent_std))  # calibrated
+
+
+DDP_SCRIPT = r'''
+import json, os, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from worldmodel import train as T
+from test_model import _one_thread, tiny_config  # noqa: F401
+from test_train import synthetic_latents, quick
+cfg = tiny_config()
+out = sys.argv[1]
+s = T.train_model(synthetic_latents(cfg), out, cfg, quick(steps=4, ckpt_every=2))
+if os.environ["RANK"] == "0":
+    json.dump({{"losses": s["losses"], "world_size": s["world_size"]}}, open(out + "/result.json", "w"))
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_torchrun_two_processes_train_and_checkpoint(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(HERE)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert [p.name for p in T.checkpoint_dirs(tmp_path / "ddp")] == ["step_00000002", "step_00000004"]
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["world_size"] == 2
+    # the same global batches as one process: the same losses (up to float reduction order)
+    cfg = tiny_config()
+    single = T.train_model(synthetic_latents(cfg), tmp_path / "single", cfg, quick(steps=4, ckpt_every=2))
+    np.testing.assert_allclose(result["losses"], single["losses"], rtol=2e-4)
+    # and the 2-process checkpoint resumes in one process
+    more = T.train_model(synthetic_latents(cfg), tmp_path / "ddp", cfg, quick(steps=5, ckpt_every=2), resume=True)
+    assert more["start_step"] == 4 and len(more["losses"]) == 1
+
+
+# -- the CLI, end to end, on a tiny dataset ----------------------------------------------------------------
+
+TINY_SET = ["--set", "frame_size=32,32", "--set", "latent_channels=4", "--set", "ae_channels=8,8,16",
+            "--set", "ae_res_blocks=0,0,0", "--set", "dim=64", "--set", "depth=2", "--set", "heads=2",
+            "--set", "window_frames=3", "--set", "max_draft=2"]
+
+
+def make_dataset(root: Path, maps=("MAP01", "MAP02", "MAP21"), frames=48, seed=0) -> Path:
+    """A dataset in the `worldmodel collect` format: one episode per map of a blob moving with the actions."""
+    from worldmodel import dataset as D
+    rng = np.random.default_rng(seed)
+    manifest = D.new_manifest((32, 32))
+    yy, xx = np.mgrid[0:32, 0:32]
+    for e, m in enumerate(maps):
+        actions = np.zeros((frames, 5), np.float32)
+        actions[1:, 0] = rng.integers(-1, 2, frames - 1)
+        actions[1:, 2] = rng.uniform(-1, 1, frames - 1)
+        pos = 16 + np.cumsum(actions[:, 2] * 2) % 16
+        img = np.zeros((frames, 32, 32, 3), np.uint8)
+        for i in range(frames):
+            blob = np.exp(-((xx - pos[i]) ** 2 + (yy - 16) ** 2) / 20.0)
+            img[i, ..., 0] = (255 * blob).astype(np.uint8)
+            img[i, ..., 1] = 40 + 8 * e
+            img[i, ..., 2] = (yy * 4).astype(np.uint8)
+        arrays = {"frames": img, "actions": actions, "episode": np.full(frames, e, np.int64),
+                  "frame_index": np.arange(frames, dtype=np.int32), "map": np.array([m] * frames, D.MAP_DTYPE)}
+        manifest["shards"].append(D.write_shard(root, f"shards/ep{e:06d}-000.npz", arrays))
+    D.write_manifest(root, manifest)
+    return root
+
+
+def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
+    from worldmodel.cli import main
+    data = make_dataset(tmp_path / "data")
+    ae_run, run = tmp_path / "ae", tmp_path / "dit"
+    rc = main(["train", "autoencoder", "--data", str(data), "--out", str(ae_run), "--steps", "4", "--batch", "8",
+               "--val-every", "2", "--ckpt-every", "2", "--threads", "1", "--no-progress", *TINY_SET])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "validation PSNR" in out and (ae_run / "autoencoder.safetensors").is_file()
+    ae_config = json.loads((ae_run / "config.json").read_text())
+    assert ae_config["info"]["maps"] == ["MAP01", "MAP02"]  # validation map MAP21 not trained on
+    rc = main(["train", "model", "--data", str(data), "--autoencoder", str(ae_run), "--out", str(run),
+               "--steps", "4", "--batch", "2", "--val-every", "2", "--ckpt-every", "4", "--threads", "1",
+               "--eval-clips", "2", "--val-clips", "4", "--no-progress", *TINY_SET])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "teacher-forced next-frame PSNR" in out and "copy-last-frame" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["dim"] == 64 and config["train"]["steps"] == 4
+    assert (run / "samples" / "step_00000004.png").is_file() and (run / "samples" / "latest.png").is_file()
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("psnr_tf" in m and "psnr_copy_last" in m for m in metrics)
+    assert (run / "cache" / "train_latents.safetensors").is_file()
+    # the export plays
+    from worldmodel.engine import WorldModel
+    from worldmodel.action import Action
+    wm = WorldModel.from_pretrained(run / "export", device="cpu")
+    training = wm.info["training"]
+    assert training["steps"] == 4 and training["maps"] == ["MAP01", "MAP02"] and training["hardware"]
+    assert training["validation_maps"] == ["MAP21"]
+    from worldmodel import dataset as D
+    ds = D.ClipDataset(data, clip_len=3, maps=["MAP21"])
+    clip = ds[0]
+    wm.reset(clip["frames"].numpy(), [Action.from_vector(a) for a in clip["actions"]])
+    frame = wm.step(Action(move=1))
+    assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
+    # resuming a finished run: nothing to do, the latent cache is reused
+    rc = main(["train", "model", "--data", str(data), "--autoencoder", str(ae_run), "--out", str(run),
+               "--steps", "4", "--batch", "2", "--resume", "--threads", "1", "--no-progress", "--eval-clips", "2",
+               *TINY_SET])
+    assert rc == 0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from worldmodel.cli import main
+    data = make_dataset(tmp_path / "data", maps=("MAP21",))
+    rc = main(["train", "autoencoder", "--data", str(data), "--out", str(tmp_path / "ae"), "--steps", "1",
+               "--no-progress", *TINY_SET])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no frames on the train maps" in err
+    rc = main(["train", "autoencoder", "--data", str(data), "--out", str(tmp_path / "ae"), "--maps", "MAP30",
+               "--no-progress", *TINY_SET])
+    assert rc == 2 and "held-out" in capsys.readouterr().err
+    rc = main(["train", "model", "--data", str(data), "--autoencoder", str(tmp_path / "none"),
+               "--out", str(tmp_path / "m"), "--no-progress"])
+    assert rc == 2 and "no such autoencoder" in capsys.readouterr().err
