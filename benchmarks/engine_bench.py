@@ -27,12 +27,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worldmodel.bench import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "benchmarks" / "traces" / "explorer_MAP01_seed0.jsonl"
@@ -132,16 +133,6 @@ def baseline_tree(ref: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git(*args) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
