@@ -1,4 +1,10 @@
 """worldmodel: a neural game engine. See README.md and DESIGN.md."""
+import os
+
+# OpenMP threads that spin while waiting make every small per-frame op slow whenever another process
+# shares the cores (measured here: about 2 s a frame instead of 29 ms on a busy 2-core machine).
+# Passive waiting costs nothing when the machine is idle. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from worldmodel.action import ACTION_DIM, Action, load_actions, save_actions
 
 __all__ = ["Action", "ACTION_DIM", "load_actions", "save_actions", "WorldModel", "DreamEnv"]
