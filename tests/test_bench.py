@@ -10,18 +10,9 @@ import torch
 from worldmodel.bench import percentiles, rollout_bins, trace_summary
 from worldmodel.action import Action
 from worldmodel.cli import main
+from helpers import make_checkpoint
 
 
-def make_checkpoint(folder):
-    from worldmodel.autoencoder import Autoencoder
-    from worldmodel.engine import WorldModel
-    from worldmodel.model import ModelConfig, WorldTransformer
-
-    cfg = ModelConfig(dim=64, depth=2, heads=2, ae_channels=(8, 16, 32, 64), ae_res_blocks=(0, 0, 0, 0),
-                      window_frames=3, max_draft=4, sample_steps=2)
-    torch.manual_seed(0)
-    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(autouse=True)

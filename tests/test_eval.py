@@ -11,6 +11,7 @@ import torch
 from worldmodel import evaluate
 from worldmodel.action import Action
 from worldmodel.cli import main
+from helpers import make_checkpoint
 from worldmodel.metrics import (flow_cosine, frame_motion, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
 
@@ -146,16 +147,6 @@ def test_real_game_probes_move_the_right_way():
 
 
 # -- the command -----------------------------------------------------------------------------------
-def make_checkpoint(folder):
-    from worldmodel.autoencoder import Autoencoder
-    from worldmodel.engine import WorldModel
-    from worldmodel.model import ModelConfig, WorldTransformer
-
-    cfg = ModelConfig(dim=64, depth=2, heads=2, ae_channels=(8, 16, 32, 64), ae_res_blocks=(0, 0, 0, 0),
-                      window_frames=3, max_draft=4, sample_steps=2)
-    torch.manual_seed(0)
-    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder)
-    return str(folder)
 
 
 def test_eval_end_to_end(tmp_path, capsys):

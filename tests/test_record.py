@@ -12,20 +12,10 @@ import torch
 from worldmodel import cli_common
 from worldmodel.action import Action, load_actions, save_actions
 from worldmodel.cli import main
+from helpers import make_checkpoint
 from worldmodel.recording import load_recording, paths, read_video
 
 
-def make_checkpoint(folder):
-    """A shrunken random-weight model (fast on CPU), saved as a checkpoint folder."""
-    from worldmodel.autoencoder import Autoencoder
-    from worldmodel.engine import WorldModel
-    from worldmodel.model import ModelConfig, WorldTransformer
-
-    cfg = ModelConfig(dim=64, depth=2, heads=2, ae_channels=(8, 16, 32, 64), ae_res_blocks=(0, 0, 0, 0),
-                      window_frames=3, max_draft=4, sample_steps=2)
-    torch.manual_seed(0)
-    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
