@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -59,13 +60,20 @@ def test_record_script_round_trips_and_is_deterministic(tmp_path, ckpt):
 def test_record_policy_side_by_side_many_seeds(tmp_path, ckpt):
     out = tmp_path / "runs"
     assert main(["record", "--checkpoint", ckpt, "--device", "cpu", "--policy", "explorer", "--frames", "6",
-                 "--seed", "0,1", "--side-by-side", "--out", f"{out}/", "--no-progress"]) == 0
+                 "--seed", "0,1", "--side-by-side", "--strip", "3", "--out", f"{out}/", "--no-progress"]) == 0
     for seed in (0, 1):
         frames, acts, meta = load_recording(out / f"explorer_seed{seed}")
         assert frames.shape == (6, 96, 256, 3) and len(acts) == 6
         assert meta["layout"] == "model | real game" and meta["actions_source"] == f"policy explorer seed {seed}"
         # the right half is the real game: never the flat grey of an untrained model
         assert frames[:, :, 128:].std() > 10
+        # the strip: frames 0, 2 and 5 (evenly spaced), the model's row above the real game's
+        strip = cv2.cvtColor(cv2.imread(str(out / f"explorer_seed{seed}.png")), cv2.COLOR_BGR2RGB)
+        assert strip.shape == (192, 384, 3)
+        for col, i in enumerate((0, 2, 5)):
+            pane = strip[:, col * 128:(col + 1) * 128]
+            assert np.abs(pane[:96].astype(int) - frames[i, :, :128]).mean() < 4  # the video is lossy
+            assert np.abs(pane[96:].astype(int) - frames[i, :, 128:]).mean() < 4
 
 
 def test_killed_record_leaves_a_playable_file(tmp_path, ckpt):

@@ -98,6 +98,29 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert again["losses"] == [] and again["start_step"] == 8
 
 
+def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
+    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.checkpoint import save_pretrained
+    from worldmodel.errors import UserError
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    data = synthetic_latents(cfg)
+    trained = T.train_model(data, tmp_path / "first", cfg, quick(steps=4))
+    save_pretrained(tmp_path / "ckpt", T.ModelConfig.from_dict({**cfg.to_dict(), "sample_steps": 2}),
+                    Autoencoder(cfg.autoencoder), trained["ema"])
+    # learning rate 0: the new run's weights (model and EMA) stay exactly the checkpoint's
+    cont = T.train_model(data, tmp_path / "cont", cfg, quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))
+    want = _state(trained["ema"])
+    for name in ("model", "ema"):
+        got = _state(cont[name])
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    fresh = _state(T.train_model(data, tmp_path / "fresh", cfg, quick(steps=1, lr=0.0, warmup=0))["model"])
+    assert not all(torch.equal(want[k], fresh[k]) for k in want)
+    with pytest.raises(UserError, match="depth"):
+        T.train_model(data, tmp_path / "bad", tiny_config(depth=3), quick(steps=1, init=str(tmp_path / "ckpt")))
+
+
 def test_autoencoder_training_resumes_exactly(tmp_path):
     cfg = tiny_config()
     g = torch.Generator().manual_seed(0)

@@ -10,6 +10,8 @@ Actions: one or more action scripts (JSON Lines; a recording's PREFIX.actions.js
 built-in explorer policy, which looks through the real game's eyes (depth, position) while the real game
 runs beside the model (it always does when the start scene came from the game: it is cheap), blind otherwise.
 --side-by-side writes [model | real game] frames, the real game fed the same actions.
+--strip N also writes PREFIX.png: N evenly spaced frames in a row (with --side-by-side, the model's
+row above the real game's), for a look at a whole rollout in one image.
 Deterministic for a seed: the sampler, the policy and the game are all seeded with it.
 """
 from __future__ import annotations
@@ -42,6 +44,17 @@ def game_start(wad: str, map_name: str, seed: int, frame_size, context: int, dep
     return env, np.stack(frames), actions
 
 
+def write_strip(path: Path, frames: list[np.ndarray], rows: int = 1) -> None:
+    """Frames (H, rows*W, 3) side by side in one PNG; a frame holding `rows` panes left to right is
+    laid out as `rows` rows (the model above the real game)."""
+    import cv2
+
+    panes = [np.concatenate(np.split(f, rows, axis=1), axis=0) for f in frames]  # (rows*H, W, 3) each
+    image = np.concatenate(panes, axis=1)
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise UserError(f"{path}: could not write the strip")
+
+
 # --------------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", type=int, metavar="N", help="speculative frames per pass (1 = off)")
     parser.add_argument("--attention", metavar="B", help="attention backend (torch, sdpa, flex, triton)")
     parser.add_argument("--side-by-side", action="store_true", help="write [model | real game] frames")
+    parser.add_argument("--strip", type=int, default=0, metavar="N",
+                        help="also write PREFIX.png: N evenly spaced frames (with --side-by-side: model above, "
+                             "real game below)")
     parser.add_argument("--crf", type=int, default=17, help="H.264 quality, 0 (lossless) to 51 (default 17)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -100,6 +116,8 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.strip < 0:
+        raise UserError(f"--strip must be 0 (off) or more frames, got {args.strip}")
     if not 0 <= args.crf <= 51:
         raise UserError(f"--crf must be 0..51, got {args.crf}")
     jobs = _jobs(args)  # reads the scripts first: a bad script fails before the model loads
@@ -148,6 +166,8 @@ def run(args) -> int:
                      "layout": "model | real game" if args.side_by_side else "model",
                      "model_frame_size": [H, W]})
         size = (H, 2 * W) if args.side_by_side else (H, W)
+        strip_at = set(np.linspace(0, n - 1, min(args.strip, n)).round().astype(int).tolist()) if args.strip else set()
+        strip = []
         t0 = time.perf_counter()
         with Recorder(prefix, wm.fps, size, meta, crf=args.crf) as rec, \
                 tqdm(total=n, unit="frame", desc=prefix.name, disable=args.no_progress, file=sys.stderr,
@@ -164,6 +184,8 @@ def run(args) -> int:
                     real = env.step(a)
                     if args.side_by_side:
                         frame = np.concatenate([frame, real], axis=1)
+                if i in strip_at:
+                    strip.append(frame)
                 rec.add(frame, a, latency_ms=ms)
                 bar.update(1)
                 if i % 10 == 9:
@@ -171,6 +193,8 @@ def run(args) -> int:
             rec.update_meta(engine_stats=wm.stats)
         if env is not None:
             env.close()
+        if strip:
+            write_strip(prefix.with_name(prefix.name + ".png"), strip, rows=2 if args.side_by_side else 1)
         secs = time.perf_counter() - t0
         print(f"wrote {rec.paths['video']} ({rec.frames} frames, {rec.frames / secs:.1f} frames/s), "
               f"{rec.paths['actions'].name}, {rec.paths['meta'].name}, {rec.paths['timings'].name}")

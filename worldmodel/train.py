@@ -99,6 +99,7 @@ class ModelTrainConfig:
     context_max: float = 0.3  # highest noise level of a context frame (noise augmentation)
     noise_shift: float = 1.0  # > 1: noise levels of the other frames biased towards pure noise
     clip_frames: int = 0  # 0: the model's `clip_frames` (sinks + window + max draft)
+    init: str | None = None  # a checkpoint folder whose transformer weights start a new run
     seed: int = 0
     log_every: int = 10
     val_every: int = 500  # validation loss, teacher-forced PSNR and a sample strip
@@ -602,6 +603,22 @@ class MetricsLog:
 # --------------------------------------------------------------------------------------------------
 
 
+def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> None:
+    """Copy the transformer weights of the checkpoint at `path` into `model`: a new run that continues
+    a trained model (its optimizer state is not in a checkpoint folder; `--resume` continues a run
+    exactly). The model configs must agree except for the sampling defaults."""
+    from worldmodel.checkpoint import load_pretrained
+
+    icfg, _, transformer, _, _ = load_pretrained(path)
+    sampling = ("sample_steps", "sample_shift")
+    theirs, ours = icfg.to_dict(), cfg.to_dict()
+    diff = [k for k in ours if k not in sampling and theirs[k] != ours[k]]
+    if diff:
+        raise UserError(f"--init {path}: its model config differs from this run's in "
+                        + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff))
+    model.load_state_dict(transformer.state_dict())
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """ema <- d * ema + (1 - d) * model, with d warming up as (1 + step) / (10 + step)."""
@@ -975,8 +992,12 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
         if dist.main:
             _trim_metrics(out, start)
             print(f"resuming from {ckpts[-1]} (step {start})", file=sys.stderr)
-    elif dist.main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        if tcfg.init:
+            init_from(model, tcfg.init, cfg)
+            ema.load_state_dict(model.state_dict())
+        if dist.main:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     if dist.main:
         atomic_write_json(out / "config.json", {"kind": "model", "model": cfg.to_dict(), "train": asdict(tcfg),
                                                 "clip_frames": F_, "world_size": dist.world,
@@ -1171,6 +1192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(m, d)
     m.add_argument("--autoencoder", required=True, help="`train autoencoder` run folder, its .safetensors file, "
                                                         "or a checkpoint folder")
+    m.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start a new run from this checkpoint's transformer weights (e.g. checkpoints/doom-tiny)")
     m.add_argument("--ema-decay", type=float, default=d.ema_decay)
     m.add_argument("--grad-clip", type=float, default=d.grad_clip)
     m.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -1381,7 +1404,7 @@ def run_model(args) -> int:
     tcfg = ModelTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
                             val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                             ema_decay=args.ema_decay, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-                            clip_frames=args.clip_frames, context_prob=args.context_prob, context_max=args.context_max,
+                            clip_frames=args.clip_frames, init=args.init, context_prob=args.context_prob, context_max=args.context_max,
                             noise_shift=args.noise_shift,
                             val_clips=args.val_clips, eval_clips=args.eval_clips, compile=args.compile,
                             amp=not args.no_amp, device=args.device, progress=not args.no_progress)
