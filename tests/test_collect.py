@@ -143,6 +143,25 @@ def test_killed_collection_completes_exactly(reference, tmp_path):
     assert s["frames"] == 600 and s["episodes"] == 3
 
 
+def test_a_game_that_cannot_start_in_the_workers_is_one_clear_error(tmp_path):
+    # a broken ViZDoom install: importing it fails inside every worker. With 16 workers, CPython's
+    # Pool.terminate used to hang here now and then (a worker respawned while terminating), and the
+    # stopped workers printed tracebacks
+    fake = tmp_path / "site" / "vizdoom"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise FileNotFoundError(2, 'No such file or directory', '/gone/scenarios')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "site"),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "worldmodel.collect", "--frames", "3200", "--out", str(tmp_path / "d"),
+            "--maps", "MAP01,MAP02", "--frame-size", "24x32", "--episode-frames", "100", "--workers", "16",
+            "--no-progress"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)  # a hang fails here
+    assert r.returncode == 2
+    # one line: no tracebacks from the workers the pool stops
+    assert r.stderr.strip().splitlines() == ["worldmodel collect: error: [Errno 2] No such file or directory: "
+                                             "'/gone/scenarios'"], r.stderr[-2000:]
+
+
 def test_level_exit_starts_a_new_episode(tmp_path, monkeypatch):
     """if the player leaves the level, the rest of the unit is a new episode (k + segment * stride)"""
     from worldmodel import game

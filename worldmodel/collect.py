@@ -32,6 +32,7 @@ import queue as queue_mod
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,25 +137,35 @@ def plan(cfg: CollectConfig) -> list[Unit]:
 
 # -- the worker: play one unit ---------------------------------------------------------------------------
 _QUEUE = None
+_PLAYING = False  # a unit is being played (a game engine is open)
+_TMPDIR = None
 
 
 def _init_worker(q):
-    global _QUEUE
+    global _QUEUE, _TMPDIR
     from worldmodel.game import private_tmpdir
 
     _QUEUE = q
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
-    # the main process stops workers with SIGTERM (pool.terminate): unwind, so that the game engine
-    # (a child process of ViZDoom's) is closed instead of being left behind
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # the main process stops workers with SIGTERM (pool.terminate)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     # ViZDoom makes a `_vizdoom` directory in the working directory: give each worker its own
-    d = private_tmpdir("worldmodel-collect-")
+    _TMPDIR = d = private_tmpdir("worldmodel-collect-")
     os.chdir(d)
     multiprocessing.util.Finalize(None, shutil.rmtree, args=(d,), kwargs={"ignore_errors": True}, exitpriority=0)
 
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
+
+
+def _worker_sigterm(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # once: a second signal ends the process outright
+    if _PLAYING:  # unwind, so that the game engine (a child process of ViZDoom's) is closed, not left behind
+        raise SystemExit(128 + signum)
+    # idle, or already exiting (an exception raised inside exit handlers only prints tracebacks)
+    shutil.rmtree(_TMPDIR, ignore_errors=True)
+    os._exit(128 + signum)
 
 
 def _send(msg):
@@ -164,6 +175,15 @@ def _send(msg):
 
 def run_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict]:
     """Play unit `unit` from its start and write the parts listed in `needed`; returns their entries."""
+    global _PLAYING
+    _PLAYING = True
+    try:
+        return _play_unit(cfg, unit, needed, root)
+    finally:
+        _PLAYING = False
+
+
+def _play_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict]:
     from worldmodel.action import NOOP
     from worldmodel.game import DoomEnv
     from worldmodel.policy import ExplorerPolicy
@@ -266,8 +286,6 @@ def collect(cfg: CollectConfig, out: str | Path, workers: int | None = None, pro
     root.mkdir(parents=True, exist_ok=True)
     (root / ds.SHARD_DIR).mkdir(exist_ok=True)
     with _Lock(root):
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return _collect_locked(cfg, root, workers, progress)
         old = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill PID` cleans up like Ctrl-C
@@ -344,6 +362,21 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
             "episodes": manifest["episodes"], "dir": str(root)}
 
 
+def _stop_pool(pool, wait: float = 5.0) -> None:
+    """pool.terminate(), without hanging: CPython's Pool.terminate can wait for ever on a worker that its
+    maintenance thread started meanwhile (never signalled, blocked on a queue lock the main process
+    holds). Workers get SIGTERM (a playing one closes its game); any left after `wait` s get SIGKILL."""
+    stopper = threading.Thread(target=pool.terminate, daemon=True)
+    stopper.start()
+    stopper.join(wait)
+    for signal_them in ("terminate", "kill"):
+        if not stopper.is_alive():
+            return
+        for p in multiprocessing.active_children():
+            getattr(p, signal_them)()
+        stopper.join(wait)
+
+
 def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
     from tqdm import tqdm
 
@@ -408,8 +441,7 @@ def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
         pool.close()
         pool.join()
     except BaseException:
-        pool.terminate()
-        pool.join()
+        _stop_pool(pool)
         raise
     finally:
         bar.close()
