@@ -233,6 +233,10 @@ def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["dim"] == 64 and config["train"]["steps"] == 4
     assert (run / "samples" / "step_00000004.png").is_file() and (run / "samples" / "latest.png").is_file()
+    import cv2
+    for folder in (ae_run, run):  # loss and PSNR curves, redrawn at each validation
+        curves = cv2.imread(str(folder / "curves.png"))
+        assert curves is not None and curves.shape[:2] == (360, 990)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("psnr_tf" in m and "psnr_copy_last" in m for m in metrics)
     assert (run / "cache" / "train_latents.safetensors").is_file()

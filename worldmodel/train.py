@@ -597,6 +597,53 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def plot(self) -> None:
+        """RUN/curves.png from metrics.jsonl: training and validation loss, and validation PSNR against
+        its baseline (copy-last for the model, none for the autoencoder)."""
+        if self.enabled and self.path.is_file():
+            plot_metrics([json.loads(x) for x in self.path.read_text().splitlines() if x.strip()],
+                         self.path.with_name("curves.png"))
+
+
+# the validation PSNR curves of each kind of run: (metrics key, label)
+PSNR_CURVES = (("psnr_tf", "model, teacher-forced next frame"), ("psnr_copy_last", "copy last frame"),
+               ("psnr_rollout", "model, rollout of the 2 sample-strip clips"),
+               ("psnr_rollout_copy", "copy last frame, the same 2 clips"),
+               ("val_psnr", "autoencoder reconstruction"))
+
+
+def plot_metrics(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, (ax_l, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "training loss"), ("val_loss", "validation loss"), ("val_loss_ema", "validation loss, EMA")):
+        x, y = series(key)
+        if x:
+            ax_l.plot(x, y, label=label, lw=0.8 if key == "loss" else 1.6, marker=None if key == "loss" else "o")
+    ax_l.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+    for key, label in PSNR_CURVES:
+        x, y = series(key)
+        if x:
+            ax_p.plot(x, y, label=label, marker="o", ls="--" if "copy" in key else "-")
+    ax_p.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR")
+    for ax in (ax_l, ax_p):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
 
 # --------------------------------------------------------------------------------------------------
 # EMA
@@ -884,6 +931,7 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
             val = eval_psnr()
             if val:
                 log.write(step=done, **val)
+                log.plot()
         if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
             if dist.main:
                 save_checkpoint(out, done, {"autoencoder": ae}, opt, {"elapsed_s": elapsed, "kind": "autoencoder",
@@ -1096,6 +1144,7 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
                 last_val = evaluate(done)
                 if last_val:
                     log.write(step=done, **last_val)
+                    log.plot()
                     if bar is not None:
                         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                               for k, v in last_val.items()))
