@@ -15,13 +15,6 @@ from helpers import make_checkpoint
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 RESULT_FIELDS = ("rounds", "fps_rounds", "fps", "latency_ms", "warmup_s", "reset_ms", "total_s", "peak_memory_mb", "acceptance_rate",
                  "engine_stats", "latency_ms_per_frame", "frames", "warmup_frames", "speedup", "by_rollout_length")

@@ -24,13 +24,6 @@ from worldmodel.model import KVCache, ModelConfig, WorldTransformer, apply_rope,
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny shapes: one intra-op thread is fastest, and immune to a busy shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small_cfg(**kw) -> ModelConfig:
     d = dict(frame_size=(32, 48), latent_channels=4, ae_channels=(8, 8, 8, 8), ae_res_blocks=(0, 0, 0, 0),

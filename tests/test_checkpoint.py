@@ -12,7 +12,7 @@ from worldmodel.autoencoder import Autoencoder
 from worldmodel.checkpoint import CheckpointError, load_pretrained, push_to_hub, save_pretrained
 from worldmodel.model import WorldTransformer
 
-from test_model import _one_thread, _randomize, tiny_config  # noqa: F401
+from test_model import _randomize, tiny_config
 
 
 @pytest.fixture(scope="module")

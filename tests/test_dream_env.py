@@ -18,13 +18,6 @@ SMALL = dict(frame_size=(32, 48), latent_channels=4, ae_channels=(8, 8, 8, 8), a
              dim=32, depth=2, heads=2, sink_frames=1, window_frames=3, max_draft=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny shapes: one intra-op thread is fastest, and immune to a busy shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small_model(**settings) -> WorldModel:
     wm = WorldModel.from_preset("tiny", device="cpu", cfg_overrides=SMALL, steps=1, **settings)

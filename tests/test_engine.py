@@ -19,15 +19,6 @@ SMALL = dict(frame_size=(32, 48), latent_channels=4, ae_channels=(8, 8, 8, 8), a
 HELD = Action(move=1, turn=2.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These shapes are tiny: one intra-op thread is fastest, and on a shared CPU two threads that
-    spin-wait on each other can be 40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small_model(seed: int = 0, dtype="float32", cfg=None, **settings) -> WorldModel:
     """A WorldModel in a tiny shape with every transformer weight random (adaLN-Zero would otherwise

@@ -6,22 +6,13 @@ import math
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from worldmodel import evaluate
-from worldmodel.action import Action
 from worldmodel.cli import main
 from helpers import make_checkpoint
 from worldmodel.metrics import (flow_cosine, frame_motion, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def texture(h=200, w=260, seed=0):

@@ -6,15 +6,6 @@ from worldmodel import diffusion
 from worldmodel.model import ModelConfig, WorldTransformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny shapes gain nothing from more, and a shared 2-core machine with
-    OpenMP spinning on both cores is many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_config(**kw) -> ModelConfig:
     """32x32 frames -> 4x4 latents (16 tokens a frame), dim 64, 2 blocks; clips of 1 + 3 + 2 = 6 frames."""

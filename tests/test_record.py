@@ -8,7 +8,6 @@ import time
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from worldmodel import cli_common
 from worldmodel.action import Action, load_actions, save_actions
@@ -23,13 +22,6 @@ from worldmodel.recording import load_recording, paths, read_video
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "small")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SCRIPT = [Action(move=1)] * 6 + [Action(turn=4.0)] * 3 + [Action(strafe=-1, attack=True)] * 2 + [Action()] * 3

@@ -14,7 +14,7 @@ import torch
 
 from worldmodel import train as T
 
-from test_model import _one_thread, tiny_config  # noqa: F401
+from test_model import tiny_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -150,7 +150,7 @@ import json, os, sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from worldmodel import train as T
-from test_model import _one_thread, tiny_config  # noqa: F401
+from test_model import tiny_config
 from test_train import synthetic_latents, quick
 cfg = tiny_config()
 out = sys.argv[1]
