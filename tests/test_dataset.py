@@ -55,6 +55,16 @@ def test_write_and_verify(tmp_path):
     assert ds.encode_shard(a) == ds.encode_shard(a)
 
 
+def test_verify_reports_the_action_mix(tmp_path):
+    make_dataset(tmp_path)
+    acts = concat([episode_arrays(ep, n, m) for ep, n, m in ((0, 50, "MAP01"), (1, 37, "MAP02"), (2, 64, "MAP03"))])["actions"]
+    mix = ds.verify_dataset(tmp_path)["action_mix"]
+    move = acts[:, 0]
+    assert mix["forward"] == pytest.approx((move == 1).mean()) and mix["backward"] == pytest.approx((move == -1).mean())
+    assert mix["forward"] + mix["still"] + mix["backward"] == pytest.approx(1.0)
+    assert 0 < mix["backward"] < 1 and mix["turn"] == pytest.approx((acts[:, 2] != 0).mean()) and mix["use"] == 0
+
+
 def test_object_arrays_are_refused(tmp_path):
     a = episode_arrays(0, 4, "MAP01")
     a["map"] = np.array(["MAP01"] * 4, dtype=object)

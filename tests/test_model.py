@@ -103,3 +103,23 @@ def test_training_noise_levels():
     # Diffusion Forcing alone: independent levels, no prefix structure
     t = diffusion.sample_training_noise_levels(4000, 8, g, context_prob=0.0)
     assert abs(torch.corrcoef(t[:, :2].T)[0, 1]) < 0.05
+
+
+def test_bf16_autocast_keeps_the_fused_qk_norm_and_the_float32_weights():
+    """Under bf16 autocast (how CUDA training runs; CPU autocast takes the same path) the q/k RMSNorm
+    gets bf16 input: its weight must follow, or PyTorch falls back to the unfused kernel with a warning."""
+    import warnings
+
+    cfg = tiny_config()
+    model = WorldTransformer(cfg)
+    _randomize(model)
+    x, t, a = _inputs(cfg)
+    ref = model(x, t, a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fused implementation.*")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, a)
+        out.float().pow(2).mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.1, rtol=0.05)
+    norm = model.blocks[0].attn.q_norm
+    assert norm.weight.dtype == torch.float32 and norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32

@@ -458,7 +458,7 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
+    from worldmodel.progress import progress_bar
 
     if args.frames < 2:
         raise UserError(f"--frames must be at least 2, got {args.frames}")
@@ -504,8 +504,8 @@ def run(args) -> int:
     rows = [("baseline", None, base)] + [(f, v, dict(base, **{f: v})) for f, v in variants]
     runs: list[list[dict]] = [[] for _ in rows]
     status: dict[int, str] = {}
-    bar = tqdm(total=args.frames * len(rows) * args.rounds, unit="frame", desc="bench", disable=args.no_progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=args.frames * len(rows) * args.rounds, unit="frame", desc="bench",
+                       disable=args.no_progress)
     with bar:
         for rnd in range(args.rounds):
             # rounds rotate the order, so that a change in machine load spreads over every variant

@@ -378,13 +378,13 @@ def _stop_pool(pool, wait: float = 5.0) -> None:
 
 
 def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
-    from tqdm import tqdm
+    from worldmodel.progress import progress_bar
 
     conf = asdict(cfg)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    bar = tqdm(total=todo, unit="frame", unit_scale=True, desc="collect", file=sys.stderr,
-               disable=not progress, smoothing=0.1)
+    bar = progress_bar(total=todo, unit="frame", unit_scale=True, desc="collect", disable=not progress,
+                       smoothing=0.1)
     last_write = time.time()
     dirty = False
 

@@ -295,18 +295,20 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     maps match the manifest, its actions are valid encodings; across shards, every episode runs 0, 1, 2,
     ... without a gap or a duplicate and starts with the no-op action. Raises DatasetError naming the
     first bad shard; returns a summary dict (frames, episodes, maps, bytes, shards, frame_size,
-    unlisted: files in shards/ that the manifest does not list, ignored)."""
+    action_mix: share of frames per kind of action (see `action_mix`), unlisted: files in shards/ that
+    the manifest does not list, ignored)."""
     root = Path(root)
     manifest = load_manifest(root)
     frame_size = tuple(manifest["frame_size"])
     episodes: dict[int, list[tuple[int, int, str]]] = {}
     episode_map: dict[int, str] = {}
     map_frames: dict[str, int] = {}
+    mix_counts: dict[str, int] = {}
     shards = manifest["shards"]
     it = shards
     if progress:
-        from tqdm import tqdm
-        it = tqdm(shards, desc="verify", unit="shard", file=sys.stderr)
+        from worldmodel.progress import progress_bar
+        it = progress_bar(shards, desc="verify", unit="shard")
     for s in it:
         name = s["name"]
         path = root / name
@@ -327,6 +329,8 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
         if sorted(set(arrays["map"].tolist())) != sorted(s["maps"]):
             raise DatasetError(f"{name}: maps {sorted(set(arrays['map'].tolist()))} do not match the manifest {s['maps']}")
         _check_actions(arrays["actions"], name)
+        for k, c in action_counts(arrays["actions"]).items():
+            mix_counts[k] = mix_counts.get(k, 0) + c
         starts = arrays["frame_index"] == 0
         if starts.any() and np.any(arrays["actions"][starts] != 0):
             raise DatasetError(f"{name}: the first frame of an episode does not have the no-op action")
@@ -353,7 +357,22 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     return {"frames": sum(s["frames"] for s in shards), "episodes": len(episodes), "shards": len(shards),
             "maps": dict(sorted(map_frames.items())), "bytes": sum(s["bytes"] for s in shards),
             "frame_size": list(frame_size), "fps": manifest["fps"], "wad": manifest.get("wad"),
+            "action_mix": {k: c / max(1, sum(s["frames"] for s in shards)) for k, c in mix_counts.items()},
             "unlisted": unlisted}
+
+
+# what `action_counts` counts: name -> (column of the action vector, test on it)
+ACTION_KINDS = {
+    "forward": (0, lambda v: v > 0), "still": (0, lambda v: v == 0), "backward": (0, lambda v: v < 0),
+    "strafe": (1, lambda v: v != 0), "turn": (2, lambda v: v != 0), "attack": (3, lambda v: v > 0),
+    "use": (4, lambda v: v > 0),
+}
+
+
+def action_counts(actions: np.ndarray) -> dict[str, int]:
+    """How many of the encoded actions (N, ACTION_DIM) walk forward / stand still / walk backward (move),
+    strafe, turn, attack, use."""
+    return {k: int(test(actions[:, col]).sum()) for k, (col, test) in ACTION_KINDS.items()}
 
 
 def _run_bounds(episode: np.ndarray) -> list[tuple[int, int]]:
@@ -728,6 +747,7 @@ def run(args) -> int:
               f"{summary['episodes']} episodes, {summary['shards']} shards, {h}x{w}, "
               f"{_human_bytes(summary['bytes'])}")
         print("maps: " + ", ".join(f"{m} {c}" for m, c in summary["maps"].items()))
+        print("actions (share of frames): " + ", ".join(f"{k} {v:.1%}" for k, v in summary["action_mix"].items()))
         if summary["unlisted"]:
             print(f"note: {len(summary['unlisted'])} file(s) in {SHARD_DIR}/ are not in the manifest and were "
                   f"ignored (e.g. {summary['unlisted'][0]})")

@@ -129,9 +129,8 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
     losses: list[float] = []
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=iters, desc=f"distill {steps}-step", unit="it", dynamic_ncols=True, file=sys.stderr,
-                   disable=None)
+        from worldmodel.progress import progress_bar
+        bar = progress_bar(total=iters, desc=f"distill {steps}-step", unit="it", disable=None)
     for it in range(iters):
         g = torch.Generator().manual_seed(seed * 1_000_003 + it)
         x0, a = clips.batch(it, batch, 0, batch, seed)

@@ -373,7 +373,7 @@ def _plots(res: dict, out: Path) -> list[str]:
 # the command
 # --------------------------------------------------------------------------------------------------
 def run(args) -> int:
-    from tqdm import tqdm
+    from worldmodel.progress import progress_bar
 
     from worldmodel.bench import device_info
     from worldmodel.recording import Recorder, model_meta
@@ -391,8 +391,7 @@ def run(args) -> int:
 
     per_episode, probes, real_stats, first_ep = [], [], [], None
     total = len(maps) * args.episodes
-    with tqdm(total=total, unit="episode", desc="fidelity+control", disable=args.no_progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with progress_bar(total=total, unit="episode", desc="fidelity+control", disable=args.no_progress) as bar:
         for mi, m in enumerate(maps):
             for e in range(args.episodes):
                 seed = args.seed + e
@@ -454,8 +453,8 @@ def run(args) -> int:
     res["real_frame_stats"] = real_ranges(real_stats)
     res["stability"] = None
     if args.stability_frames:
-        with tqdm(total=args.stability_frames, unit="frame", desc="stability", disable=args.no_progress,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
+        with progress_bar(total=args.stability_frames, unit="frame", desc="stability",
+                          disable=args.no_progress) as bar:
             wm.seed = args.seed
             res["stability"] = stability(wm, first_ep, args.stability_frames, args.sample_every, args.seed,
                                          res["real_frame_stats"], bar)

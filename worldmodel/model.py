@@ -468,13 +468,22 @@ class Block(nn.Module):
         return x + gate2 * linear(h, self.mlp[2])
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its weight cast to the input's dtype: under bf16 autocast q and k arrive in
+    bf16, and a float32 weight would send them to the slower unfused path (PyTorch warns "Cannot
+    dispatch to fused implementation"). The weight itself stays float32 for the optimizer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
     def forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:

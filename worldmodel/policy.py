@@ -5,15 +5,17 @@ to make human-like action traces for benchmarks (`explorer_actions`). Determinis
 positions / depth buffers are given, for the same sequence of them).
 
 What it does, one call per game tic (1/35 s):
-- keys are *held*: forward most of the time, sometimes nothing or backwards, strafes left/right now and
-  then, each for a duration drawn from a log-normal (a fraction of a second to several seconds);
+- keys are *held*: forward most of the time, sometimes nothing, backwards about one frame in ten
+  (a world model must learn to back up too), strafes left/right now and then, each for a duration
+  drawn from a log-normal (a fraction of a second to several seconds);
 - the mouse turns in *gestures*: a smooth bell-shaped speed profile (sin^2) with a random peak speed
   (slow looks to fast flicks, up to TURN_MAX degrees a tic) and a random total angle, both directions,
   separated by pauses with a little hand jitter;
 - it fires in bursts and taps USE every few seconds (doors, switches, lifts);
 - given the engine's depth buffer (`DoomEnv(depth=True).depth`) it looks where it goes, as a person
   does: when a wall comes close ahead it either turns towards the more open side, or walks up to it,
-  presses USE (it may be a door) and waits a moment; its free looks lean towards open space;
+  presses USE (it may be a door) and waits a moment; turning away close to a wall, it stops or backs
+  off; its free looks lean towards open space;
 - given the player's position (x, y, angle) it notices when it is stuck (pushing a key but barely
   moving for a while), taps USE, backs off and turns away with a big fast turn.
 Without depth and position it is "blind": the same keyboard and mouse habits, and it walks into walls.
@@ -28,14 +30,15 @@ import numpy as np
 
 from worldmodel.action import TURN_MAX, Action
 
-POLICY_VERSION = "explorer-1"  # bump when the behaviour changes: datasets record which policy made them
+POLICY_VERSION = "explorer-2"  # bump when the behaviour changes: datasets record which policy made them
 STUCK_WINDOW = 20  # tics of history looked at for stuck detection
 STUCK_DISTANCE = 40.0  # map units: moved less than this over the window while pushing a key = stuck
                        # (running covers ~16 units a tic, so 20 tics of free running is ~300 units)
 NEAR_WALL = 24  # depth-buffer units (about 7 map units each): closer than this ahead = a wall ahead
 TOUCH = 8  # depth-buffer units: close enough to USE what is ahead (Doom's use range is 64 map units)
 CLEAR = 32  # depth-buffer units: a turn away from a wall stops once this much room is ahead
-PROBE_P = 0.2 # chance that a wall ahead is walked up to and USEd (it may be a door) rather than avoided
+PROBE_P = 0.2  # chance that a wall ahead is walked up to and USEd (it may be a door) rather than avoided
+BACK_OFF_P = 0.5  # chance that turning away close to a wall backs off from it rather than stopping
 
 FREE, AVOID, PROBE, WAIT, ESCAPE = "free", "avoid", "probe", "wait", "escape"
 
@@ -72,6 +75,7 @@ class ExplorerPolicy:
         self.mode_turn: list[float] = []  # the manoeuvre's own turn profile
         self.open_side = 0  # +1 more room on the right, -1 on the left, 0 unknown / even
         self.last_avoid = self.last_probe = -10**9
+        self.back_off = False  # the current AVOID turn backs off from the wall
         self.ahead = 255.0
         self.back_tics = 0
         self.prev_pushing = False  # did the previous action push a movement key
@@ -90,12 +94,12 @@ class ExplorerPolicy:
 
     def _new_move(self):
         r = self.rng.random()
-        if r < 0.70:  # about 85% of the time forward
+        if r < 0.64:  # by held time: about 80% forward, 10% nothing, 10% backwards
             self.move.value, self.move.left = 1, self._lognormal(45, 0.8, 6, 350)
-        elif r < 0.87:
+        elif r < 0.80:
             self.move.value, self.move.left = 0, self._lognormal(20, 0.7, 2, 90)
         else:
-            self.move.value, self.move.left = -1, self._lognormal(15, 0.6, 3, 60)
+            self.move.value, self.move.left = -1, self._lognormal(22, 0.6, 4, 90)
 
     def _new_strafe(self):
         if self.rng.random() < 0.65:
@@ -174,6 +178,7 @@ class ExplorerPolicy:
                 self.turn_dir = self.open_side or (1 if self.rng.random() < 0.5 else -1)
             turn = self._sharp_turn(float(self.rng.uniform(90, 200)), float(self.rng.uniform(6, 13)), self.turn_dir)
             self._start(AVOID, len(turn), turn)
+            self.back_off = self.rng.random() < BACK_OFF_P
             self.last_avoid = self.steps
 
     # -- stuck detection ----------------------------------------------------------------------------
@@ -225,8 +230,8 @@ class ExplorerPolicy:
         # manoeuvres override the habits
         if self.mode == AVOID:
             turn = self.mode_turn.pop(0) if self.mode_turn else 0.0
-            if self.ahead < 14:  # close to the wall: stop while turning away
-                move = 0
+            if self.ahead < 14:  # close to the wall: stop or back off while turning away
+                move = -1 if self.back_off else 0
         elif self.mode == PROBE:
             move, strafe, turn = 1, 0, 0.0
         elif self.mode == WAIT:

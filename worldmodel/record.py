@@ -107,7 +107,7 @@ def _prefixes(out: str, jobs) -> list[Path]:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
+    from worldmodel.progress import progress_bar
 
     from worldmodel.maps import check_map
     from worldmodel.recording import Recorder, model_meta
@@ -170,8 +170,7 @@ def run(args) -> int:
         strip = []
         t0 = time.perf_counter()
         with Recorder(prefix, wm.fps, size, meta, crf=args.crf) as rec, \
-                tqdm(total=n, unit="frame", desc=prefix.name, disable=args.no_progress, file=sys.stderr,
-                     dynamic_ncols=True) as bar:
+                progress_bar(total=n, unit="frame", desc=prefix.name, disable=args.no_progress) as bar:
             for i in range(n):
                 if policy is not None:
                     a = policy.act(env.position, env.depth) if env is not None else policy.act()

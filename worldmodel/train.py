@@ -53,6 +53,7 @@ from worldmodel.checkpoint import (CONFIG_FILE, FORMAT_VERSION, WEIGHT_FILES, Ch
                                    check_state_dict, load_tensors, read_config, save_pretrained, save_tensors)
 from worldmodel.errors import UserError
 from worldmodel.model import ModelConfig, WorldTransformer, preset
+from worldmodel.progress import progress_bar
 from worldmodel.sampler import FrameSampler
 
 STATE_FORMAT = 1
@@ -326,9 +327,8 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     out, seen = [], set()
     shards = _dataset_module().iter_shards(path, allowed)
     if progress:
-        from tqdm import tqdm
-        shards = tqdm(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False,
-                      dynamic_ncols=True, file=sys.stderr, disable=None)
+        shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False,
+                              disable=None)
     for arrays in shards:
         out.append(torch.from_numpy(arrays["frames"][::every].copy()))
         seen.update(str(m) for m in set(arrays["map"].tolist()))
@@ -371,9 +371,8 @@ def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_
     lat, act, ep, fi, mp, frames = [], [], [], [], [], []
     shards = _dataset_module().iter_shards(path, allowed)
     if progress:
-        from tqdm import tqdm
-        shards = tqdm(shards, desc=f"encoding {Path(path).name} ({split})", unit="shard", leave=False,
-                      dynamic_ncols=True, file=sys.stderr, disable=None)
+        shards = progress_bar(shards, desc=f"encoding {Path(path).name} ({split})", unit="shard", leave=False,
+                              disable=None)
     for arrays in shards:
         f = torch.from_numpy(arrays["frames"])
         lat.append(torch.cat([autoencoder.encode(c.to(device)).half().cpu() for c in f.split(batch)]))
@@ -987,10 +986,7 @@ class AutoencoderLoss(nn.Module):
 def _progress(tcfg, dist: Dist, start: int, what: str):
     if not (tcfg.progress and dist.main):
         return None
-    from tqdm import tqdm
-    tty = sys.stderr.isatty()
-    return tqdm(total=tcfg.steps, initial=start, desc=f"train {what}", unit="step", dynamic_ncols=True,
-                file=sys.stderr, mininterval=0.1 if tty else 30.0)
+    return progress_bar(total=tcfg.steps, initial=start, desc=f"train {what}", unit="step")
 
 
 def train_model(train: LatentClips, out: str | Path, cfg: ModelConfig, tcfg: ModelTrainConfig,
