@@ -121,12 +121,13 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
         T.train_model(data, tmp_path / "bad", tiny_config(depth=3), quick(steps=1, init=str(tmp_path / "ckpt")))
 
 
-def test_autoencoder_training_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("adv_weight", [0.0, 0.5])
+def test_autoencoder_training_resumes_exactly(tmp_path, adv_weight):
     cfg = tiny_config()
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (64, 32, 32, 3), generator=g, dtype=torch.uint8)
     tc = dict(steps=6, batch=8, warmup=1, log_every=1, val_every=3, ckpt_every=2, device="cpu", progress=False,
-              val_frames=16, calibrate_frames=32, crop=(16, 16))
+              val_frames=16, calibrate_frames=32, crop=(16, 16), adv_weight=adv_weight, adv_start=3)
     full = T.train_autoencoder(frames, tmp_path / "full", cfg, T.AutoencoderTrainConfig(**tc), frames[:16])
 
     def kill(step, loss):
@@ -143,6 +144,35 @@ def test_autoencoder_training_resumes_exactly(tmp_path):
     ae, config = T.load_autoencoder(tmp_path / "run")
     assert config["kind"] == "autoencoder" and np.isfinite(config["info"]["val_psnr"])
     assert not torch.equal(ae.latent_std, torch.ones_like(ae.latent_std))  # calibrated
+
+
+def test_adversarial_losses_each_train_only_their_own_side():
+    """One backward of the total: the critic's gradient is that of its hinge loss alone, the
+    autoencoder's that of reconstruction + weight * adversarial alone."""
+    from worldmodel.autoencoder import Autoencoder, PatchDiscriminator
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    ae, critic = Autoencoder(cfg.autoencoder), PatchDiscriminator()
+    frames = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    net = T.AutoencoderLoss(ae, critic)
+
+    def grads(module):
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+    total, parts = net(frames, torch.Generator().manual_seed(1), 0.3)
+    total.backward()
+    g_ae, g_critic = grads(ae), grads(critic)
+    for m in (ae, critic):
+        m.zero_grad()
+    x, recon = ae.reconstruct_noisy(frames, torch.Generator().manual_seed(1))
+    (T.reconstruction_loss(recon, x) + 0.3 * -critic(recon).mean()).backward(inputs=list(ae.parameters()))
+    critic_loss = torch.relu(1 - critic(x)).mean() + torch.relu(1 + critic(recon.detach())).mean()
+    critic_loss.backward(inputs=list(critic.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ae, grads(ae)))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_critic, grads(critic)))
+    assert torch.allclose(parts["critic_loss"], critic_loss.detach())
+    assert any(g.abs().sum() > 0 for g in g_critic)
 
 
 DDP_SCRIPT = r'''
@@ -234,9 +264,12 @@ def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
     assert config["model"]["dim"] == 64 and config["train"]["steps"] == 4
     assert (run / "samples" / "step_00000004.png").is_file() and (run / "samples" / "latest.png").is_file()
     import cv2
-    for folder in (ae_run, run):  # loss and PSNR curves, redrawn at each validation
+    # loss and PSNR curves, redrawn at each validation; the autoencoder's with a third panel, sharpness
+    for folder, width in ((ae_run, 1440), (run, 990)):
         curves = cv2.imread(str(folder / "curves.png"))
-        assert curves is not None and curves.shape[:2] == (360, 990)
+        assert curves is not None and curves.shape[:2] == (360, width)
+    ae_metrics = [json.loads(x) for x in (ae_run / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("val_sharpness", 0) > 0 and m.get("val_sharpness_real", 0) > 0 for m in ae_metrics)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("psnr_tf" in m and "psnr_copy_last" in m for m in metrics)
     assert (run / "cache" / "train_latents.safetensors").is_file()
@@ -270,6 +303,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["train", "autoencoder", "--data", str(data), "--out", str(tmp_path / "ae"), "--maps", "MAP30",
                "--no-progress", *TINY_SET])
     assert rc == 2 and "held-out" in capsys.readouterr().err
+    train_data = make_dataset(tmp_path / "train", maps=("MAP01",))
+    ae_args = ["train", "autoencoder", "--data", str(train_data), "--out", str(tmp_path / "gan"), "--steps", "1",
+               "--batch", "4", "--threads", "1", "--no-progress", *TINY_SET]
+    assert main([*ae_args, "--adv-weight", "0.1"]) == 0
+    capsys.readouterr()
+    rc = main([*ae_args, "--steps", "2", "--resume"])  # resumed without the critic it was started with
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "started with --adv-weight" in err.splitlines()[-1] and "Traceback" not in err
     rc = main(["train", "model", "--data", str(data), "--autoencoder", str(tmp_path / "none"),
                "--out", str(tmp_path / "m"), "--no-progress"])
     assert rc == 2 and "no such autoencoder" in capsys.readouterr().err

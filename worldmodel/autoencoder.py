@@ -130,16 +130,22 @@ class Autoencoder(nn.Module):
         """normalised latents (B, C, h, w) -> uint8 frames (B, H, W, 3)."""
         return self.to_uint8(self.decode(latents))
 
-    def loss(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reconstruction loss on uint8 frames (B, H, W, 3): L1 + MSE, with noise on the latents so
-        the decoder also renders slightly-off latents (what the diffusion model produces) cleanly."""
+    def reconstruct_noisy(self, frames: torch.Tensor, generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pass: uint8 frames (B, H, W, 3) -> (x, recon), the frames as floats (B, 3, H, W)
+        in [-1, 1] and their reconstruction through latents with noise added, so that the decoder also
+        renders slightly-off latents (what the diffusion model produces) cleanly."""
         x = self.to_float(frames).to(self.latent_mean.device)
         z = self.encoder(x)
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype,
                             device=generator.device if generator is not None else z.device).to(z.device)
         z = z + self.cfg.latent_noise * z.detach().std(dim=(0, 2, 3), keepdim=True) * noise
-        recon = self.decoder(z)
-        return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        return x, self.decoder(z)
+
+    def loss(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstruction loss on uint8 frames (B, H, W, 3): L1 + MSE of `reconstruct_noisy`."""
+        x, recon = self.reconstruct_noisy(frames, generator)
+        return reconstruction_loss(recon, x)
 
     @torch.no_grad()
     def calibrate(self, frames, batch_size: int = 256) -> None:
@@ -164,6 +170,28 @@ class Autoencoder(nn.Module):
     def reconstruct(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames (B, H, W, 3) -> their uint8 reconstructions through the latent grid."""
         return self.decode_uint8(self.encode(frames))
+
+
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+
+
+class PatchDiscriminator(nn.Module):
+    """Training only (never shipped): a PatchGAN critic (pix2pix) that scores every ~30-pixel patch
+    of a frame (B, 3, H, W) in [-1, 1] as real or reconstructed, logits (B, 1, H/8, W/8). Trained with
+    the hinge loss against the autoencoder (`train autoencoder --adv-weight`), it pushes the decoder
+    to draw texture rather than the blurred average that L1 + MSE alone settle on."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+        layers += [nn.Conv2d(channels[-1], 1, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -515,7 +515,7 @@ def run(args) -> int:
                 if i in status:
                     bar.update(args.frames)
                     continue
-                bar.set_postfix_str(factor if value is None else f"{factor}={value}")
+                bar.set_postfix_str(factor if value is None else f"{factor}={value}", refresh=False)
                 try:
                     try:
                         apply_settings(wm, settings)

@@ -149,7 +149,7 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
             raise RuntimeError(f"distillation diverged at iteration {it + 1}: loss {lv}")
         losses.append(lv)
         if bar is not None:
-            bar.set_postfix(loss=f"{lv:.4f}")
+            bar.set_postfix(loss=f"{lv:.4f}", refresh=False)
             bar.update(1)
         if log is not None:
             log(it + 1, lv)

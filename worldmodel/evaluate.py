@@ -1,6 +1,6 @@
 """`worldmodel eval`: the world model against the real game, on validation maps.
 
-    worldmodel eval --maps MAP21,MAP22,MAP23,MAP24 --episodes 3 --horizons 1,8,35,175 --out eval/doom-tiny
+    worldmodel eval --maps MAP21,MAP22,MAP23,MAP24 --episodes 6 --horizons 1,8,35,175 --out eval/doom-tiny
 
 For each map and episode (seed = --seed + episode):
 1. the explorer policy plays the real game (`DoomEnv`, it sees depth and position) for a warm-up of
@@ -40,6 +40,7 @@ from worldmodel.cli_common import add_model_arguments, load_model, model_name, p
 from worldmodel.errors import UserError
 from worldmodel.metrics import (PSNR_CAP, STATS, flow_cosine, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
+from worldmodel.policy import POLICY_VERSION
 
 # probe name -> (action held, motion field looked at, expected sign)
 PROBES = {
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maps", default="MAP21-MAP24",
                         help="validation maps, e.g. MAP21,MAP22 or MAP21-MAP24 (default); held-out maps are refused")
     parser.add_argument("--wad", default="freedoom2", choices=["freedoom2", "freedoom1"])
-    parser.add_argument("--episodes", type=int, default=3, help="episodes (start points) per map (default 3)")
+    parser.add_argument("--episodes", type=int, default=6, help="episodes (start points) per map (default 6)")
     parser.add_argument("--horizons", default=DEFAULT_HORIZONS, help=f"frames ahead to report (default {DEFAULT_HORIZONS})")
     parser.add_argument("--context", type=int, help="real context frames (default: the model's cache size)")
     parser.add_argument("--warmup", type=int, default=140,
@@ -443,7 +444,8 @@ def run(args) -> int:
     res = {
         "tool": "worldmodel eval", **provenance(), "device": device_info(wm.device),
         "model": {**model_meta(wm), "name": name, "random_weights": bool(args.preset)},
-        "wad": args.wad, "maps": maps, "episodes": args.episodes, "context": context, "horizons": horizons,
+        "wad": args.wad, "maps": maps, "episodes": args.episodes, "policy": POLICY_VERSION, "context": context,
+        "horizons": horizons,
         "fps": wm.fps, "psnr_cap_db": PSNR_CAP,
         "fidelity": {"episodes": len(per_episode), "horizons": hz, "curve": curve,
                      "per_episode": [{k: v for k, v in ep.items()} for ep in per_episode]},

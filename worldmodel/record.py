@@ -188,7 +188,7 @@ def run(args) -> int:
                 rec.add(frame, a, latency_ms=ms)
                 bar.update(1)
                 if i % 10 == 9:
-                    bar.set_postfix(fps=f"{(i + 1) / (time.perf_counter() - t0):.1f}")
+                    bar.set_postfix(fps=f"{(i + 1) / (time.perf_counter() - t0):.1f}", refresh=False)
             rec.update_meta(engine_stats=wm.stats)
         if env is not None:
             env.close()

@@ -44,11 +44,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from worldmodel import diffusion
-from worldmodel.autoencoder import Autoencoder, AutoencoderConfig, psnr, psnr_pooled
+from worldmodel.autoencoder import (Autoencoder, AutoencoderConfig, PatchDiscriminator, psnr, psnr_pooled,
+                                    reconstruction_loss)
 from worldmodel.checkpoint import (CONFIG_FILE, FORMAT_VERSION, WEIGHT_FILES, CheckpointError, atomic_write_json,
                                    check_state_dict, load_tensors, read_config, save_pretrained, save_tensors)
 from worldmodel.errors import UserError
@@ -80,6 +83,9 @@ class AutoencoderTrainConfig:
     keep_checkpoints: int = 2
     val_frames: int = 512  # validation frames for PSNR
     crop: tuple[int, int] | None = None  # train on random (h, w) crops (convolutions: ~H*W/(h*w) x faster)
+    adv_weight: float = 0.0  # > 0: a PatchGAN critic trains beside the autoencoder (hinge loss), and the
+                             # autoencoder also minimises adv_weight * -critic(reconstruction)
+    adv_start: int = 0  # the step from which the autoencoder feels the critic (the critic trains from 0)
     calibrate_frames: int = 4096
     device: str = "auto"
     progress: bool = True
@@ -621,7 +627,14 @@ def plot_metrics(records: list[dict], path: Path) -> None:
         pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, (ax_l, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+    sharp = series("val_sharpness")[0]  # autoencoder runs: a third panel, sharpness against the real frames
+    fig, axes = plt.subplots(1, 3 if sharp else 2, figsize=(16 if sharp else 11, 4))
+    ax_l, ax_p = axes[:2]
+    if sharp:
+        for key, label in (("val_sharpness", "reconstruction"), ("val_sharpness_real", "real frames")):
+            x, y = series(key)
+            axes[2].plot(x, y, label=label, marker="o", ls="--" if key.endswith("real") else "-")
+        axes[2].set(xlabel="step", ylabel="median Laplacian variance", yscale="log", title="validation sharpness")
     for key, label in (("loss", "training loss"), ("val_loss", "validation loss"), ("val_loss_ema", "validation loss, EMA")):
         x, y = series(key)
         if x:
@@ -632,7 +645,7 @@ def plot_metrics(records: list[dict], path: Path) -> None:
         if x:
             ax_p.plot(x, y, label=label, marker="o", ls="--" if "copy" in key else "-")
     ax_p.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR")
-    for ax in (ax_l, ax_p):
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -861,11 +874,17 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
     device = dist.device
     torch.manual_seed(tcfg.seed)
     ae = Autoencoder(cfg.autoencoder).to(device)
-    opt = torch.optim.AdamW(ae.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    critic = PatchDiscriminator().to(device) if tcfg.adv_weight > 0 else None
+    modules: dict[str, nn.Module] = {"autoencoder": ae, **({"discriminator": critic} if critic else {})}
+    opt = torch.optim.AdamW([{"params": m.parameters()} for m in modules.values()], lr=tcfg.lr,
+                            weight_decay=tcfg.weight_decay)
     start, elapsed = 0, 0.0
     ckpts = checkpoint_dirs(out) if resume else []
     if ckpts:
-        state = load_checkpoint(ckpts[-1], {"autoencoder": ae}, opt)
+        if (ckpts[-1] / "discriminator.safetensors").is_file() != (critic is not None):
+            raise UserError(f"{out}: the run was started {'with' if critic is None else 'without'} --adv-weight; "
+                            f"resume it the same way")
+        state = load_checkpoint(ckpts[-1], modules, opt)
         start, elapsed = state["step"], state.get("elapsed_s", 0.0)
         if dist.main:
             _trim_metrics(out, start)
@@ -875,7 +894,7 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
         atomic_write_json(out / "train_config.json", {"kind": "autoencoder", "model": cfg.to_dict(),
                                                       "autoencoder": cfg.autoencoder.to_dict(),
                                                       "train": asdict(tcfg), "world_size": dist.world, **info})
-    net: nn.Module = AutoencoderLoss(ae)
+    net: nn.Module = AutoencoderLoss(ae, critic)
     if dist.world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     log = MetricsLog(out, dist.main)
@@ -894,7 +913,8 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
         H, W = v.shape[1:3]
         strip = torch.stack((v[pick], rec[pick])).permute(0, 2, 1, 3, 4).reshape(2 * H, len(pick) * W, 3)
         save_png(out / "samples" / "autoencoder_latest.png", strip)
-        return {"val_psnr": psnr(rec, v).mean().item(), "val_frames": len(v)}
+        return {"val_psnr": psnr(rec, v).mean().item(), "val_frames": len(v),
+                "val_sharpness": median_sharpness(rec), "val_sharpness_real": median_sharpness(v)}
 
     bar = _progress(tcfg, dist, start, "autoencoder")
     window_t, n_since = 0.0, 0
@@ -906,12 +926,15 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
             group["lr"] = lr
         idx = batch_indices(step, tcfg.batch, len(frames), tcfg.seed)[dist.rank * b:(dist.rank + 1) * b]
         g = step_generator(tcfg.seed, step, stream=2 + dist.rank)
-        loss = net(random_crops(frames[idx], tcfg.crop, g).to(device), g)
+        adv_weight = tcfg.adv_weight if step >= tcfg.adv_start else 0.0
+        total, parts = net(random_crops(frames[idx], tcfg.crop, g).to(device), g, adv_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         gnorm = nn.utils.clip_grad_norm_(ae.parameters(), tcfg.grad_clip) if tcfg.grad_clip else torch.zeros(())
+        if critic is not None and tcfg.grad_clip:
+            nn.utils.clip_grad_norm_(critic.parameters(), tcfg.grad_clip)
         opt.step()
-        loss_v = dist.mean(loss.detach()).item()
+        loss_v = dist.mean(parts["loss"]).item()  # the reconstruction loss: comparable with and without a critic
         losses.append(loss_v)
         dt = time.perf_counter() - t_step
         elapsed, window_t, n_since = elapsed + dt, window_t + dt, n_since + tcfg.batch
@@ -921,9 +944,11 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
         if done % tcfg.log_every == 0 or done == tcfg.steps:
             rate = n_since / max(window_t, 1e-9)
             window_t, n_since = 0.0, 0
-            log.write(step=done, loss=loss_v, lr=lr, grad_norm=float(gnorm), frames_per_s=rate)
+            adv = {k: dist.mean(v).item() for k, v in parts.items() if k != "loss"}
+            log.write(step=done, loss=loss_v, lr=lr, grad_norm=float(gnorm), frames_per_s=rate, **adv)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_v:.4f}", fps=f"{rate:.1f}", **({"psnr": f"{val['val_psnr']:.2f}"} if val else {}))
+                bar.set_postfix(loss=f"{loss_v:.4f}", fps=f"{rate:.1f}",
+                                refresh=False, **({"psnr": f"{val['val_psnr']:.2f}", "sharp": f"{val['val_sharpness']:.0f}"} if val else {}))
         if bar is not None:
             bar.update(1)
         if dist.main and (done % tcfg.val_every == 0 or done == tcfg.steps):
@@ -933,7 +958,7 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
                 log.plot()
         if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
             if dist.main:
-                save_checkpoint(out, done, {"autoencoder": ae}, opt, {"elapsed_s": elapsed, "kind": "autoencoder",
+                save_checkpoint(out, done, modules, opt, {"elapsed_s": elapsed, "kind": "autoencoder",
                                                                       "data_position": done * tcfg.batch},
                                 tcfg.keep_checkpoints)
             dist.barrier()
@@ -954,6 +979,14 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
     return {**summary, "losses": losses, "start_step": start}
 
 
+def median_sharpness(frames: torch.Tensor) -> float:
+    """Median Laplacian variance of uint8 frames (N, H, W, 3): the sharpness statistic of `worldmodel
+    eval`'s stability check, so an autoencoder's floor on it shows while it trains."""
+    from worldmodel.metrics import frame_stats
+
+    return float(np.median([frame_stats(f)["sharpness"] for f in frames.numpy()]))
+
+
 def random_crops(frames: torch.Tensor, crop: tuple[int, int] | None, g: torch.Generator) -> torch.Tensor:
     """A random (h, w) window of each frame (B, H, W, 3); the frames as they are without `crop`."""
     if not crop:
@@ -968,14 +1001,27 @@ def random_crops(frames: torch.Tensor, crop: tuple[int, int] | None, g: torch.Ge
 
 
 class AutoencoderLoss(nn.Module):
-    """Autoencoder.loss as a forward pass (what DistributedDataParallel syncs gradients through)."""
+    """The autoencoder's training loss as one forward pass (what DistributedDataParallel syncs gradients
+    through): L1 + MSE reconstruction and, with a critic, the hinge GAN losses. One backward trains
+    both sides: the critic's loss sees detached reconstructions, and the autoencoder's adversarial term
+    goes through a detached copy of the critic's weights, so neither loss moves the other's weights.
+    Returns (the total to backpropagate, {"loss": reconstruction, "critic_loss", "adv_loss"} detached)."""
 
-    def __init__(self, autoencoder: Autoencoder):
+    def __init__(self, autoencoder: Autoencoder, critic: PatchDiscriminator | None = None):
         super().__init__()
-        self.autoencoder = autoencoder
+        self.autoencoder, self.critic = autoencoder, critic
 
-    def forward(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.autoencoder.loss(frames, generator=generator)
+    def forward(self, frames: torch.Tensor, generator: torch.Generator | None = None,
+                adv_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, recon = self.autoencoder.reconstruct_noisy(frames, generator)
+        rec = reconstruction_loss(recon, x)
+        if self.critic is None:
+            return rec, {"loss": rec.detach()}
+        critic_loss = F.relu(1 - self.critic(x)).mean() + F.relu(1 + self.critic(recon.detach())).mean()
+        frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
+        adv = -torch.func.functional_call(self.critic, frozen, (recon,)).mean()
+        total = rec + critic_loss + (adv_weight * adv if adv_weight else 0.0)
+        return total, {"loss": rec.detach(), "critic_loss": critic_loss.detach(), "adv_loss": adv.detach()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1132,7 +1178,7 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
             log.write(step=done, loss=loss_v, lr=lr, grad_norm=float(gnorm), clips_per_s=rate)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_v:.4f}", clips_s=f"{rate:.2f}",
-                                **({"val": f"{last_val['val_loss']:.4f}"} if "val_loss" in last_val else {}))
+                                refresh=False, **({"val": f"{last_val['val_loss']:.4f}"} if "val_loss" in last_val else {}))
         if bar is not None:
             bar.update(1)
         if done % tcfg.val_every == 0 or done == tcfg.steps:
@@ -1230,6 +1276,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--val-frames", type=int, default=512, help="validation frames for PSNR")
     a.add_argument("--crop", default=None, metavar="HxW",
                    help="train on random crops of this size (e.g. 48x64: about 4x faster per frame)")
+    a.add_argument("--adv-weight", type=float, default=0.0,
+                   help="> 0: train a PatchGAN critic beside it and add this weight times the adversarial loss "
+                        "(sharper reconstructions; default 0: L1 + MSE only)")
+    a.add_argument("--adv-start", type=int, default=0, help="step from which the adversarial loss applies")
     a.set_defaults(_train=run_autoencoder)
     m = sub.add_parser("model", help="train the diffusion transformer",
                        description="Train the block-causal diffusion transformer on latents of the frozen autoencoder.")
@@ -1377,7 +1427,10 @@ def run_autoencoder(args) -> int:
     tcfg = AutoencoderTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
                                   val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                                   val_frames=args.val_frames, device=args.device, progress=not args.no_progress,
-                                  crop=_parse_hw(args.crop) if args.crop else None)
+                                  crop=_parse_hw(args.crop) if args.crop else None, adv_weight=args.adv_weight,
+                                  adv_start=args.adv_start)
+    if tcfg.adv_weight < 0 or tcfg.adv_start < 0:
+        raise UserError("--adv-weight and --adv-start must not be negative")
     main = int(os.environ.get("RANK", "0")) == 0
     progress = tcfg.progress and main
     frames, maps = read_frames(args.data, "train", _maps(args), args.max_frames, progress)
@@ -1390,8 +1443,12 @@ def run_autoencoder(args) -> int:
     info = {"data": str(args.data), "maps": maps, "val_data": _val_source(args) if val_frames is not None else None}
     s = train_autoencoder(frames, args.out, cfg, tcfg, val_frames, resume=args.resume, info=info)
     if main:
-        print(f"autoencoder: {Path(args.out) / AE_FILE} ({len(frames)} frames, {tcfg.steps} steps); validation PSNR "
-              f"{s.get('val_psnr', float('nan')):.2f} dB on {s.get('val_frames', 0)} frames")
+        where = f"autoencoder: {Path(args.out) / AE_FILE} ({len(frames)} frames, {tcfg.steps} steps)"
+        if "val_psnr" in s:
+            print(f"{where}; validation PSNR {s['val_psnr']:.2f} dB on {s['val_frames']} frames, sharpness "
+                  f"(median Laplacian variance) {s['val_sharpness']:.0f} vs {s['val_sharpness_real']:.0f} real")
+        else:
+            print(f"{where}; no validation frames")
     return 0
 
 
