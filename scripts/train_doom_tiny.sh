@@ -29,6 +29,9 @@ AE_FRAMES=${AE_FRAMES:-200000}    # frames the autoencoder trains on (evenly spa
 AE_STEPS=${AE_STEPS:-4000}
 AE_BATCH=${AE_BATCH:-128}
 AE_LR=${AE_LR:-1e-3}
+LATENT_CHANNELS=${LATENT_CHANNELS:-16}   # latent channels of the 6x8 grid (the transformer's cost barely changes)
+AE_ADV=${AE_ADV:-0}               # > 0: adversarial (PatchGAN) loss weight for a sharper decoder (`--adv-weight`)
+AE_ADV_START=${AE_ADV_START:-1000}
 STEPS=${STEPS:-2800}
 BATCH=${BATCH:-256}
 LR=${LR:-8e-4}
@@ -39,7 +42,8 @@ DISTILL_ITERS=${DISTILL_ITERS:-300}
 DISTILL_BATCH=${DISTILL_BATCH:-8}
 START_CLIPS=${START_CLIPS:-4}     # start scenes shipped with the checkpoint, MAP01-MAP04
 
-for v in DATA VAL RUNS CKPT INIT WORKERS FRAMES VAL_FRAMES AE_FRAMES AE_STEPS AE_BATCH AE_LR STEPS BATCH LR WARMUP \
+for v in DATA VAL RUNS CKPT INIT WORKERS FRAMES VAL_FRAMES AE_FRAMES AE_STEPS AE_BATCH AE_LR LATENT_CHANNELS AE_ADV \
+         AE_ADV_START STEPS BATCH LR WARMUP \
          STUDENT_STEPS TEACHER_STEPS DISTILL_ITERS DISTILL_BATCH START_CLIPS; do
   echo "$v=${!v}"
 done
@@ -55,7 +59,8 @@ if [ -n "$INIT" ]; then
 else
   stage "2/6 autoencoder"
   $WM train autoencoder --data "$DATA" --val-data "$VAL" --out "$RUNS/ae" --max-frames "$AE_FRAMES" \
-    --steps "$AE_STEPS" --batch "$AE_BATCH" --lr "$AE_LR" --val-every 1000 --ckpt-every 1000 --resume
+    --steps "$AE_STEPS" --batch "$AE_BATCH" --lr "$AE_LR" --set latent_channels="$LATENT_CHANNELS" \
+    --adv-weight "$AE_ADV" --adv-start "$AE_ADV_START" --val-every 1000 --ckpt-every 1000 --resume
   AE=$RUNS/ae
 fi
 

@@ -123,6 +123,16 @@ def test_controllability_scoring():
     assert backwards["overall"]["model_direction_correct"] == 0.0 and backwards["overall"]["agreement_with_real"] == 0.0
     still = evaluate.score_controllability([probe(0.01, 4.0, 0.0001, 0.05)])  # below the noise floor: no motion
     assert still["overall"]["model_direction_correct"] == 0.0
+    # a probe where the real game did not move (blocked) counts in model_direction_correct but not in
+    # model_correct_where_real_moved, which only scores the probes the game itself moved as expected
+    mixed = evaluate.score_controllability([probe(3.0, 4.0, 0.03, 0.05), probe(3.0, 0.0, 0.03, 0.0),
+                                            probe(-3.0, 0.0, -0.03, 0.0)])
+    fwd = mixed["probes"]["forward"]
+    assert fwd["model_direction_correct"] == pytest.approx(2 / 3) and fwd["n_real_moved"] == 1
+    assert fwd["model_correct_where_real_moved"] == 1.0 and mixed["overall"]["model_correct_where_real_moved"] == 1.0
+    blocked = evaluate.score_controllability([probe(3.0, 0.0, 0.03, 0.0)])
+    assert blocked["probes"]["forward"]["model_correct_where_real_moved"] is None
+    assert blocked["overall"]["model_correct_where_real_moved"] is None
 
 
 def test_real_game_probes_move_the_right_way():

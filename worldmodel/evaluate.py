@@ -203,17 +203,26 @@ def score_controllability(probes: list[dict]) -> dict:
         m = [r["model"][field] for r in rows]
         r_ = [r["real"][field] for r in rows]
         ratio = [a / b for a, b in zip(m, r_) if abs(b) >= eps]
+        # the probes where the real game moved the expected way (not blocked by a wall, say): there
+        # the action's effect is unambiguous, and the model's sign is scored against it
+        moved = [a for a, b in zip(m, r_) if _sign(b, eps) == sign]
         per[name] = {
             "field": field, "expected_sign": sign, "n": len(rows),
             "model_mean": float(np.mean(m)), "real_mean": float(np.mean(r_)),
             "model_direction_correct": float(np.mean([_sign(x, eps) == sign for x in m])),
             "real_direction_correct": float(np.mean([_sign(x, eps) == sign for x in r_])),
+            "n_real_moved": len(moved),
+            "model_correct_where_real_moved": float(np.mean([_sign(x, eps) == sign for x in moved])) if moved else None,
             "agreement_with_real": float(np.mean([_sign(a, eps) == _sign(b, eps) for a, b in zip(m, r_)])),
             "flow_cosine": float(np.mean([r["flow_cosine"] for r in rows])),
             "magnitude_ratio": float(np.median(ratio)) if ratio else None,
         }
-    keys = ("model_direction_correct", "real_direction_correct", "agreement_with_real", "flow_cosine")
-    overall = {k: float(np.mean([v[k] for v in per.values()])) if per else None for k in keys}
+    keys = ("model_direction_correct", "real_direction_correct", "agreement_with_real", "flow_cosine",
+            "model_correct_where_real_moved")
+    overall = {}
+    for k in keys:
+        vals = [v[k] for v in per.values() if v[k] is not None]
+        overall[k] = float(np.mean(vals)) if vals else None
     return {"overall": overall, "probes": per}
 
 
@@ -332,7 +341,9 @@ def _plots(res: dict, out: Path) -> list[str]:
         ax.bar(x + 0.2, [ctl[n]["model_mean"] * s for n, s in zip(names, scale)], 0.4, label="model")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(x, [f"{n}\n({'tx px/frame' if ctl[n]['field'] == 'tx' else 'zoom %/frame'})\n"
-                          f"model right {ctl[n]['model_direction_correct']:.0%}" for n in names], fontsize=8)
+                          f"model right {ctl[n]['model_direction_correct']:.0%}"
+                          + (f", {ctl[n]['model_correct_where_real_moved']:.0%} of {ctl[n]['n_real_moved']}\nwhere the game moved"
+                             if ctl[n]["n_real_moved"] else "") for n in names], fontsize=8)
         ax.set_ylabel("mean flow motion")
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
@@ -490,6 +501,9 @@ def _summary(res: dict) -> None:
     print(f"controllability: model direction right {f(c['overall']['model_direction_correct'])}, real game "
           f"{f(c['overall']['real_direction_correct'])}, agreement with real {f(c['overall']['agreement_with_real'])}, "
           f"flow cosine {f(c['overall']['flow_cosine'])}")
+    print("  per probe (model right / real right / model right where the real game moved as expected): " + ", ".join(
+        f"{n} {f(p['model_direction_correct'], '.0%')}/{f(p['real_direction_correct'], '.0%')}/"
+        f"{f(p['model_correct_where_real_moved'], '.0%')} of {p['n_real_moved']}" for n, p in c["probes"].items()))
     st = res.get("stability")
     if st:
         lat, mem = st["latency_flat"] or {}, st["memory_flat"] or {}
