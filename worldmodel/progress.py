@@ -15,4 +15,6 @@ def progress_bar(iterable=None, **kwargs):
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.1 if tty else LOG_INTERVAL_S)
+    if not tty:  # tqdm's monitor thread would otherwise force a redraw every 10 s
+        kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
     return tqdm(iterable, **kwargs)
