@@ -13,3 +13,22 @@ def make_checkpoint(folder):
     torch.manual_seed(0)
     WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder)
     return str(folder)
+
+
+def engines_of(pid: int) -> list[int]:
+    """PIDs of the ViZDoom engines that process `pid` started (their config lives in its private
+    `worldmodel-doom-<pid>-*` folder)."""
+    import os
+
+    marker = f"worldmodel-doom-{pid}-".encode()
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if marker in cmd and b"vizdoom" in cmd:
+                found.append(int(d))
+    return found

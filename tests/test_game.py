@@ -124,3 +124,46 @@ def test_leaving_the_level_restarts_transparently(monkeypatch):
         assert f.shape == first.shape
         env.step(NOOP)
         assert not env.restarted and env.tic == 1
+
+
+ENGINE_SCRIPT = """
+import sys, time
+from worldmodel.game import DoomEnv
+env = DoomEnv(map="MAP01", frame_size=(24, 32))
+env.reset()
+print(env.engine_pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_the_engine_does_not_outlive_its_process(sig):
+    """ViZDoom's engine is a process of its own that ignores SIGTERM and is never told when its
+    controller dies: a Python process killed outright must not leave it running for ever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import engines_of
+
+    proc = subprocess.Popen([sys.executable, "-c", ENGINE_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        engine = int(proc.stdout.readline())
+        assert engines_of(proc.pid) == [engine]
+    finally:
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while engines_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engines_of(proc.pid) == []
+
+
+def test_close_ends_the_engine_and_its_watchdog():
+    from helpers import engines_of
+
+    env = DoomEnv(map="MAP01", frame_size=(24, 32))
+    assert engines_of(os.getpid()) == [env.engine_pid] and env._watchdog.poll() is None
+    env.close()
+    assert engines_of(os.getpid()) == [] and env._watchdog.poll() is not None

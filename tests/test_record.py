@@ -12,7 +12,7 @@ import pytest
 from worldmodel import cli_common
 from worldmodel.action import Action, load_actions, save_actions
 from worldmodel.cli import main
-from helpers import make_checkpoint
+from helpers import engines_of, make_checkpoint
 from worldmodel.recording import load_recording, paths, read_video
 
 
@@ -68,7 +68,8 @@ def test_record_policy_side_by_side_many_seeds(tmp_path, ckpt):
             assert np.abs(pane[96:].astype(int) - frames[i, :, 128:]).mean() < 4
 
 
-def test_killed_record_leaves_a_playable_file(tmp_path, ckpt):
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_record_leaves_a_playable_file(tmp_path, ckpt, sig):
     prefix = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "worldmodel", "record", "--checkpoint", ckpt, "--device", "cpu",
@@ -83,8 +84,13 @@ def test_killed_record_leaves_a_playable_file(tmp_path, ckpt):
             assert proc.poll() is None, "record exited early"
             time.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(getattr(signal, sig))
+        rc = proc.wait(timeout=60)
+    assert rc == (-9 if sig == "SIGKILL" else 128 + signal.SIGTERM)  # SIGTERM unwinds like Ctrl-C
+    deadline = time.monotonic() + 10  # the explorer's game engine goes with it
+    while engines_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engines_of(proc.pid) == []
     n_actions = len(load_actions(paths(prefix)["actions"]))
     assert n_actions >= 12
     deadline, n = time.monotonic() + 20, -1

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 from typing import Sequence
 
@@ -79,6 +80,39 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def find_engine(marker: str) -> int | None:
+    """PID of the ViZDoom engine process whose command line holds `marker` (a DoomEnv's private
+    config path), or None (not Linux, or no such process)."""
+    want = marker.encode()
+    try:
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return None
+    for d in pids:
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if want in f.read():
+                    return int(d)
+        except OSError:
+            continue
+    return None
+
+
+# The engine outlives a Python process killed with SIGKILL (or dying any other way that skips
+# close()): nothing in ViZDoom ends it, and it ignores SIGTERM. So each engine gets a watchdog, a
+# shell blocked reading a pipe whose only writer is this process: when this process is gone the read
+# ends, and the shell kills the engine ($0) if it is still that engine (its command line holds $1).
+_WATCHDOG = 'read _; grep -qaF -- "$1" /proc/$0/cmdline 2>/dev/null && kill -9 "$0"'
+
+
+def _start_watchdog(engine_pid: int, marker: str) -> subprocess.Popen | None:
+    try:
+        return subprocess.Popen(["sh", "-c", _WATCHDOG, str(engine_pid), marker], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return None
 
 
 def wad_path(wad: str) -> str:
@@ -209,6 +243,8 @@ class DoomEnv:
                     pass
         self._closed = False
         self._started = False
+        self.engine_pid = find_engine(self._tmp)  # the engine's process (None where /proc is missing)
+        self._watchdog = _start_watchdog(self.engine_pid, self._tmp) if self.engine_pid else None
 
     # -- episode control ---------------------------------------------------------------------------
     def _new_episode(self, seed: int | None = None) -> np.ndarray:
@@ -295,6 +331,10 @@ class DoomEnv:
                 self._game.close()
             finally:
                 shutil.rmtree(self._tmp, ignore_errors=True)
+                if self._watchdog is not None:  # the engine is closed: the watchdog has nothing to do
+                    self._watchdog.kill()
+                    self._watchdog.wait()
+                    self._watchdog.stdin.close()
 
     def __enter__(self) -> "DoomEnv":
         return self
