@@ -36,6 +36,7 @@ STEPS=${STEPS:-2800}
 BATCH=${BATCH:-256}
 LR=${LR:-8e-4}
 WARMUP=${WARMUP:-500}
+COMPILE=${COMPILE:-}              # non-empty: torch.compile the transformer's training step (`--compile`)
 STUDENT_STEPS=${STUDENT_STEPS:-2}
 TEACHER_STEPS=${TEACHER_STEPS:-8}
 DISTILL_ITERS=${DISTILL_ITERS:-300}
@@ -43,7 +44,7 @@ DISTILL_BATCH=${DISTILL_BATCH:-8}
 START_CLIPS=${START_CLIPS:-4}     # start scenes shipped with the checkpoint, MAP01-MAP04
 
 for v in DATA VAL RUNS CKPT INIT WORKERS FRAMES VAL_FRAMES AE_FRAMES AE_STEPS AE_BATCH AE_LR LATENT_CHANNELS AE_ADV \
-         AE_ADV_START STEPS BATCH LR WARMUP \
+         AE_ADV_START STEPS BATCH LR WARMUP COMPILE \
          STUDENT_STEPS TEACHER_STEPS DISTILL_ITERS DISTILL_BATCH START_CLIPS; do
   echo "$v=${!v}"
 done
@@ -66,7 +67,7 @@ fi
 
 stage "3/6 transformer"
 $WM train model --data "$DATA" --val-data "$VAL" --autoencoder "$AE" --out "$RUNS/dit" \
-  ${INIT:+--init "$INIT"} --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup "$WARMUP" --val-every 1000 --ckpt-every 500 --resume
+  ${INIT:+--init "$INIT"} ${COMPILE:+--compile} --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup "$WARMUP" --val-every 1000 --ckpt-every 500 --resume
 
 stage "4/6 distil to $STUDENT_STEPS steps"
 $WM distill --teacher "$RUNS/dit/export" --data "$DATA" --val-data "$VAL" --out "$CKPT" \
