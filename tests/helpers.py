@@ -18,17 +18,6 @@ def make_checkpoint(folder):
 def engines_of(pid: int) -> list[int]:
     """PIDs of the ViZDoom engines that process `pid` started (their config lives in its private
     `worldmodel-doom-<pid>-*` folder)."""
-    import os
+    from worldmodel.game import find_engines
 
-    marker = f"worldmodel-doom-{pid}-".encode()
-    found = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if marker in cmd and b"vizdoom" in cmd:
-                found.append(int(d))
-    return found
+    return find_engines(f"worldmodel-doom-{pid}-")

@@ -142,11 +142,6 @@ class Autoencoder(nn.Module):
         z = z + self.cfg.latent_noise * z.detach().std(dim=(0, 2, 3), keepdim=True) * noise
         return x, self.decoder(z)
 
-    def loss(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reconstruction loss on uint8 frames (B, H, W, 3): L1 + MSE of `reconstruct_noisy`."""
-        x, recon = self.reconstruct_noisy(frames, generator)
-        return reconstruction_loss(recon, x)
-
     @torch.no_grad()
     def calibrate(self, frames, batch_size: int = 256) -> None:
         """Measure per-channel latent mean and std over uint8 frames (B, H, W, 3) -- a tensor, or an

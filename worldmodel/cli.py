@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
-import threading
 
-from worldmodel.errors import UserError
+from worldmodel.errors import UserError, sigterm_unwinds
 
 # name -> (module, one-line help). `data verify` and `train autoencoder|model` have sub-subcommands.
 COMMANDS = {
@@ -43,19 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    # `kill PID` (SIGTERM) unwinds like Ctrl-C: recordings are finished, game engines closed
-    if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGTERM, _terminate)
-        try:
-            return _main(argv)
-        finally:
-            signal.signal(signal.SIGTERM, old)
-    return _main(argv)
+    with sigterm_unwinds():  # `kill PID` cleans up like Ctrl-C
+        return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:

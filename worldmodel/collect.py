@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from worldmodel import dataset as ds
-from worldmodel.errors import UserError
+from worldmodel.errors import UserError, sigterm_unwinds
 from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, check_map, parse_maps, split_of
 
 SEGMENT_STRIDE = 1_000_000_000
@@ -153,10 +153,6 @@ def _init_worker(q):
     _TMPDIR = d = private_tmpdir("worldmodel-collect-")
     os.chdir(d)
     multiprocessing.util.Finalize(None, shutil.rmtree, args=(d,), kwargs={"ignore_errors": True}, exitpriority=0)
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def _worker_sigterm(signum, frame):
@@ -285,14 +281,8 @@ def collect(cfg: CollectConfig, out: str | Path, workers: int | None = None, pro
     root = Path(out).absolute()
     root.mkdir(parents=True, exist_ok=True)
     (root / ds.SHARD_DIR).mkdir(exist_ok=True)
-    with _Lock(root):
-        if threading.current_thread() is not threading.main_thread():
-            return _collect_locked(cfg, root, workers, progress)
-        old = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `kill PID` cleans up like Ctrl-C
-        try:
-            return _collect_locked(cfg, root, workers, progress)
-        finally:
-            signal.signal(signal.SIGTERM, old)
+    with _Lock(root), sigterm_unwinds():  # `kill PID` cleans up like Ctrl-C
+        return _collect_locked(cfg, root, workers, progress)
 
 
 def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:

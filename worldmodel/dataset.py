@@ -295,7 +295,7 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     maps match the manifest, its actions are valid encodings; across shards, every episode runs 0, 1, 2,
     ... without a gap or a duplicate and starts with the no-op action. Raises DatasetError naming the
     first bad shard; returns a summary dict (frames, episodes, maps, bytes, shards, frame_size,
-    action_mix: share of frames per kind of action (see `action_mix`), unlisted: files in shards/ that
+    action_mix: share of frames per kind of action (see `action_counts`), unlisted: files in shards/ that
     the manifest does not list, ignored)."""
     root = Path(root)
     manifest = load_manifest(root)
@@ -354,10 +354,11 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     shard_dir = root / SHARD_DIR
     unlisted = sorted(p.name for p in shard_dir.iterdir() if p.name not in listed and not is_temp_file(p.name)) \
         if shard_dir.is_dir() else []
-    return {"frames": sum(s["frames"] for s in shards), "episodes": len(episodes), "shards": len(shards),
+    n_frames = sum(s["frames"] for s in shards)
+    return {"frames": n_frames, "episodes": len(episodes), "shards": len(shards),
             "maps": dict(sorted(map_frames.items())), "bytes": sum(s["bytes"] for s in shards),
             "frame_size": list(frame_size), "fps": manifest["fps"], "wad": manifest.get("wad"),
-            "action_mix": {k: c / max(1, sum(s["frames"] for s in shards)) for k, c in mix_counts.items()},
+            "action_mix": {k: c / max(1, n_frames) for k, c in mix_counts.items()},
             "unlisted": unlisted}
 
 

@@ -82,22 +82,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def find_engine(marker: str) -> int | None:
-    """PID of the ViZDoom engine process whose command line holds `marker` (a DoomEnv's private
-    config path), or None (not Linux, or no such process)."""
+def find_engines(marker: str) -> list[int]:
+    """PIDs of the ViZDoom engine processes whose command line holds `marker` (a DoomEnv's private
+    config path `<tmp>/worldmodel-doom-<owner pid>-<random>`, or a prefix of it); [] without /proc."""
     want = marker.encode()
     try:
         pids = [d for d in os.listdir("/proc") if d.isdigit()]
     except OSError:
-        return None
+        return []
+    found = []
     for d in pids:
         try:
             with open(f"/proc/{d}/cmdline", "rb") as f:
-                if want in f.read():
-                    return int(d)
+                argv = f.read().split(b"\0")
         except OSError:
             continue
-    return None
+        if b"vizdoom" in argv[0] and any(want in a for a in argv):
+            found.append(int(d))
+    return found
 
 
 # The engine outlives a Python process killed with SIGKILL (or dying any other way that skips
@@ -243,7 +245,8 @@ class DoomEnv:
                     pass
         self._closed = False
         self._started = False
-        self.engine_pid = find_engine(self._tmp)  # the engine's process (None where /proc is missing)
+        engines = find_engines(self._tmp)
+        self.engine_pid = engines[0] if engines else None  # the engine's process (None without /proc)
         self._watchdog = _start_watchdog(self.engine_pid, self._tmp) if self.engine_pid else None
 
     # -- episode control ---------------------------------------------------------------------------
