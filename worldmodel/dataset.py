@@ -295,8 +295,9 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     maps match the manifest, its actions are valid encodings; across shards, every episode runs 0, 1, 2,
     ... without a gap or a duplicate and starts with the no-op action. Raises DatasetError naming the
     first bad shard; returns a summary dict (frames, episodes, maps, bytes, shards, frame_size,
-    action_mix: share of frames per kind of action (see `action_counts`), unlisted: files in shards/ that
-    the manifest does not list, ignored)."""
+    action_mix: share of frames per kind of action (see `action_counts`), coverage: per map, how much of
+    its reachable area the player positions visit (`worldmodel.level.Level.coverage`), unlisted: files in
+    shards/ that the manifest does not list, ignored)."""
     root = Path(root)
     manifest = load_manifest(root)
     frame_size = tuple(manifest["frame_size"])
@@ -304,6 +305,7 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     episode_map: dict[int, str] = {}
     map_frames: dict[str, int] = {}
     mix_counts: dict[str, int] = {}
+    positions: dict[str, list[np.ndarray]] = {}
     shards = manifest["shards"]
     it = shards
     if progress:
@@ -341,6 +343,8 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
             episodes.setdefault(ep, []).append((first, count, name))
         for m, c in zip(*np.unique(arrays["map"], return_counts=True)):
             map_frames[str(m)] = map_frames.get(str(m), 0) + int(c)
+            if "position" in arrays:
+                positions.setdefault(str(m), []).append(arrays["position"][arrays["map"] == m])
     for ep, pieces in episodes.items():
         pieces.sort()
         expect = 0
@@ -359,7 +363,18 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
             "maps": dict(sorted(map_frames.items())), "bytes": sum(s["bytes"] for s in shards),
             "frame_size": list(frame_size), "fps": manifest["fps"], "wad": manifest.get("wad"),
             "action_mix": {k: c / max(1, n_frames) for k, c in mix_counts.items()},
-            "unlisted": unlisted}
+            "coverage": _coverage(manifest.get("wad"), positions), "unlisted": unlisted}
+
+
+def _coverage(wad: str | None, positions: dict[str, list[np.ndarray]]) -> dict[str, dict]:
+    """Per map: the coverage of its reachable area by the frames' player positions (level.py)."""
+    from worldmodel.level import load_level
+
+    out = {}
+    for m, chunks in sorted(positions.items()):
+        level = load_level(wad or "freedoom2", m)
+        out[m] = {**level.coverage(np.concatenate(chunks)), "visits": level.visits(np.concatenate(chunks)).tolist()}
+    return out
 
 
 # what `action_counts` counts: name -> (column of the action vector, test on it)
@@ -704,6 +719,28 @@ def export_start_clips(root: str | Path, out: str | Path, count: int, frames: in
     return written
 
 
+def _save_coverage_maps(summary: dict, path: str | Path) -> None:
+    """One picture per map side by side: frames per 64-unit cell (`level.coverage_map`), enlarged."""
+    import cv2
+
+    from worldmodel.level import coverage_map, load_level
+
+    tiles = []
+    for m, c in summary["coverage"].items():
+        tile = coverage_map(load_level(summary.get("wad") or "freedoom2", m), np.asarray(c["visits"]))
+        tile = np.repeat(np.repeat(tile, 8, 0), 8, 1)
+        cv2.putText(tile, m, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1)
+        tiles.append(tile)
+    if not tiles:
+        raise UserError("no player positions in this dataset: nothing to draw")
+    h = max(t.shape[0] for t in tiles)
+    grid = np.concatenate([np.pad(t, ((0, h - t.shape[0]), (0, 4), (0, 0))) for t in tiles], axis=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+        raise UserError(f"{path}: cannot write the image")
+    print(f"wrote {path}")
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -720,6 +757,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("dir", help="dataset directory (holds manifest.json)")
     v.add_argument("--no-checksum", action="store_true", help="skip the sha256 checksums (faster)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.add_argument("--coverage-map", default=None, metavar="PNG",
+                   help="also draw each map's coverage (frames per cell, north up; red: reachable, never visited)")
     p = sub.add_parser("preview", help="save a PNG grid of frames drawn across a dataset")
     p.add_argument("dir", help="dataset directory")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -749,6 +788,12 @@ def run(args) -> int:
               f"{_human_bytes(summary['bytes'])}")
         print("maps: " + ", ".join(f"{m} {c}" for m, c in summary["maps"].items()))
         print("actions (share of frames): " + ", ".join(f"{k} {v:.1%}" for k, v in summary["action_mix"].items()))
+        for m, c in summary["coverage"].items():
+            print(f"coverage of {m} ({c['cells']} reachable cells of {c['cell_size']}x{c['cell_size']} map units): "
+                  f"visited {c['visited']:.1%}, well covered (a tenth of the mean or more) {c['well_covered']:.1%}, "
+                  f"evenness {c['evenness']:.2f}, frames outside {c['outside']:.1%}")
+        if args.coverage_map:
+            _save_coverage_maps(summary, args.coverage_map)
         if summary["unlisted"]:
             print(f"note: {len(summary['unlisted'])} file(s) in {SHARD_DIR}/ are not in the manifest and were "
                   f"ignored (e.g. {summary['unlisted'][0]})")

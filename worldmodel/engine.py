@@ -61,6 +61,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_supports_bf16() -> bool:
+    """Does this CPU do bfloat16 arithmetic natively (AVX512-BF16 or AMX)? There bf16 matrix
+    multiplication runs about 2.4x float32; elsewhere it is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """"auto": bfloat16 on CUDA, float32 elsewhere."""
     if dtype in (None, "auto"):
