@@ -311,10 +311,21 @@ def _dataset_module():
     return dataset
 
 
-def split_maps(split: str, maps: list[str] | None = None) -> list[str]:
+def split_maps(split: str, maps: list[str] | None = None, path: str | Path | None = None) -> list[str]:
     """The maps a split may read ("train": freedoom2 MAP01-MAP20, "val": MAP21-MAP24), narrowed to
-    `maps` if given; a held-out map (or a training map for "val") is refused."""
+    `maps` if given; a held-out map (or a training map for "val") is refused. A level's dataset
+    (`collect --starts level`, at `path`) holds one map, either the level's training episodes or its
+    held-out ones (its collect.json says which, by construction): it serves its own split only."""
     from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, check_map, split_of
+    level = level_dataset(path) if path is not None else None
+    if level is not None:
+        if level["split"] != split:
+            what = {"train": "training episodes", "val": "held-out episodes"}
+            raise UserError(f"{path} holds {level['map']}'s {what[level['split']]} (a level's dataset); it cannot "
+                            f"serve as {what[split]}")
+        if maps and [m.upper() for m in maps] != [level["map"]]:
+            raise UserError(f"{path} holds {level['map']} only")
+        return [level["map"]]
     allowed = list(TRAIN_MAPS if split == "train" else VAL_MAPS)
     if maps:
         wanted = set()
@@ -327,6 +338,20 @@ def split_maps(split: str, maps: list[str] | None = None) -> list[str]:
     return allowed
 
 
+def level_dataset(path: str | Path) -> dict | None:
+    """{"wad", "map", "split"} of a level's dataset (`collect --starts level`, read from its collect.json),
+    None for any other dataset."""
+    from worldmodel.collect import CONFIG
+
+    try:
+        conf = json.loads((Path(path) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if conf.get("starts") != "level":
+        return None
+    return {"wad": conf["wad"], "map": conf["maps"][0], "split": conf["split"]}
+
+
 def _check_dataset(path: str | Path):
     ds = _dataset_module()
     return ds.load_manifest(path)  # a DatasetError (UserError) if it is not a dataset
@@ -336,7 +361,7 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
                 progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """All frames of the dataset at `path` on the maps of `split` (held-out maps are never read), as
     uint8 (N, H, W, 3); with `max_frames`, every k-th frame so that about that many remain."""
-    allowed = split_maps(split, maps)
+    allowed = split_maps(split, maps, path)
     manifest = _check_dataset(path)
     total = sum(int(manifest.get("maps", {}).get(m, 0)) for m in allowed) or None
     every = max(1, math.ceil(total / max_frames)) if (max_frames and total) else 1
@@ -381,7 +406,7 @@ def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_
     the latents into clips of `clip_frames` consecutive frames of one episode (every `stride` frames;
     `max_clips`: evenly spaced over the dataset). keep_frames > 0 also returns that many clips of real
     frames (evenly spaced), for teacher-forced evaluation."""
-    allowed = split_maps(split, maps)
+    allowed = split_maps(split, maps, path)
     _check_dataset(path)
     device = autoencoder.latent_mean.device
     lat, act, ep, fi, mp, frames = [], [], [], [], [], []
@@ -422,7 +447,7 @@ def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_
 def read_eval_clips(path: str | Path, n: int, clip_frames: int, split: str = "val", seed: int = 0) -> FrameClips:
     """n clips of real frames from the dataset loader (`ClipDataset`), evenly spaced over the split's
     episodes: the context, target and rollout frames of teacher-forced evaluation and sample strips."""
-    ds = _dataset_module().ClipDataset(path, clip_len=clip_frames, maps=split_maps(split), stride=clip_frames, seed=seed)
+    ds = _dataset_module().ClipDataset(path, clip_len=clip_frames, maps=split_maps(split, path=path), stride=clip_frames, seed=seed)
     if not len(ds):
         raise UserError(f"{path}: no clip of {clip_frames} frames on the {split} maps")
     pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().tolist()
@@ -1551,7 +1576,7 @@ def run_model(args) -> int:
     if not ae_file.is_file():  # a checkpoint folder
         ae_file = Path(args.autoencoder) / WEIGHT_FILES["autoencoder"]
     ae = ae.to(dist.device)
-    maps = split_maps("train", _maps(args))
+    maps = split_maps("train", _maps(args), args.data)
     if args.no_cache:
         train = OnlineClips(args.data, ae, F_, maps, args.seed, args.clip_stride)
     else:
@@ -1569,6 +1594,9 @@ def run_model(args) -> int:
             print(f"worldmodel train: no validation data ({e}); no validation loss or samples", file=sys.stderr)
     info = {"data": str(args.data), "val_data": _val_source(args) if val is not None else None,
             "autoencoder": str(args.autoencoder), "autoencoder_info": ae_config.get("info", {})}
+    level = level_dataset(args.data)
+    if level is not None:  # a level model: play, record, bench and eval default to its level
+        info["level"] = {"wad": level["wad"], "map": level["map"]}
     s = train_model(train, args.out, cfg, tcfg, ae, val, val_frames, resume=args.resume, info=info)
     if rank == 0:
         v = s["validation"]
