@@ -694,29 +694,71 @@ def export_start_clips(root: str | Path, out: str | Path, count: int, frames: in
     """Write `count` start clips of `frames` consecutive frames each (from different episodes, `skip`
     frames into the shard so the scene is under way) as `out/clipNN.npz` with `frames` uint8
     (N, H, W, 3) and `actions` float32 (N, 5): the start scenes a checkpoint ships so that playing
-    needs no dataset."""
+    needs no dataset. Where the shards hold player positions, the clips are spread over the places
+    the data went (farthest-point sampling over the clips' positions, per map in turn), so that a
+    level model's start scenes show the whole level; otherwise the first episodes are taken."""
+    keep = None if maps is None else {m.upper() for m in maps}
+    cands = []  # (shard name, first row, map, x, y): one clip per episode
+    seen_episodes: set[int] = set()
+    for s in load_manifest(root)["shards"]:
+        if keep is not None and not keep.intersection(s["maps"]):
+            continue
+        try:
+            with np.load(Path(root) / s["name"], allow_pickle=False) as z:  # the small arrays only
+                small = {k: z[k] for k in ("episode", "map", "position") if k + ".npy" in z.zip.namelist()}
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{s['name']}: unreadable shard ({e})") from None
+        for start, end in _run_bounds(small["episode"]):
+            ep = int(small["episode"][start])
+            m = str(small["map"][start])
+            if ep in seen_episodes or end - start < skip + frames or (keep is not None and m not in keep):
+                continue
+            seen_episodes.add(ep)
+            xy = small["position"][start + skip, :2] if "position" in small else (np.nan, np.nan)
+            cands.append((s["name"], start + skip, m, float(xy[0]), float(xy[1])))
+            if "position" not in small and len(cands) == count:
+                break
+        if "position" not in small and len(cands) == count:
+            break
+    if len(cands) < count:
+        raise DatasetError(f"{root}: found only {len(cands)} episodes with {skip + frames} frames for start clips")
+    picked = _spread(cands, count) if all(np.isfinite(c[3]) for c in cands) else cands[:count]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    seen_episodes: set[int] = set()
-    for arrays in iter_shards(root, maps):
-        if len(written) == count:
-            break
-        for start, end in _run_bounds(arrays["episode"]):
-            ep = int(arrays["episode"][start])
-            if ep in seen_episodes or end - start < skip + frames:
-                continue
-            seen_episodes.add(ep)
-            sl = slice(start + skip, start + skip + frames)
-            path = out / f"clip{len(written):02d}.npz"
-            buf = io.BytesIO()
-            np.savez_compressed(buf, frames=arrays["frames"][sl], actions=arrays["actions"][sl].astype(np.float32))
-            atomic_write_bytes(path, buf.getvalue())
-            written.append(path)
-            break
-    if len(written) < count:
-        raise DatasetError(f"{root}: found only {len(written)} episodes with {skip + frames} frames for start clips")
+    for name, first, _, _, _ in picked:
+        arrays = load_shard(root, name)
+        sl = slice(first, first + frames)
+        path = out / f"clip{len(written):02d}.npz"
+        buf = io.BytesIO()
+        np.savez_compressed(buf, frames=arrays["frames"][sl], actions=arrays["actions"][sl].astype(np.float32))
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
     return written
+
+
+def _spread(cands: list[tuple], count: int) -> list[tuple]:
+    """`count` candidates (name, row, map, x, y), maps in turn, each map's far apart (farthest point)."""
+    by_map: dict[str, list[tuple]] = {}
+    for c in cands:
+        by_map.setdefault(c[2], []).append(c)
+    order = sorted(by_map)
+    chosen: dict[str, list[int]] = {m: [] for m in order}
+    out = []
+    while len(out) < count:
+        for m in order:
+            group = by_map[m]
+            if len(out) == count or len(chosen[m]) == len(group):
+                continue
+            xy = np.array([(c[3], c[4]) for c in group])
+            if not chosen[m]:  # the candidate nearest the middle of the map's data first
+                i = int(np.argmin(np.linalg.norm(xy - np.median(xy, 0), axis=1)))
+            else:
+                d = np.min(np.linalg.norm(xy[:, None] - xy[chosen[m]][None], axis=2), axis=1)
+                i = int(np.argmax(d))
+            chosen[m].append(i)
+            out.append(group[i])
+    return out
 
 
 def _save_coverage_maps(summary: dict, path: str | Path) -> None:
