@@ -98,6 +98,17 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert again["losses"] == [] and again["start_step"] == 8
 
 
+def test_max_time_stops_with_a_checkpoint_that_resume_continues(tmp_path):
+    cfg = tiny_config()
+    data = synthetic_latents(cfg)
+    full = T.train_model(data, tmp_path / "full", cfg, quick())
+    first = T.train_model(data, tmp_path / "run", cfg, quick(max_time=1e-9))  # out of time after one step
+    assert first["steps"] == 1 and len(first["losses"]) == 1
+    assert [p.name for p in T.checkpoint_dirs(tmp_path / "run")] == ["step_00000001"]
+    rest = T.train_model(data, tmp_path / "run", cfg, quick(), resume=True)
+    assert rest["start_step"] == 1 and first["losses"] + rest["losses"] == full["losses"]
+
+
 def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     from worldmodel.autoencoder import Autoencoder
     from worldmodel.checkpoint import save_pretrained
@@ -389,3 +400,62 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["train", "model", "--data", str(data), "--autoencoder", str(tmp_path / "none"),
                "--out", str(tmp_path / "m"), "--no-progress"])
     assert rc == 2 and "no such autoencoder" in capsys.readouterr().err
+
+
+def _active_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = T.WorldTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero would make the blocks identities
+            p.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("prev_frame", [False, True])
+def test_self_forced_rollout_is_the_engines_rollout(prev_frame):
+    """The self-made context of Self Forcing comes from the engine's own sampling path: for the same seed,
+    context and actions, `self_forced_clip` holds exactly the latents `WorldModel.step` generates."""
+    from worldmodel.action import Action, decode_actions
+    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.engine import WorldModel
+
+    cfg = tiny_config(prev_frame=prev_frame, sample_steps=2)
+    model = _active_model(cfg).eval()
+    ae = Autoencoder(cfg.autoencoder).eval()
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randint(0, 256, (cfg.clip_frames, *cfg.frame_size, 3), generator=g, dtype=torch.uint8)
+    acts = decode_actions(torch.rand(cfg.clip_frames, cfg.action_dim, generator=g) * 2 - 1)
+    acts = [Action(move=a.move, strafe=a.strafe, turn=a.turn) for a in acts]
+    real, k, seed = 3, 2, 1234
+    wm = WorldModel(cfg, ae, model, device="cpu", dtype="float32", seed=seed)
+    latents = wm.encode(frames)[None].float()  # (1, F, C, h, w): what the engine sees of the frames
+    a = torch.stack([x.to_tensor() for x in acts])[None]
+    clip = T.self_forced_clip(model, cfg, latents, a, real, k, steps=2, seed=seed)
+    wm.reset(frames[:real].numpy(), acts[:real])
+    engine = []
+    for i in range(k):
+        wm.step(acts[real + i])
+        engine.append(wm.sampler._pending[-1][0])  # the latent the engine just generated (B, 1, C, h, w)
+    torch.testing.assert_close(clip[:, real:real + k], torch.cat(engine, 1), rtol=0, atol=1e-6)
+    assert torch.equal(clip[:, :real], latents[:, :real]) and torch.equal(clip[:, real + k:], latents[:, real + k:])
+    assert not torch.allclose(clip[:, real:real + k], latents[:, real:real + k])
+
+
+def test_self_forcing_layout_and_training_run(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t, w = T.self_forcing_layout(4, 6, real=2, k=3, context_max=0.3, g=g)
+    assert (t[:, :5] <= 0.3).all() and w[:, 2:5].sum() == 0 and w[:, :2].eq(1).all() and w[:, 5].eq(1).all()
+    cfg = tiny_config(prev_frame=True)
+    data = synthetic_latents(cfg)
+    s = T.train_model(data, tmp_path / "sf", cfg, quick(steps=3, self_forcing=2, self_forcing_prob=1.0))
+    assert len(s["losses"]) == 3 and all(np.isfinite(s["losses"]))
+
+
+def test_self_forcing_flags_refuse_bad_values(tmp_path, capsys):
+    from worldmodel.cli import main
+    for flags, what in ((["--self-forcing", "-1"], "--self-forcing"), (["--self-forcing-prob", "1.5"], "--self-forcing"),
+                        (["--max-time", "-5"], "--max-time")):
+        rc = main(["train", "model", "--data", str(tmp_path), "--autoencoder", str(tmp_path), "--out",
+                   str(tmp_path / "m"), "--no-progress", *flags])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and what in err and len(err.splitlines()) == 1, err

@@ -109,6 +109,8 @@ class ModelTrainConfig:
     context_prob: float = 0.5  # share of clips laid out as context prefix + noisy frames
     context_max: float = 0.3  # highest noise level of a context frame (noise augmentation)
     noise_shift: float = 1.0  # > 1: noise levels of the other frames biased towards pure noise
+    self_forcing: int = 0  # > 0: on a share of the steps, K context frames are the model's own rollout
+    self_forcing_prob: float = 0.5  # the share of steps that are self-forced
     clip_frames: int = 0  # 0: the model's `clip_frames` (sinks + window + max draft)
     init: str | None = None  # a checkpoint folder whose transformer weights start a new run
     seed: int = 0
@@ -120,6 +122,7 @@ class ModelTrainConfig:
     eval_clips: int = 16  # validation clips for teacher-forced PSNR
     sample_steps: int = 0  # 0: the model's `sample_steps`
     compile: bool = False
+    max_time: float = 0.0  # > 0: stop after this many seconds of training in this process (checkpoint + export)
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (`amp_enabled`)
     device: str = "auto"
     progress: bool = True
@@ -735,6 +738,37 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 
 @torch.no_grad()
+def self_forced_clip(model: WorldTransformer, cfg: ModelConfig, x0: torch.Tensor, actions: torch.Tensor,
+                     real: int, k: int, steps: int, seed: int) -> torch.Tensor:
+    """Self Forcing's context, the training path being the inference path: from the first `real` frames
+    of real clips x0 (B, F, C, h, w) (their actions (B, F, A)), the model rolls out the next k frames
+    with the engine's own sampler (`FrameSampler`: the KV cache, the fused commit, counter-based noise
+    seeded by `seed`, `steps` Euler steps), fed the real actions. Returns x0 with frames real..real+k-1
+    replaced by the model's own (no gradient flows into them)."""
+    was_training = model.training
+    model.eval()
+    sampler = FrameSampler(model, cfg, steps, seed=seed, batch_size=x0.shape[0])
+    sampler.reset(x0[:, :real], actions[:, :real])
+    own = [sampler.next(actions[:, real + i:real + i + 1]) for i in range(k)]
+    model.train(was_training)
+    return torch.cat((x0[:, :real], *[o.to(x0.dtype) for o in own], x0[:, real + k:]), dim=1)
+
+
+def self_forcing_layout(batch: int, frames: int, real: int, k: int, context_max: float, g: torch.Generator,
+                        shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise levels (batch, frames) and loss weights (batch, frames) of a self-forced clip: the real and
+    the self-made context (the first real + k frames) at context levels in [0, context_max] as the
+    engine commits them, the frames after it at independent levels (Diffusion Forcing); the loss counts
+    every frame but the self-made ones (their clean values are the model's own, not the game's)."""
+    t = diffusion.shift_noise_levels(diffusion.sample_noise_levels((batch, frames), generator=g), shift)
+    ctx = torch.rand((batch, real + k), generator=g) * context_max
+    t = torch.cat((ctx, t[:, real + k:]), dim=1)
+    w = torch.ones(batch, frames)
+    w[:, real:real + k] = 0.0
+    return t, w
+
+
+@torch.no_grad()
 def validation_loss(model: nn.Module, clips: LatentClips, n: int, batch: int, seed: int, device,
                     context_prob: float, context_max: float) -> float:
     """Mean flow-matching loss over the first n clips with fixed noise (comparable across steps)."""
@@ -1156,6 +1190,12 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
     b = tcfg.batch // dist.world
     lo, hi = dist.rank * b, (dist.rank + 1) * b
     steps_eval = tcfg.sample_steps or cfg.sample_steps
+    sf_steps = steps_eval if tcfg.self_forcing else 0  # the rollout samples as the engine does
+    # 1..sf_real_max real frames start the rollout; at least one target frame follows the self-made ones
+    sf_real_max = min(cfg.cache_frames, F_ - tcfg.self_forcing - 1)
+    if tcfg.self_forcing and sf_real_max < 1:
+        raise UserError(f"--self-forcing {tcfg.self_forcing}: a {F_}-frame clip has no room for a real frame, "
+                        f"{tcfg.self_forcing} self-made ones and a target")
     losses: list[float] = []
     hw = hardware(device)
 
@@ -1196,6 +1236,8 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
 
     bar = _progress(tcfg, dist, start, "model")
     window_t, n_since = 0.0, 0
+    t_process = time.perf_counter()
+    stopped = None
     model.train()
     for step in range(start, tcfg.steps):
         t_step = time.perf_counter()
@@ -1205,12 +1247,24 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
         # the global batch of this step (data, noise levels, noise), of which this rank takes its slice
         x0, a = train.batch(step, tcfg.batch, lo, hi, tcfg.seed)
         g = step_generator(tcfg.seed, step, stream=3)
-        t = diffusion.sample_training_noise_levels(tcfg.batch, F_, g, context_prob=tcfg.context_prob,
-                                                   context_max=tcfg.context_max, shift=tcfg.noise_shift)
+        weight = None
+        g_sf = step_generator(tcfg.seed, step, stream=4)
+        if sf_steps and torch.rand((), generator=g_sf) < tcfg.self_forcing_prob:
+            # Self Forcing: k context frames are the model's own rollout from `real` real ones
+            real = int(torch.randint(1, sf_real_max + 1, (), generator=g_sf))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                x0 = self_forced_clip(model, cfg, x0.to(device), a.to(device), real, tcfg.self_forcing, sf_steps,
+                                      seed=tcfg.seed * 1_000_003 + step)
+            t, weight = self_forcing_layout(tcfg.batch, F_, real, tcfg.self_forcing, tcfg.context_max, g,
+                                            tcfg.noise_shift)
+            weight = weight[lo:hi].to(device)
+        else:
+            t = diffusion.sample_training_noise_levels(tcfg.batch, F_, g, context_prob=tcfg.context_prob,
+                                                       context_max=tcfg.context_max, shift=tcfg.noise_shift)
         noise = torch.randn((tcfg.batch, *x0.shape[1:]), generator=g)[lo:hi]
         x0, a, t, noise = x0.to(device), a.to(device), t[lo:hi].to(device), noise.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = diffusion.flow_matching_loss(net, x0, a, t, noise)
+            loss = diffusion.flow_matching_loss(net, x0, a, t, noise, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip) if tcfg.grad_clip else torch.zeros(())
@@ -1244,7 +1298,8 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
                         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                               for k, v in last_val.items()))
             dist.barrier()
-        if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
+        out_of_time = bool(tcfg.max_time) and _flag(time.perf_counter() - t_process >= tcfg.max_time)
+        if done % tcfg.ckpt_every == 0 or done == tcfg.steps or out_of_time:
             if dist.main:
                 save_checkpoint(out, done, {"model": model, "ema": ema}, opt,
                                 {"elapsed_s": elapsed, "kind": "model", "world_size": dist.world,
@@ -1253,11 +1308,17 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
                                 tcfg.keep_checkpoints)
                 do_export(done)
             dist.barrier()
+        if out_of_time:
+            stopped = done
+            if dist.main:
+                print(f"\nworldmodel train: --max-time {tcfg.max_time:g} s reached at step {done} of {tcfg.steps}; "
+                      f"checkpointed and exported (--resume continues)", file=sys.stderr)
+            break
     if bar is not None:
         bar.close()
     if start >= tcfg.steps and dist.main and resume:  # a finished run resumed: export it again
         do_export(start)
-    return {"steps": tcfg.steps, "start_step": start, "losses": losses, "time_s": round(elapsed, 1),
+    return {"steps": stopped or tcfg.steps, "start_step": start, "losses": losses, "time_s": round(elapsed, 1),
             "validation": last_val, "world_size": dist.world, "export": str(out / "export") if autoencoder else None,
             "model": model, "ema": ema}
 
@@ -1351,6 +1412,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--grad-clip", type=float, default=d.grad_clip)
     m.add_argument("--weight-decay", type=float, default=d.weight_decay)
     m.add_argument("--clip-frames", type=int, default=0, help="training clip length (default: the model's clip_frames)")
+    m.add_argument("--self-forcing", type=int, default=d.self_forcing, metavar="K",
+                   help="Self Forcing: on a share of the steps (--self-forcing-prob), K context frames are the "
+                        "model's own rollout (the engine's sampler and KV cache, from real frames, fed the real "
+                        "actions) and the frames after them are trained against the real game (default 0: off)")
+    m.add_argument("--self-forcing-prob", type=float, default=d.self_forcing_prob,
+                   help="share of self-forced steps (default %(default)s)")
     m.add_argument("--context-prob", type=float, default=d.context_prob)
     m.add_argument("--context-max", type=float, default=d.context_max)
     m.add_argument("--noise-shift", type=float, default=d.noise_shift,
@@ -1365,6 +1432,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--no-cache", action="store_true",
                    help="encode clips from the dataset loader at every step instead of caching latents")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
+    m.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
+                   help="stop after this many seconds of training (checkpointed and exported; --resume continues): "
+                        "a run that uses the time there is, e.g. a lent GPU's minutes")
     m.add_argument("--no-amp", action="store_true",
                    help="no bf16 autocast (on by default on CUDA and on CPUs with native bf16: AVX512-BF16, AMX)")
     m.set_defaults(_train=run_model)
@@ -1550,6 +1620,11 @@ def prepare_latents(ae: Autoencoder, ae_digest: str, data: str, split: str, clip
 
 
 def run_model(args) -> int:
+    if args.max_time < 0:
+        raise UserError(f"--max-time must not be negative, got {args.max_time:g}")
+    if args.self_forcing < 0 or not 0.0 <= args.self_forcing_prob <= 1.0:
+        raise UserError(f"--self-forcing must be >= 0 and --self-forcing-prob within 0..1, got {args.self_forcing} "
+                        f"and {args.self_forcing_prob:g}")
     ae, ae_config = load_autoencoder(args.autoencoder)
     ae_model = ae_config.get("model")
     base = {}
@@ -1566,8 +1641,10 @@ def run_model(args) -> int:
                             val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                             ema_decay=args.ema_decay, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
                             clip_frames=args.clip_frames, init=args.init, context_prob=args.context_prob, context_max=args.context_max,
-                            noise_shift=args.noise_shift,
+                            noise_shift=args.noise_shift, self_forcing=args.self_forcing,
+                            self_forcing_prob=args.self_forcing_prob,
                             val_clips=args.val_clips, eval_clips=args.eval_clips, compile=args.compile,
+                            max_time=args.max_time,
                             amp=not args.no_amp, device=args.device, progress=not args.no_progress)
     F_ = tcfg.frames(cfg)
     progress = tcfg.progress and rank == 0
