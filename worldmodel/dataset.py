@@ -617,12 +617,13 @@ class StepSampler:
             step += 1
 
 
-def iter_shards(root: str | Path, maps: Iterable[str] | None = None) -> Iterator[dict]:
-    """Every shard's arrays in manifest order (with "name"), restricted to frames of `maps` if given."""
+def iter_shards(root: str | Path, maps: Iterable[str] | None = None, names: set[str] | None = None) -> Iterator[dict]:
+    """Every shard's arrays in manifest order (with "name"), restricted to frames of `maps` and to the
+    shards in `names` if given."""
     manifest = load_manifest(root)
     keep = None if maps is None else {m.upper() for m in maps}
     for s in manifest["shards"]:
-        if keep is not None and not keep.intersection(s["maps"]):
+        if (keep is not None and not keep.intersection(s["maps"])) or (names is not None and s["name"] not in names):
             continue
         arrays = load_shard(root, s["name"])
         if keep is not None and not set(s["maps"]) <= keep:

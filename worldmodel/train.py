@@ -61,6 +61,7 @@ from worldmodel.progress import progress_bar
 from worldmodel.sampler import FrameSampler
 
 STATE_FORMAT = 1
+READ_SPREAD = 4  # read_frames with max_frames: read this many times more frames than kept, from spread shards
 AE_FILE = "autoencoder.safetensors"
 
 # --------------------------------------------------------------------------------------------------
@@ -363,13 +364,20 @@ def _check_dataset(path: str | Path):
 def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max_frames: int | None = None,
                 progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """All frames of the dataset at `path` on the maps of `split` (held-out maps are never read), as
-    uint8 (N, H, W, 3); with `max_frames`, every k-th frame so that about that many remain."""
+    uint8 (N, H, W, 3); with `max_frames`, about that many spread over the dataset: every k-th frame
+    of shards spread evenly over it (at most READ_SPREAD times as many shards as the frames need, so a
+    large dataset is not decompressed whole for a small sample)."""
     allowed = split_maps(split, maps, path)
     manifest = _check_dataset(path)
-    total = sum(int(manifest.get("maps", {}).get(m, 0)) for m in allowed) or None
+    names = [s["name"] for s in manifest["shards"] if set(s["maps"]) & set(allowed)]
+    total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names)) or None
+    if max_frames and total and len(names) > 1:
+        want = min(len(names), math.ceil(READ_SPREAD * max_frames * len(names) / total))
+        names = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, want).round().astype(int))]
+        total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names))
     every = max(1, math.ceil(total / max_frames)) if (max_frames and total) else 1
     out, seen = [], set()
-    shards = _dataset_module().iter_shards(path, allowed)
+    shards = _dataset_module().iter_shards(path, allowed, names=set(names))
     if progress:
         shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False,
                               disable=None)
