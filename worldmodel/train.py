@@ -1464,9 +1464,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: int = 3, device: str = "auto",
-                       compile: bool = False, amp: bool = True, clip_frames: int = 0) -> dict:
+                       compile: bool = False, amp: bool = True, clip_frames: int = 0, device_data: bool = False,
+                       on_step=None) -> dict:
     """Training throughput of the transformer in clips/s: full steps (noise levels, forward, backward,
-    clipping, AdamW, EMA) on random latents of the model's shape -- the same work as on real data."""
+    clipping, AdamW, EMA) on random latents of the model's shape -- the same work as on real data,
+    where each step's noise levels and noise are drawn on the host and copied over, as in `train
+    model`. `device_data`: draw them on the device instead (the device's work alone). `on_step(i)` is
+    called after each step (a profiler's step)."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     F_ = clip_frames or cfg.clip_frames
@@ -1479,13 +1483,15 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, F_, *cfg_latent(cfg), generator=g).to(dev)
     a = torch.randn(batch, F_, cfg.action_dim, generator=g).to(dev)
+    data_dev = dev if device_data else torch.device("cpu")
+    g_data = torch.Generator(device=data_dev).manual_seed(1)
     times = []
     for i in range(warmup + steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        t = diffusion.sample_training_noise_levels(batch, F_, g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = diffusion.sample_training_noise_levels(batch, F_, g_data, device=data_dev).to(dev)
+        noise = torch.randn(x0.shape, generator=g_data, device=data_dev).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = diffusion.flow_matching_loss(net, x0, a, t, noise)
         opt.zero_grad(set_to_none=True)
@@ -1497,6 +1503,8 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(i)
     times.sort()
     med = times[len(times) // 2]
     return {"clips_per_s": batch / med, "clips_per_s_mean": batch * len(times) / sum(times),
@@ -1504,7 +1512,7 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
             "tokens_per_clip": F_ * cfg.tokens_per_frame, "steps_timed": steps, "warmup_steps": warmup,
             "params": sum(p.numel() for p in model.parameters()), "device": hardware(dev),
             "device_type": dev.type, "threads": torch.get_num_threads(), "compile": compile,
-            "amp_bf16": use_amp, "torch": torch.__version__,
+            "amp_bf16": use_amp, "data": "device" if device_data else "host", "torch": torch.__version__,
             "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "cpu_count": os.cpu_count()}
 
