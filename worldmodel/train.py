@@ -186,6 +186,12 @@ def amp_enabled(want: bool, device: torch.device) -> bool:
     return bool(want) and (device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()))
 
 
+def add_amp_argument(parser: argparse.ArgumentParser) -> None:
+    """`--no-amp` (`train model`, `distill`): the switch of `amp_enabled`."""
+    parser.add_argument("--no-amp", action="store_true",
+                        help="no bf16 autocast (on by default on CUDA and on CPUs with native bf16: AVX512-BF16, AMX)")
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -369,12 +375,8 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     large dataset is not decompressed whole for a small sample)."""
     allowed = split_maps(split, maps, path)
     manifest = _check_dataset(path)
-    names = [s["name"] for s in manifest["shards"] if set(s["maps"]) & set(allowed)]
+    names = spread_shards(manifest, allowed, max_frames)
     total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names)) or None
-    if max_frames and total and len(names) > 1:
-        want = min(len(names), math.ceil(READ_SPREAD * max_frames * len(names) / total))
-        names = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, want).round().astype(int))]
-        total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names))
     every = max(1, math.ceil(total / max_frames)) if (max_frames and total) else 1
     out, seen = [], set()
     shards = _dataset_module().iter_shards(path, allowed, names=set(names))
@@ -390,6 +392,19 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     if max_frames and len(frames) > max_frames:
         frames = frames[torch.linspace(0, len(frames) - 1, max_frames).round().long()]
     return frames, sorted(seen)
+
+
+def spread_shards(manifest: dict, allowed: list[str], max_frames: int | None = None) -> list[str]:
+    """The dataset's shards with frames of the `allowed` maps; with `max_frames`, only shards spread
+    evenly over them that hold about READ_SPREAD times that many frames (so a large dataset is not
+    decompressed whole for a small sample)."""
+    shards = [s for s in manifest["shards"] if set(s["maps"]) & set(allowed)]
+    names = [s["name"] for s in shards]
+    total = sum(s["frames"] for s in shards)
+    if max_frames and total and len(names) > 1:
+        want = min(len(names), math.ceil(READ_SPREAD * max_frames * len(names) / total))
+        names = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, want).round().astype(int))]
+    return names
 
 
 def clip_starts(episode: torch.Tensor, frame_index: torch.Tensor, clip_frames: int, stride: int = 1) -> torch.Tensor:
@@ -415,13 +430,15 @@ def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_
                    ) -> tuple[LatentClips, FrameClips | None]:
     """Encode every frame of the split's maps with the (frozen) autoencoder, shard by shard, and cut
     the latents into clips of `clip_frames` consecutive frames of one episode (every `stride` frames;
-    `max_clips`: evenly spaced over the dataset). keep_frames > 0 also returns that many clips of real
-    frames (evenly spaced), for teacher-forced evaluation."""
+    `max_clips`: evenly spaced over shards spread over the dataset, `spread_shards` of the frames that
+    many clips cover). keep_frames > 0 also returns that many clips of real frames (evenly spaced), for
+    teacher-forced evaluation."""
     allowed = split_maps(split, maps, path)
-    _check_dataset(path)
+    manifest = _check_dataset(path)
+    names = spread_shards(manifest, allowed, max_clips * clip_frames if max_clips else None)
     device = autoencoder.latent_mean.device
     lat, act, ep, fi, mp, frames = [], [], [], [], [], []
-    shards = _dataset_module().iter_shards(path, allowed)
+    shards = _dataset_module().iter_shards(path, allowed, names=set(names))
     if progress:
         shards = progress_bar(shards, desc=f"encoding {Path(path).name} ({split})", unit="shard", leave=False,
                               disable=None)
@@ -1443,8 +1460,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this many seconds of training (checkpointed and exported; --resume continues): "
                         "a run that uses the time there is, e.g. a lent GPU's minutes")
-    m.add_argument("--no-amp", action="store_true",
-                   help="no bf16 autocast (on by default on CUDA and on CPUs with native bf16: AVX512-BF16, AMX)")
+    add_amp_argument(m)
     m.set_defaults(_train=run_model)
     b = sub.add_parser("throughput", help="measure training throughput (clips/s) on random latents",
                        description="Time full training steps of the transformer on random latents of the "

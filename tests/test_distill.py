@@ -1,0 +1,149 @@
+"""`worldmodel distill`'s student objectives (regression, adversarial, dmd): each update moves only its own
+model (the teacher never; the student's loss never the critic or the fake score; the critic's loss never
+the student), the distillation's two paths (a pass over the whole clip, the KV cache the engine uses)
+agree for models with and without the previous frame as input, each new flag refuses a bad value with
+one line, and a short run of every objective gives finite losses and checkpoints that load and play.
+Tiny shapes throughout (32x32 frames, 16 tokens a frame, dim 64, 2 blocks)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel import distill as D
+from worldmodel.model import WorldTransformer
+
+from test_model import tiny_config
+from test_train import make_dataset
+
+
+def active_teacher(cfg, seed=0) -> WorldTransformer:
+    torch.manual_seed(seed)
+    model = WorldTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero would make the blocks identities and the output zero
+            p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def batch(cfg, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = cfg.cache_frames
+    return (torch.randn(n, K + 1, cfg.latent_channels, *cfg.latent_size, generator=g),
+            torch.randn(n, K + 1, cfg.action_dim, generator=g).clamp(-1, 1))
+
+
+def state(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("objective", D.OBJECTIVES)
+def test_each_update_moves_only_its_own_model(objective):
+    """The student's step leaves the teacher and the critic (the adversarial critic with its spectral-norm
+    state, or DMD's fake score) bit-identical; the critic's step leaves the student and the teacher."""
+    cfg = tiny_config(prev_frame=True, sample_steps=2)
+    d = D.Distillation(active_teacher(cfg), cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
+    x0, a = batch(cfg)
+    g = torch.Generator().manual_seed(1)
+    clip = D.Clip.of(cfg, x0, a, g)
+    teacher, student = state(d.teacher), state(d.student)
+    critic = None if d.critic is None else state(d.critic)
+    losses, sample = d.student_step(clip, g)
+    assert all(math.isfinite(v) for v in losses.values())
+    assert same(state(d.teacher), teacher)
+    assert not same(state(d.student), student)
+    if objective == "regression":
+        assert d.critic is None and sample is None
+        return
+    assert objective in losses and sample.shape == clip.target.shape and not sample.requires_grad
+    assert same(state(d.critic), critic)
+    teacher, student = state(d.teacher), state(d.student)
+    assert math.isfinite(d.critic_step(clip, sample, g)["critic"])
+    assert same(state(d.teacher), teacher) and same(state(d.student), student)
+    assert not same(state(d.critic), critic)
+
+
+@pytest.mark.parametrize("prev_frame", [False, True])
+def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
+    """What the student is trained through (one pass over context + target frame) is what the teacher's
+    targets and the engine use (the context committed into the KV cache, which with `prev_frame` also
+    carries the last context frame as the target's previous frame): the same velocity, and the same
+    2-step sample as two cached Euler steps from the same noise."""
+    cfg = tiny_config(prev_frame=prev_frame, sample_steps=2)
+    model = active_teacher(cfg, seed=3)
+    x0, a = batch(cfg, seed=4)
+    clip = D.Clip.of(cfg, x0, a, torch.Generator().manual_seed(5))
+    x = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(6))
+    t_a, t_b = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.4, 0.1, 0.0])
+    secant = D.teacher_targets(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1], x, a[:, -1:], t_a, t_b, 1)
+    with torch.no_grad():
+        v = D.velocity(model, clip, x, t_a)
+    assert v.abs().mean() > 0.05
+    torch.testing.assert_close(v, secant, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        sample = D.student_sample(model, cfg, clip, 2, torch.Generator().manual_seed(7))
+        z = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(7))
+        cache = D.commit_context(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1])
+        ts = D.schedule(cfg, 2).tolist()
+        for i in range(2):
+            z = z + (ts[i + 1] - ts[i]) * model.forward_cached(z, torch.full((3, 1), ts[i]), a[:, -1:], cache)
+    torch.testing.assert_close(sample, z, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--objective", "gan"), ("--objective", "regression,gan"), ("--objective", ","),
+    ("--adv-weight", "0"), ("--adv-weight", "-1"), ("--adv-weight", "nan"),
+    ("--dmd-weight", "0"), ("--dmd-weight", "inf"), ("--critic-lr", "0"), ("--critic-lr", "-1e-4"),
+    ("--iters", "0"), ("--ema", "1"),
+])
+def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value):
+    from worldmodel.cli import main
+    rc = main(["distill", "--teacher", str(tmp_path / "none"), "--data", str(tmp_path / "none"), "--out",
+               str(tmp_path / "out"), f"{flag}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and flag in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_play(tmp_path, capsys):
+    """All three objectives in one run, on a level-style teacher (previous frame as input): the report
+    holds each student's losses and evaluation beside the teacher's, and each checkpoint loads, samples
+    in its own number of steps and plays."""
+    from worldmodel.action import Action
+    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.cli import main
+    from worldmodel.engine import WorldModel
+
+    cfg = tiny_config(prev_frame=True, sample_steps=2)
+    torch.manual_seed(0)
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), active_teacher(cfg), device="cpu").save_pretrained(tmp_path / "t")
+    data = make_dataset(tmp_path / "data", frames=40)
+    out = tmp_path / "out"
+    rc = main(["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--out", str(out),
+               "--objective", "regression,adversarial,dmd", "--steps-student", "1", "--iters", "3", "--batch", "2",
+               "--teacher-steps", "2", "--max-clips", "16", "--eval-clips", "2", "--rollout", "2", "--threads", "1",
+               "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "sharpness" in captured.out and "adversarial" in captured.out  # the comparison table
+    report = json.loads((out / "distill_report.json").read_text())
+    assert sorted(report["students"]) == ["adversarial-1", "dmd-1", "regression-1"]
+    assert report["teacher_eval"].keys() == {"1", "2"}
+    for name, entry in report["students"].items():
+        objective = name.split("-")[0]
+        expected = {"regression", "loss"} | (set() if objective == "regression" else {objective, "critic"})
+        assert set(entry["losses"]) == expected
+        assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
+        assert all(math.isfinite(entry["eval"][k]) for k in ("psnr_1", "psnr_rollout", "sharpness_ratio"))
+        wm = WorldModel.from_pretrained(out / objective, device="cpu")
+        assert wm.steps == 1 and wm.info["distill"]["objective"] == objective
+        assert wm.cfg.prev_frame
+        frames = np.zeros((cfg.cache_frames, 32, 32, 3), np.uint8)
+        wm.reset(frames, [Action()] * cfg.cache_frames)
+        frame = wm.step(Action(move=1))
+        assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
