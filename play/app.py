@@ -38,6 +38,7 @@ from play.worker import FrameWorker  # noqa: E402
 from worldmodel.action import Action, load_actions  # noqa: E402
 from worldmodel.cli_common import DEFAULT_CHECKPOINT, load_model  # noqa: E402
 from worldmodel.errors import UserError  # noqa: E402
+from worldmodel.maps import add_wad_argument  # noqa: E402
 
 MAX_STEPS = 64
 WAKE_MARGIN = 0.003  # seconds: the loop's waits end this much before the next update or tic is due
@@ -531,7 +532,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--real", action="store_true", help="play the real game (ViZDoom) in the same window")
     g.add_argument("--replay", metavar="MP4", help="play back a recording")
     src.add_argument("--map", default="MAP01", help="map of the real game for start scenes and --real (default MAP01)")
-    src.add_argument("--wad", default="freedoom2", choices=("freedoom2", "freedoom1"))
+    add_wad_argument(src)
     src.add_argument("--start", choices=("auto", "real", "clips"), default="auto",
                      help="start scenes: the real game on --map, or the clips shipped with the checkpoint "
                           "(auto: clips when the checkpoint has them)")

@@ -46,7 +46,7 @@ import numpy as np
 
 from worldmodel import dataset as ds
 from worldmodel.errors import UserError, sigterm_unwinds
-from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, check_map, parse_maps, split_of
+from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, add_wad_argument, check_map, parse_maps, split_of
 
 SEGMENT_STRIDE = 1_000_000_000
 CONFIG = "collect.json"
@@ -487,6 +487,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most this many unrecorded tics of play before an episode starts, so that "
                              "episodes do not all start at the map's start (default 512)")
     parser.add_argument("--skill", type=int, default=3, help="Doom skill 1-5 (default 3)")
+    add_wad_argument(parser, "; a user's maps are theirs to train on (with --starts level: a level model of one)")
     parser.add_argument("--starts", choices=STARTS, default="map",
                         help="where episodes start: map = the map's player start (default); level = start "
                              "cells all over one map, for a level model (never its evaluation start places)")
@@ -502,7 +503,7 @@ def config_from_args(args) -> CollectConfig:
         raise UserError(str(e)) from None
     if not 1 <= args.skill <= 5:
         raise UserError("--skill must be 1-5")
-    return CollectConfig(frames=args.frames, maps=[m.upper() for m in maps], split=args.split,
+    return CollectConfig(frames=args.frames, maps=[m.upper() for m in maps], split=args.split, wad=args.wad,
                          frame_size=list(parse_frame_size(args.frame_size)), seed=args.seed,
                          episode_frames=args.episode_frames, shard_frames=args.shard_frames,
                          warmup_frames=args.warmup_frames, skill=args.skill, starts=args.starts)

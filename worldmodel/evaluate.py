@@ -38,6 +38,7 @@ import numpy as np
 from worldmodel.action import NOOP, Action
 from worldmodel.cli_common import add_model_arguments, load_model, model_name, parse_int_list, provenance
 from worldmodel.errors import UserError
+from worldmodel.maps import add_wad_argument
 from worldmodel.metrics import (PSNR_CAP, STATS, flow_cosine, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
 from worldmodel.policy import POLICY_VERSION
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--maps", default="MAP21-MAP24",
                         help="validation maps, e.g. MAP21,MAP22 or MAP21-MAP24 (default); held-out maps are refused")
-    parser.add_argument("--wad", default="freedoom2", choices=["freedoom2", "freedoom1"])
+    add_wad_argument(parser)
     parser.add_argument("--episodes", type=int, default=6, help="episodes (start points) per map (default 6)")
     parser.add_argument("--horizons", default=DEFAULT_HORIZONS, help=f"frames ahead to report (default {DEFAULT_HORIZONS})")
     parser.add_argument("--context", type=int, help="real context frames (default: the model's cache size)")

@@ -202,18 +202,18 @@ def _reachable_sectors(sectors: list[dict], start: int) -> np.ndarray:
     return seen
 
 
-def read_sectors(wad: str, map_name: str, wad_file: str | None = None) -> tuple[list[dict], tuple[float, float]]:
+def read_sectors(wad: str, map_name: str) -> tuple[list[dict], tuple[float, float]]:
     """Every sector of a map ({"floor", "ceiling", "lines" (M, 4), "blocking" (M,), "area"}) and the
     player start (x, y), from a short-lived headless ViZDoom."""
     import vizdoom as vzd
 
-    from worldmodel.game import private_tmpdir, wad_path
+    from worldmodel.game import private_tmpdir, use_wad
 
     g = vzd.DoomGame()
     tmp = private_tmpdir("worldmodel-level-")
     try:
         g.set_doom_config_path(os.path.join(tmp, "_vizdoom.ini"))
-        g.set_doom_game_path(wad_file or wad_path(wad))
+        use_wad(g, wad)
         g.set_doom_map(map_name)
         g.set_window_visible(False)
         g.set_sound_enabled(False)

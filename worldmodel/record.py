@@ -27,6 +27,7 @@ import numpy as np
 from worldmodel.action import NOOP, Action, load_actions
 from worldmodel.cli_common import add_model_arguments, command_line, load_model, parse_int_list
 from worldmodel.errors import UserError
+from worldmodel.maps import add_wad_argument
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output prefix (PREFIX.mp4, .actions.jsonl, .meta.json, .timings.csv); a folder "
                              "(existing, or ending in /) names the files after the script and seed")
     parser.add_argument("--map", default="MAP01", help="start scene from the real game on this map (default MAP01)")
-    parser.add_argument("--wad", default="freedoom2", choices=["freedoom2", "freedoom1"])
+    add_wad_argument(parser)
     parser.add_argument("--start-clip", type=int, metavar="I",
                         help="start from the checkpoint's start clip I instead of the game")
     parser.add_argument("--context", type=int, metavar="N", help="context frames (default: the model's cache size)")
