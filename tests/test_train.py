@@ -459,3 +459,13 @@ def test_self_forcing_flags_refuse_bad_values(tmp_path, capsys):
                    str(tmp_path / "m"), "--no-progress", *flags])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and what in err and len(err.splitlines()) == 1, err
+
+
+def test_spread_shards_takes_whole_shards_evenly():
+    manifest = {"shards": [{"name": f"s{i:02d}", "frames": 100, "maps": ["MAP01" if i < 10 else "MAP02"]}
+                           for i in range(12)]}
+    names, total = T.spread_shards(manifest, ["MAP01"], 300)
+    assert names == {"s00", "s04", "s09"} and total == 300  # first, middle, last of MAP01's ten
+    everything, n = T.spread_shards(manifest, ["MAP01", "MAP02"], None)
+    assert len(everything) == 12 and n == 1200
+    assert T.spread_shards(manifest, ["MAP01"], 5000) == ({f"s{i:02d}" for i in range(10)}, 1000)

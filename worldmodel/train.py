@@ -368,16 +368,10 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     of shards spread evenly over it (at most READ_SPREAD times as many shards as the frames need, so a
     large dataset is not decompressed whole for a small sample)."""
     allowed = split_maps(split, maps, path)
-    manifest = _check_dataset(path)
-    names = [s["name"] for s in manifest["shards"] if set(s["maps"]) & set(allowed)]
-    total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names)) or None
-    if max_frames and total and len(names) > 1:
-        want = min(len(names), math.ceil(READ_SPREAD * max_frames * len(names) / total))
-        names = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, want).round().astype(int))]
-        total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names))
+    names, total = spread_shards(_check_dataset(path), allowed, READ_SPREAD * max_frames if max_frames else None)
     every = max(1, math.ceil(total / max_frames)) if (max_frames and total) else 1
     out, seen = [], set()
-    shards = _dataset_module().iter_shards(path, allowed, names=set(names))
+    shards = _dataset_module().iter_shards(path, allowed, names=names)
     if progress:
         shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False,
                               disable=None)
@@ -390,6 +384,17 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     if max_frames and len(frames) > max_frames:
         frames = frames[torch.linspace(0, len(frames) - 1, max_frames).round().long()]
     return frames, sorted(seen)
+
+
+def spread_shards(manifest: dict, maps: list[str], max_frames: int | None) -> tuple[set[str], int]:
+    """The shards of `maps` to read (names) and their frames: all of them, or whole shards spread evenly
+    over the dataset holding about `max_frames` frames."""
+    shards = [s for s in manifest["shards"] if set(s["maps"]) & set(maps)]
+    total = sum(s["frames"] for s in shards)
+    if max_frames and total > max_frames and len(shards) > 1:
+        want = min(len(shards), math.ceil(max_frames * len(shards) / total))
+        shards = [shards[i] for i in np.unique(np.linspace(0, len(shards) - 1, want).round().astype(int))]
+    return {s["name"] for s in shards}, sum(s["frames"] for s in shards)
 
 
 def clip_starts(episode: torch.Tensor, frame_index: torch.Tensor, clip_frames: int, stride: int = 1) -> torch.Tensor:
@@ -411,17 +416,18 @@ def clip_starts(episode: torch.Tensor, frame_index: torch.Tensor, clip_frames: i
 @torch.no_grad()
 def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_frames: int,
                    maps: list[str] | None = None, stride: int = 1, max_clips: int | None = None,
-                   keep_frames: int = 0, progress: bool = True, batch: int = 256
+                   keep_frames: int = 0, progress: bool = True, batch: int = 256, max_frames: int | None = None
                    ) -> tuple[LatentClips, FrameClips | None]:
     """Encode every frame of the split's maps with the (frozen) autoencoder, shard by shard, and cut
     the latents into clips of `clip_frames` consecutive frames of one episode (every `stride` frames;
     `max_clips`: evenly spaced over the dataset). keep_frames > 0 also returns that many clips of real
-    frames (evenly spaced), for teacher-forced evaluation."""
+    frames (evenly spaced), for teacher-forced evaluation. `max_frames`: only whole shards spread evenly over the dataset,
+    about that many frames (`spread_shards`)."""
     allowed = split_maps(split, maps, path)
-    _check_dataset(path)
+    names, _ = spread_shards(_check_dataset(path), allowed, max_frames)
     device = autoencoder.latent_mean.device
     lat, act, ep, fi, mp, frames = [], [], [], [], [], []
-    shards = _dataset_module().iter_shards(path, allowed)
+    shards = _dataset_module().iter_shards(path, allowed, names=names)
     if progress:
         shards = progress_bar(shards, desc=f"encoding {Path(path).name} ({split})", unit="shard", leave=False,
                               disable=None)
@@ -1375,6 +1381,9 @@ def _add_common(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, nfd-310m)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model config field (repeatable)")
     p.add_argument("--maps", default=None, help="training maps to use, e.g. MAP01-MAP05 (default: all in the data)")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="use about this many training frames, spread over the dataset (reading, or for the model "
+                        "encoding, every frame of a large dataset takes long on a CPU)")
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch", type=int, default=defaults.batch, help="global batch (split over torchrun processes)")
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -1394,7 +1403,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = sub.add_parser("autoencoder", help="train the frame autoencoder",
                        description="Train the frame autoencoder; PSNR on validation maps; calibrates latent statistics.")
     _add_common(a, AutoencoderTrainConfig())
-    a.add_argument("--max-frames", type=int, default=None, help="use at most this many training frames (evenly spaced)")
     a.add_argument("--val-frames", type=int, default=512, help="validation frames for PSNR")
     a.add_argument("--crop", default=None, metavar="HxW",
                    help="train on random crops of this size (e.g. 48x64: about 4x faster per frame)")
@@ -1609,19 +1617,22 @@ def _flag(ok: bool) -> bool:
 
 
 def prepare_latents(ae: Autoencoder, ae_digest: str, data: str, split: str, clip_frames: int, maps, stride: int,
-                    max_clips, run: Path, rank: int, progress: bool) -> tuple[LatentClips, None]:
+                    max_clips, run: Path, rank: int, progress: bool, max_frames: int | None = None
+                    ) -> tuple[LatentClips, None]:
     """Latent clips of a dataset under the autoencoder: from RUN/cache/ if made from the same data and
     autoencoder, else encoded by rank 0 and cached (the other ranks wait, then read the cache). A
     UserError (no such data) is raised on every rank."""
     cache = Path(run) / "cache" / f"{split}_latents.safetensors"
     meta = {"autoencoder": ae_digest, "data": dataset_fingerprint(data), "split": split, "clip_frames": clip_frames,
-            "stride": stride, "max_clips": max_clips, "wanted_maps": sorted(maps) if maps else None}
+            "stride": stride, "max_clips": max_clips, "wanted_maps": sorted(maps) if maps else None,
+            "max_frames": max_frames}
     clips, error = None, None
     if rank == 0:
         try:
             clips = LatentClips.load(cache, meta)
             if clips is None:
-                clips, _ = encode_dataset(ae, data, split, clip_frames, maps, stride, max_clips, 0, progress)
+                clips, _ = encode_dataset(ae, data, split, clip_frames, maps, stride, max_clips, 0, progress,
+                                          max_frames=max_frames)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 clips.save(cache, meta)
         except UserError as e:
@@ -1674,7 +1685,7 @@ def run_model(args) -> int:
         train = OnlineClips(args.data, ae, F_, maps, args.seed, args.clip_stride)
     else:
         train, _ = prepare_latents(ae, file_digest(ae_file), args.data, "train", F_, _maps(args), args.clip_stride,
-                                   args.max_clips, Path(args.out), rank, progress)
+                                   args.max_clips, Path(args.out), rank, progress, args.max_frames)
     val, val_frames = None, None
     try:
         val, _ = prepare_latents(ae, file_digest(ae_file), _val_source(args), "val", F_, None, 1,
