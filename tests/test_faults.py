@@ -10,13 +10,13 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from worldmodel import action as A
 from worldmodel.action import Action
@@ -61,15 +61,14 @@ def read_only_dir(tmp_path):
         d.chmod(0o555)
         yield d
         d.chmod(0o755)
-    elif Path("/sys").is_dir() and not os.access("/sys/worldmodel-probe", os.F_OK):
+        return
+    if Path("/sys").is_dir():
         try:
-            open("/sys/worldmodel-probe", "w").close()
+            tempfile.TemporaryFile(dir="/sys").close()
         except OSError:
             yield Path("/sys")
             return
-        pytest.skip("no read-only place to test with")
-    else:
-        pytest.skip("no read-only place to test with")
+    pytest.skip("no read-only place to test with")
 
 
 def one_line_error(capsys, *words) -> str:
@@ -232,13 +231,15 @@ def test_record_eval_train_collect_outputs_are_checked_first(tmp_path, ckpt, dat
 
 # -- 4. one line, exit code 2, no traceback ---------------------------------------------------------------------
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="triton runs here")
 @pytest.mark.parametrize("command", ["record", "play", "eval"])
 def test_triton_attention_on_a_cpu_is_one_line(tmp_path, ckpt, capsys, monkeypatch, command):
+    import kernels
+
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # not the interpreter test_kernels runs the kernels in
-    if "kernels.triton_attention" in sys.modules:
-        monkeypatch.setattr(sys.modules["kernels.triton_attention"], "INTERPRET", False)
+    # what the kernels answer on a CPU without the Triton interpreter (which test_kernels turns on for the
+    # whole test process, and which cannot be turned off once triton has read it)
+    monkeypatch.setattr(kernels, "_triton_reason", lambda device: "triton backend: needs a CUDA GPU (on CPU only "
+                                                                  "through the slow Triton interpreter)")
     script = tmp_path / "s.jsonl"
     script.write_text('{"move": 1}\n')
     args = {"record": ["--actions", str(script), "--out", str(tmp_path / "r")],
