@@ -373,6 +373,25 @@ def test_a_full_disk_in_record_names_the_file_and_keeps_the_recording(tmp_path, 
     assert meta["complete"] is False and meta["interrupted"] == "DiskFullError"
 
 
+def test_ffmpeg_finding_the_disk_full_is_one_line(tmp_path, ckpt, capsys, monkeypatch):
+    from worldmodel import recording
+
+    # the video is the big file: on a full disk ffmpeg is the first to fail, and says so on its stderr
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\nhead -c 100000 > /dev/null\n"
+                    "echo '[out#0/mp4] Error muxing a packet: No space left on device' >&2\nexit 228\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(recording, "ffmpeg_exe", lambda: str(fake))
+    script = tmp_path / "s.jsonl"
+    script.write_text('{"move": 1, "repeat": 30}\n')
+    prefix = tmp_path / "rec"
+    assert main(["record", "--checkpoint", ckpt, "--device", "cpu", "--actions", str(script), "--out", str(prefix),
+                 "--no-progress"]) == 2
+    one_line_error(capsys, recording.paths(prefix)["video"], "disk is full")
+    meta = json.loads(recording.paths(prefix)["meta"].read_text())
+    assert meta["complete"] is False and meta["interrupted"] == "DiskFullError"
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["autoencoder", "--batch", "0"], "--batch"),
     (["autoencoder", "--steps", "0"], "--steps"),

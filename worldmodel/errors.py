@@ -16,17 +16,22 @@ class DiskFullError(UserError):
     """No space left where a file was being written; the message names the file."""
 
 
+def disk_full(path, reason: str = "No space left on device") -> DiskFullError:
+    """The one line for a full disk while writing `path`; writers keep what was written before (every
+    file is written atomically or appended), so the message says so."""
+    return DiskFullError(f"{path}: the disk is full ({reason}); what was written before it is kept")
+
+
 @contextlib.contextmanager
 def writing(path):
     """Within: a full disk (ENOSPC, EDQUOT: errors that name no file) while writing `path` is a one-line
-    DiskFullError naming it; writers keep what was written before (every file is written atomically or
-    appended), so the message says so."""
+    DiskFullError naming it."""
     try:
         yield
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise DiskFullError(f"{path}: the disk is full ({e.strerror}); what was written before it is kept") from None
+        raise disk_full(path, e.strerror) from None
 
 
 def _raise_exit(signum, frame):

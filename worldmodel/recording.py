@@ -30,6 +30,7 @@ is only readable after a clean `close()`.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from worldmodel.action import Action, load_actions
-from worldmodel.errors import writing
+from worldmodel.errors import UserError, disk_full, writing
 
 FORMAT = "worldmodel-recording"
 FORMAT_VERSION = 1
@@ -55,6 +56,7 @@ META_SUFFIX = ".meta.json"
 TIMINGS_SUFFIX = ".timings.csv"
 _SUFFIXES = (ACTIONS_SUFFIX, META_SUFFIX, TIMINGS_SUFFIX, VIDEO_SUFFIX)
 _REPEAT_DIGITS = 10  # room reserved on each actions line for "repeat": n (n < 10**10)
+_NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as ffmpeg reports it
 
 
 class RecordingError(RuntimeError):
@@ -255,7 +257,13 @@ class _FFmpegWriter:
                 view = view[n:]
         except (BrokenPipeError, OSError) as e:
             self.proc.wait(timeout=10)
-            raise RecordingError(f"ffmpeg stopped while writing {self.path}: {self._error() or e}") from None
+            raise self._failure("stopped while writing", e) from None
+
+    def _failure(self, what: str, cause) -> Exception:
+        err = self._error()
+        if _NO_SPACE in err:  # ffmpeg found the disk full (the video is the big file)
+            return disk_full(self.path)
+        return RecordingError(f"ffmpeg {what} {self.path}: {err or cause}")
 
     def close(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -268,10 +276,10 @@ class _FFmpegWriter:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-        err = self._error()
+        failure = self._failure(f"failed (exit {rc}) writing", rc) if rc != 0 else None
         self.log.close()
-        if rc != 0:
-            raise RecordingError(f"ffmpeg failed (exit {rc}) writing {self.path}: {err}")
+        if failure is not None:
+            raise failure
 
 
 class _OpenCVWriter:
@@ -393,11 +401,11 @@ class Recorder:
         for step in steps:
             try:
                 step()
-            except (RecordingError, OSError) as e:  # a full disk: the padded actions file is kept, still valid
+            except (RecordingError, UserError, OSError) as e:  # a full disk: the padded actions file is kept
                 err = err or e
         try:
             self._write_meta(complete=err is None and self.interrupted is None)
-        except OSError as e:
+        except (UserError, OSError) as e:
             err = err or e
         if err is not None:
             raise err
