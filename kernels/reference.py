@@ -1,7 +1,8 @@
 """Plain torch reference for block-causal frame attention (the ``torch`` backend).
 
 Every kernel in this package is checked against these two functions. They build the boolean mask
-explicitly and do the softmax in fp32, so they are slow and memory hungry (O(L^2)) but obviously right.
+explicitly and do the softmax in fp32 (float64 for float64 inputs, the GPU suite's reference), so they
+are slow and memory hungry (O(L^2)) but obviously right.
 
 Block-causal rule: a token of frame ``i`` attends to every token of frames ``<= i``: bidirectional within
 a frame, causal across frames. The frame of token ``t`` is ``t // tokens_per_frame``.
@@ -37,10 +38,11 @@ def cached_attention_mask(cache_valid: Tensor, num_new: int, tokens_per_frame: i
 
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    ct = torch.promote_types(q.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs, v.to(ct)).to(q.dtype)
 
 
 def reference_block_causal_attention(q: Tensor, k: Tensor, v: Tensor, tokens_per_frame: int) -> Tensor:

@@ -51,30 +51,28 @@ _LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------------------
-# autotune configs: a single small config in the interpreter so the tests stay fast
+# autotune configs: a few per kernel, so the first call of a shape compiles a handful of variants
+# (each config is one Triton compile, about a second, and one timing), not dozens. Picked for head_dim
+# 64 (every preset) on Hopper and Ampere after the Triton tutorial's fused attention: a large tile on
+# the side a program owns, a narrow one on the side it loops over, 4 warps, 3 stages; one 8-warp
+# variant. A single small config in the interpreter so the CPU tests stay fast.
 # --------------------------------------------------------------------------------------------------
-def _fwd_configs():
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel's configs on a GPU
+# training forward: one program per query block, looping over key blocks
+FWD_TILES = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3))
+# backward dK/dV: one program per key block (BLOCK_N), looping over query blocks (BLOCK_M)
+BWD_DKDV_TILES = ((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3))
+# backward dQ: one program per query block (BLOCK_M), looping over key blocks (BLOCK_N)
+BWD_DQ_TILES = ((128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3))
+# inference split-KV: one program per (query block, head, cache split), looping over the split's keys
+SPLIT_TILES = ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3))
+
+
+def _configs(tiles):
+    """triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles; the interpreter gets one 16x16."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64))
-            for w in (4, 8) for s in (2, 3)]
-
-
-def _bwd_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in ((32, 64), (64, 64), (64, 32), (32, 128), (64, 128))
-            for w in (4, 8) for s in (2, 3)]
-
-
-def _split_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64), (128, 32))
-            for w in (4, 8) for s in (2, 3)]
+        tiles = ((16, 16, 1, 1),)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +134,7 @@ def _attn_fwd_block_causal(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_k
 # --------------------------------------------------------------------------------------------------
 # training: forward
 # --------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_fwd_configs(), key=["L", "T", "HEAD_DIM"])
+@triton.autotune(configs=_configs(FWD_TILES), key=["L", "T", "HEAD_DIM"])
 @triton.jit
 def _block_causal_fwd(Q, K, V, O, LSE,
                       stride_qb, stride_qh, stride_qm, stride_qd,
@@ -201,7 +199,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     return dk, dv
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "T", "HEAD_DIM"])
+@triton.autotune(configs=_configs(BWD_DKDV_TILES), key=["L", "T", "HEAD_DIM"])
 @triton.jit
 def _block_causal_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                            stride_qb, stride_qh, stride_qm, stride_qd,
@@ -272,7 +270,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, s
     return dq
 
 
-@triton.autotune(configs=_bwd_configs(), key=["L", "T", "HEAD_DIM"])
+@triton.autotune(configs=_configs(BWD_DQ_TILES), key=["L", "T", "HEAD_DIM"])
 @triton.jit
 def _block_causal_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                          stride_qb, stride_qh, stride_qm, stride_qd,
@@ -317,7 +315,7 @@ def _block_causal_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # --------------------------------------------------------------------------------------------------
 # inference: split-KV over the ragged cache + the new frames' own keys, then an LSE merge
 # --------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_split_configs(), key=["M", "S", "T", "HEAD_DIM", "NUM_SPLITS"])
+@triton.autotune(configs=_configs(SPLIT_TILES), key=["M", "S", "T", "HEAD_DIM", "NUM_SPLITS"])
 @triton.jit
 def _cached_attn_split(Q, K, V, KC, VC, VALID, PO, PLSE,
                        stride_qb, stride_qh, stride_qm, stride_qd,

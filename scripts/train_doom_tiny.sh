@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The recipe of checkpoints/doom-tiny, end to end: collect data on the training maps, train the
-# autoencoder, train the transformer, distil it to few sampling steps, add start clips, store the
-# transformer in float16. Every step resumes (collect continues its dataset; training steps pass
+# autoencoder, train the transformer, distil it to few sampling steps (transformer stored in float16), add start clips. Every step resumes (collect continues its dataset; training steps pass
 # --resume), so re-running after an interruption picks up where it stopped.
 #
 #   bash scripts/train_doom_tiny.sh                # the shipped model's recipe (on one H100 stages 1-3 took 15 minutes)
@@ -50,41 +49,33 @@ for v in DATA VAL RUNS CKPT INIT WORKERS FRAMES VAL_FRAMES AE_FRAMES AE_STEPS AE
 done
 stage() { echo "=== $(date -u +%H:%M:%S) $*"; }
 
-stage "1/6 collect"
+stage "1/5 collect"
 $WM collect --frames "$FRAMES" --out "$DATA" --workers "$WORKERS"
 $WM collect --split val --frames "$VAL_FRAMES" --out "$VAL" --workers "$WORKERS"
 
 if [ -n "$INIT" ]; then
-  stage "2/6 autoencoder: kept from $INIT"
+  stage "2/5 autoencoder: kept from $INIT"
   AE=$INIT
 else
-  stage "2/6 autoencoder"
+  stage "2/5 autoencoder"
   $WM train autoencoder --data "$DATA" --val-data "$VAL" --out "$RUNS/ae" --max-frames "$AE_FRAMES" \
     --steps "$AE_STEPS" --batch "$AE_BATCH" --lr "$AE_LR" --set latent_channels="$LATENT_CHANNELS" \
     --adv-weight "$AE_ADV" --adv-start "$AE_ADV_START" --val-every 1000 --ckpt-every 1000 --resume
   AE=$RUNS/ae
 fi
 
-stage "3/6 transformer"
+stage "3/5 transformer"
 $WM train model --data "$DATA" --val-data "$VAL" --autoencoder "$AE" --out "$RUNS/dit" \
   ${INIT:+--init "$INIT"} ${COMPILE:+--compile} --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup "$WARMUP" --val-every 1000 --ckpt-every 500 --resume
 
-stage "4/6 distil to $STUDENT_STEPS steps"
+stage "4/5 distil to $STUDENT_STEPS steps (float16 weights)"
 $WM distill --teacher "$RUNS/dit/export" --data "$DATA" --val-data "$VAL" --out "$CKPT" \
   --latents "$RUNS/dit/cache/train_latents.safetensors" --steps-student "$STUDENT_STEPS" \
-  --teacher-steps "$TEACHER_STEPS" --iters "$DISTILL_ITERS" --batch "$DISTILL_BATCH"
+  --teacher-steps "$TEACHER_STEPS" --iters "$DISTILL_ITERS" --batch "$DISTILL_BATCH" --half
 
-stage "5/6 start clips"
+stage "5/5 start clips"
 rm -rf "$CKPT/start_clips"
 $WM data start-clips "$DATA" --out "$CKPT/start_clips" --count "$START_CLIPS" --frames 8 --maps MAP01-MAP04
 
-stage "6/6 transformer weights to float16"
-$PYTHON - "$CKPT/transformer.safetensors" <<'EOF'
-import sys
-from worldmodel.checkpoint import load_tensors, save_tensors  # save_tensors writes atomically
-path = sys.argv[1]
-save_tensors(path, {k: v.half() if v.is_floating_point() else v for k, v in load_tensors(path).items()},
-             {"format": "pt"})
-EOF
 du -sh "$CKPT"/*
 stage "done: $CKPT"

@@ -51,9 +51,10 @@ def clip(cfg: ModelConfig, n: int, seed: int = 1):
     return x, t, a
 
 
+@pytest.mark.parametrize("prev_frame", [False, True])
 @torch.inference_mode()
-def test_cached_rollout_equals_full_recompute_before_the_window_wraps():
-    cfg = small_cfg()
+def test_cached_rollout_equals_full_recompute_before_the_window_wraps(prev_frame):
+    cfg = small_cfg(prev_frame=prev_frame)
     m = random_model(cfg)
     n = cfg.cache_frames  # sinks + window: nothing is evicted yet
     x, t, a = clip(cfg, n + 1)
@@ -148,10 +149,11 @@ def test_cached_rollout_after_wrapping_matches_a_naive_sliding_window(sinks, win
     assert (naive - got[:, 0]).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("prev_frame", [False, True])
 @torch.inference_mode()
-def test_fused_commit_pass_equals_a_separate_commit_pass_after_wrapping():
+def test_fused_commit_pass_equals_a_separate_commit_pass_after_wrapping(prev_frame):
     """forward_cached(commit=1) on [finished frame, next frame] == commit pass, then a pass for the next."""
-    cfg = small_cfg()
+    cfg = small_cfg(prev_frame=prev_frame)
     m = random_model(cfg, seed=3)
     n = 3 * cfg.cache_frames
     x, t, a = clip(cfg, n + 1, seed=4)

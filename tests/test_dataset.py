@@ -288,3 +288,19 @@ def test_start_clips_export_loads_as_checkpoint_start_scenes(tmp_path):
         assert actions == [Action.from_vector(v) for v in episode_arrays(ep, 13, "MAP01")["actions"][5:13]]
     with pytest.raises(ds.DatasetError, match="only 3 episodes"):
         ds.export_start_clips(tmp_path / "d", tmp_path / "x", count=4, frames=8, skip=5)
+
+
+def test_start_clips_are_spread_over_the_places_the_data_went(tmp_path):
+    """With player positions in the shards, start clips are far apart: the clip nearest the middle of
+    the data first, then each time the one farthest from those chosen."""
+    from worldmodel.engine import load_start_clips
+
+    manifest = ds.new_manifest((H, W))
+    for ep, x in enumerate((0.0, 10.0, 20.0, 1000.0, 2000.0, 3000.0)):
+        arrays = episode_arrays(ep, 16, "MAP01")
+        arrays["position"][:, 0] = x
+        manifest["shards"].append(ds.write_shard(tmp_path / "d", f"shards/ep{ep:06d}-0000.npz", arrays))
+    ds.write_manifest(tmp_path / "d", manifest)
+    ds.export_start_clips(tmp_path / "d", tmp_path / "ckpt" / "start_clips", count=3, frames=4, skip=2)
+    episodes = [int(frames[0, 0, 0, 2]) for frames, _ in load_start_clips(tmp_path / "ckpt", (H, W))]
+    assert episodes == [2, 5, 4]  # x = 20 (nearest the median 510), then 3000, then 2000

@@ -226,6 +226,26 @@ def test_settings_are_attributes_and_validated():
                                                             "mps" if torch.backends.mps.is_available() else "cpu")
 
 
+def test_compile_modes_are_settings():
+    """compile: False/True or a mode's name; each on-mode wraps the passes (compiled on first use, not
+    here), off restores the eager ones; a mode this device lacks is refused and changes nothing."""
+    wm = small_model()
+    eager = wm.sampler.forward
+    wm.compile = "inductor"
+    assert wm.compile == "inductor" and wm.sampler.forward is not eager
+    wm.compile = True
+    assert wm.compile is True
+    wm.compile = "off"
+    assert wm.compile is False and wm.sampler.forward == wm.transformer.forward_cached
+    assert wm._decode == wm._decode_eager
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            wm.compile = "graphs"
+        assert wm.compile is False
+    with pytest.raises(ValueError, match="off, on, inductor, graphs"):
+        wm.compile = "fast"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("WORLDMODEL_TEST_COMPILE") != "1",
                     reason="torch.compile on CPU takes ~1 min here; set WORLDMODEL_TEST_COMPILE=1")

@@ -238,6 +238,57 @@ def test_triton_cached_writes_every_output_any_split(num_splits, dtype, ta):
     torch.testing.assert_close(out, reference_cached_attention(q, k, v, kc, vc, valid, t), **TOL[dtype])
 
 
+@pytest.fixture
+def force_tiles(ta):
+    """force_tiles(kernel_name, tile): that kernel's autotuner runs exactly this GPU (BLOCK_M, BLOCK_N,
+    warps, stages) tile (the interpreter otherwise gets one 16x16 config); restored afterwards."""
+    import triton
+
+    saved = {}
+
+    def force(name, tile):
+        kernel = getattr(ta, name)
+        saved.setdefault(name, kernel.configs)
+        bm, bn, w, s = tile
+        kernel.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
+        kernel.cache.clear()
+
+    yield force
+    for name, configs in saved.items():
+        getattr(ta, name).configs = configs
+        getattr(ta, name).cache.clear()
+
+
+def test_every_gpu_autotune_tile_matches_reference(ta, force_tiles):
+    """Each tile the GPU autotuner may pick computes the same attention and gradients: L = 160 spans
+    several blocks of every tile and T = 20 puts frame edges inside them; the cache has a sink and a
+    wrapped window, split in two."""
+    b, h, t, f, d = 1, 1, 20, 8, 32
+    q, k, v = _qkv(b, h, t * f, d, torch.float32, seed=31)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(32))
+    qr, kr, vr = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference_block_causal_attention(qr, kr, vr, t)
+    ref.backward(dout)
+    train = {"_block_causal_fwd": ta.FWD_TILES, "_block_causal_bwd_dkdv": ta.BWD_DKDV_TILES,
+             "_block_causal_bwd_dq": ta.BWD_DQ_TILES}
+    for i in range(max(len(tiles) for tiles in train.values())):
+        for name, tiles in train.items():
+            force_tiles(name, tiles[i % len(tiles)])
+        qg, kg, vg = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = ta.block_causal_attention(qg, kg, vg, t)
+        out.backward(dout)
+        torch.testing.assert_close(out, ref.detach(), **TOL[torch.float32])
+        for got, want in zip((qg.grad, kg.grad, vg.grad), (qr.grad, kr.grad, vr.grad)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    qc, kc_new, vc_new, kc, vc, valid, _ = _cache_inputs((1, 2, t, 2, 8, d, "sinks_wrap"), torch.float32, seed=33)
+    want = reference_cached_attention(qc, kc_new, vc_new, kc, vc, valid, t)
+    for tile in ta.SPLIT_TILES:
+        force_tiles("_cached_attn_split", tile)
+        with torch.no_grad():
+            out = ta.cached_attention(qc, kc_new, vc_new, kc, vc, valid, t, num_splits=2)
+        torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
 def test_triton_cached_strided_cache_and_no_cache(ta):
     b, h, t, d = 1, 2, 16, 32
     q, k, v = _qkv(b, h, 2 * t, d, torch.float32, seed=11)

@@ -35,8 +35,9 @@ def _inputs(cfg: ModelConfig, B: int = 2, F: int | None = None, seed: int = 0):
 
 @pytest.mark.parametrize("t_changed", [0, 2, 5])
 @pytest.mark.parametrize("what", ["latent", "noise_level", "action"])
-def test_block_causal_future_frames_do_not_change_the_past(t_changed, what):
-    cfg = tiny_config()
+@pytest.mark.parametrize("prev_frame", [False, True])
+def test_block_causal_future_frames_do_not_change_the_past(t_changed, what, prev_frame):
+    cfg = tiny_config(prev_frame=prev_frame)
     torch.manual_seed(0)
     model = WorldTransformer(cfg).eval()
     _randomize(model)

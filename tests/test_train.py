@@ -98,6 +98,17 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert again["losses"] == [] and again["start_step"] == 8
 
 
+def test_max_time_stops_with_a_checkpoint_that_resume_continues(tmp_path):
+    cfg = tiny_config()
+    data = synthetic_latents(cfg)
+    full = T.train_model(data, tmp_path / "full", cfg, quick())
+    first = T.train_model(data, tmp_path / "run", cfg, quick(max_time=1e-9))  # out of time after one step
+    assert first["steps"] == 1 and len(first["losses"]) == 1
+    assert [p.name for p in T.checkpoint_dirs(tmp_path / "run")] == ["step_00000001"]
+    rest = T.train_model(data, tmp_path / "run", cfg, quick(), resume=True)
+    assert rest["start_step"] == 1 and first["losses"] + rest["losses"] == full["losses"]
+
+
 def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     from worldmodel.autoencoder import Autoencoder
     from worldmodel.checkpoint import save_pretrained
@@ -119,6 +130,57 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     assert not all(torch.equal(want[k], fresh[k]) for k in want)
     with pytest.raises(UserError, match="depth"):
         T.train_model(data, tmp_path / "bad", tiny_config(depth=3), quick(steps=1, init=str(tmp_path / "ckpt")))
+
+
+def test_init_switches_on_the_previous_frame_input_without_changing_what_the_model_computes(tmp_path):
+    """--init from a model without `prev_frame` into one with it: the previous frame's input weights start
+    at zero, so the new model's outputs equal the checkpoint's exactly; after training they do not."""
+    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    data = synthetic_latents(cfg)
+    trained = T.train_model(data, tmp_path / "first", cfg, quick(steps=4))
+    save_pretrained(tmp_path / "ckpt", cfg, Autoencoder(cfg.autoencoder), trained["ema"])
+    pcfg = tiny_config(prev_frame=True)
+    pdata = synthetic_latents(pcfg)
+    cont = T.train_model(pdata, tmp_path / "cont", pcfg, quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))
+    x, a = pdata.clip(torch.arange(2))
+    t = torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = trained["ema"](x.float(), t, a)
+        got = cont["ema"](x.float(), t, a)
+    assert torch.equal(want, got)
+    w = cont["model"].patch_embed.weight
+    assert w.shape[1] == 2 * cfg.latent_channels and torch.count_nonzero(w[:, cfg.latent_channels:]) == 0
+    moved = T.train_model(pdata, tmp_path / "moved", pcfg, quick(steps=3, init=str(tmp_path / "ckpt")))
+    assert torch.count_nonzero(moved["model"].patch_embed.weight[:, cfg.latent_channels:]) > 0
+
+
+def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
+    """The training loss under bf16 autocast (what `train model` uses on CPUs with native bf16, and on
+    CUDA) agrees with float32 on the same batch; it is refused where the CPU has no bf16."""
+    from worldmodel import diffusion
+    from worldmodel.engine import cpu_supports_bf16
+
+    cfg = tiny_config(prev_frame=True)
+    torch.manual_seed(0)
+    model = T.WorldTransformer(cfg)
+    for p in model.parameters():  # adaLN-Zero would make the blocks identities
+        torch.nn.init.normal_(p, std=0.05)
+    data = synthetic_latents(cfg)
+    x0, a = data.batch(0, 4, 0, 4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    t = diffusion.sample_training_noise_levels(4, x0.shape[1], g)
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        fp32 = diffusion.flow_matching_loss(model, x0.float(), a, t, noise).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = diffusion.flow_matching_loss(model, x0.float(), a, t, noise).item()
+    assert abs(bf16 - fp32) <= 0.02 * fp32, (bf16, fp32)
+    assert T.amp_enabled(True, torch.device("cpu")) == cpu_supports_bf16()
+    assert not T.amp_enabled(False, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("adv_weight", [0.0, 0.5])
@@ -144,6 +206,30 @@ def test_autoencoder_training_resumes_exactly(tmp_path, adv_weight):
     ae, config = T.load_autoencoder(tmp_path / "run")
     assert config["kind"] == "autoencoder" and np.isfinite(config["info"]["val_psnr"])
     assert not torch.equal(ae.latent_std, torch.ones_like(ae.latent_std))  # calibrated
+
+
+def test_decoder_only_fine_tune_moves_only_the_decoder(tmp_path):
+    """`train autoencoder --init AE --decoder-only --adv-weight W`: after adversarial steps the encoder and
+    the latent statistics are bit-identical to the initial autoencoder's (the latents keep their meaning),
+    the decoder has moved; without --init it is refused."""
+    from worldmodel.errors import UserError
+
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (32, 32, 32, 3), generator=g, dtype=torch.uint8)
+    tc = dict(steps=2, batch=8, warmup=1, log_every=1, val_every=100, ckpt_every=100, device="cpu", progress=False,
+              val_frames=8, calibrate_frames=32)
+    T.train_autoencoder(frames, tmp_path / "ae", cfg, T.AutoencoderTrainConfig(**tc))
+    before, _ = T.load_autoencoder(tmp_path / "ae")
+    T.train_autoencoder(frames, tmp_path / "dec", cfg, T.AutoencoderTrainConfig(
+        **{**tc, "steps": 3, "adv_weight": 0.5, "init": str(tmp_path / "ae"), "decoder_only": True}), frames[:8])
+    after, _ = T.load_autoencoder(tmp_path / "dec")
+    b, a = before.state_dict(), after.state_dict()
+    fixed = [k for k in b if not k.startswith("decoder.")]
+    assert fixed and all(torch.equal(b[k], a[k]) for k in fixed)  # encoder and latent_mean / latent_std
+    assert any(not torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))
+    with pytest.raises(UserError, match="--init"):
+        T.train_autoencoder(frames, tmp_path / "bad", cfg, T.AutoencoderTrainConfig(**{**tc, "decoder_only": True}))
 
 
 def test_adversarial_losses_each_train_only_their_own_side():
@@ -314,3 +400,62 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["train", "model", "--data", str(data), "--autoencoder", str(tmp_path / "none"),
                "--out", str(tmp_path / "m"), "--no-progress"])
     assert rc == 2 and "no such autoencoder" in capsys.readouterr().err
+
+
+def _active_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = T.WorldTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero would make the blocks identities
+            p.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("prev_frame", [False, True])
+def test_self_forced_rollout_is_the_engines_rollout(prev_frame):
+    """The self-made context of Self Forcing comes from the engine's own sampling path: for the same seed,
+    context and actions, `self_forced_clip` holds exactly the latents `WorldModel.step` generates."""
+    from worldmodel.action import Action, decode_actions
+    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.engine import WorldModel
+
+    cfg = tiny_config(prev_frame=prev_frame, sample_steps=2)
+    model = _active_model(cfg).eval()
+    ae = Autoencoder(cfg.autoencoder).eval()
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randint(0, 256, (cfg.clip_frames, *cfg.frame_size, 3), generator=g, dtype=torch.uint8)
+    acts = decode_actions(torch.rand(cfg.clip_frames, cfg.action_dim, generator=g) * 2 - 1)
+    acts = [Action(move=a.move, strafe=a.strafe, turn=a.turn) for a in acts]
+    real, k, seed = 3, 2, 1234
+    wm = WorldModel(cfg, ae, model, device="cpu", dtype="float32", seed=seed)
+    latents = wm.encode(frames)[None].float()  # (1, F, C, h, w): what the engine sees of the frames
+    a = torch.stack([x.to_tensor() for x in acts])[None]
+    clip = T.self_forced_clip(model, cfg, latents, a, real, k, steps=2, seed=seed)
+    wm.reset(frames[:real].numpy(), acts[:real])
+    engine = []
+    for i in range(k):
+        wm.step(acts[real + i])
+        engine.append(wm.sampler._pending[-1][0])  # the latent the engine just generated (B, 1, C, h, w)
+    torch.testing.assert_close(clip[:, real:real + k], torch.cat(engine, 1), rtol=0, atol=1e-6)
+    assert torch.equal(clip[:, :real], latents[:, :real]) and torch.equal(clip[:, real + k:], latents[:, real + k:])
+    assert not torch.allclose(clip[:, real:real + k], latents[:, real:real + k])
+
+
+def test_self_forcing_layout_and_training_run(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t, w = T.self_forcing_layout(4, 6, real=2, k=3, context_max=0.3, g=g)
+    assert (t[:, :5] <= 0.3).all() and w[:, 2:5].sum() == 0 and w[:, :2].eq(1).all() and w[:, 5].eq(1).all()
+    cfg = tiny_config(prev_frame=True)
+    data = synthetic_latents(cfg)
+    s = T.train_model(data, tmp_path / "sf", cfg, quick(steps=3, self_forcing=2, self_forcing_prob=1.0))
+    assert len(s["losses"]) == 3 and all(np.isfinite(s["losses"]))
+
+
+def test_self_forcing_flags_refuse_bad_values(tmp_path, capsys):
+    from worldmodel.cli import main
+    for flags, what in ((["--self-forcing", "-1"], "--self-forcing"), (["--self-forcing-prob", "1.5"], "--self-forcing"),
+                        (["--max-time", "-5"], "--max-time")):
+        rc = main(["train", "model", "--data", str(tmp_path), "--autoencoder", str(tmp_path), "--out",
+                   str(tmp_path / "m"), "--no-progress", *flags])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and what in err and len(err.splitlines()) == 1, err

@@ -330,7 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", metavar="K,..", help="denoising steps to compare, e.g. 1,2,4")
     parser.add_argument("--speculative", metavar="N,..", help="speculative frames per pass to compare, e.g. 1,2,4,8")
     parser.add_argument("--attention", metavar="B,..", help="attention backends to compare, e.g. sdpa,torch,flex,triton")
-    parser.add_argument("--compile", metavar="on,off", help="compare torch.compile on/off")
+    parser.add_argument("--compile", metavar="off,on,..",
+                        help="compare torch.compile modes: off, on (inductor + CUDA graphs on CUDA), inductor (no "
+                             "CUDA graphs), graphs (CUDA graphs without inductor; CUDA only)")
     parser.add_argument("--trace", metavar="FILE|game|blind",
                         help=f"action trace (default benchmarks/traces/{DEFAULT_TRACE}, else 'game': the explorer "
                              f"policy playing MAP01 now)")
@@ -353,11 +355,13 @@ def _variants(args, base: dict) -> list[tuple[str, object]]:
     if args.attention:
         out += [("attention", v.strip()) for v in args.attention.split(",") if v.strip()]
     if args.compile:
+        from worldmodel.engine import COMPILE_MODES
+
         for v in args.compile.split(","):
             v = v.strip().lower()
-            if v not in ("on", "off"):
-                raise UserError(f"--compile: expected on and/or off, got {v!r}")
-            out.append(("compile", v == "on"))
+            if v not in COMPILE_MODES:
+                raise UserError(f"--compile: expected some of {','.join(COMPILE_MODES)}, got {v!r}")
+            out.append(("compile", {"on": True, "off": False}.get(v, v)))
     seen, uniq = set(), []
     for k, v in out:
         if (k, v) not in seen and base.get(k) != v:

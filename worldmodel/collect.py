@@ -4,8 +4,13 @@ The work is cut into deterministic units so that an interrupted collection (Ctrl
 is completed by re-running the same command, with no duplicate and no missing frame:
 - unit k is one episode: map `maps[k % len(maps)]`, seed `unit_seed(seed, k)` (for the engine, the
   policy and the warm-up), `episode_frames` frames (the last unit fewer, so that the total is --frames);
+- with `--starts level` (a level model's data: one map, covered everywhere) the player is first warped
+  to a start cell of the level drawn by the unit's seed (`worldmodel.level`: never one of the level's
+  evaluation start places) and turned to a random heading, and the engine seed is a training seed
+  (even); with `--split val` as well, the units are the level's held-out episodes instead: its
+  evaluation start places in turn, evaluation seeds (odd);
 - before recording, the policy plays a seeded number of warm-up tics (0..warmup_frames) so that
-  episodes do not all start at the map's start; frame 0 of an episode is produced by a no-op tic;
+  episodes do not all start at the same place; frame 0 of an episode is produced by a no-op tic;
 - an episode is written as shards of `shard_frames` frames: shards/ep<k:06d>-<part:04d>.npz.
 Each shard is written atomically and recorded in manifest.json (also atomic). On a re-run, finished
 shards are skipped, shard files that made it to disk but not into the manifest are checked and adopted,
@@ -49,7 +54,8 @@ CONFIG = "collect.json"
 LOCK = ".collect.lock"
 # settings that must be the same to add to an existing dataset (frames may grow, workers may change)
 FIXED_KEYS = ("format", "wad", "split", "maps", "frame_size", "seed", "episode_frames", "shard_frames",
-              "warmup_frames", "skill", "policy")
+              "warmup_frames", "skill", "policy", "starts")
+STARTS = ("map", "level")  # where episodes start: the map's player start, or start cells all over the level
 
 
 @dataclass
@@ -64,6 +70,7 @@ class CollectConfig:
     shard_frames: int = 256
     warmup_frames: int = 512
     skill: int = 3
+    starts: str = "map"
     policy: str = ""
     format: int = 1
 
@@ -77,7 +84,12 @@ class CollectConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup_frames < 0:
             raise UserError("--warmup-frames must be >= 0")
-        check_maps(self.wad, self.maps, self.split)
+        if self.starts not in STARTS:
+            raise UserError(f"--starts must be one of {', '.join(STARTS)}, got {self.starts!r}")
+        if self.starts == "level" and len(self.maps) != 1:
+            raise UserError("--starts level collects one map (a level model's level), e.g. --maps MAP01")
+        # a level model's validation data are held-out episodes of its own (training) level
+        check_maps(self.wad, self.maps, "train" if self.starts == "level" else self.split)
 
 
 def check_maps(wad: str, maps: list[str], split: str) -> None:
@@ -116,23 +128,36 @@ def shard_name(k: int, part: int) -> str:
 class Unit:
     k: int
     map: str
-    seed: int
+    seed: int  # the engine's and the policy's
     frames: int
     warmup: int
     parts: list  # [(part, start, count, name)]
+    start: tuple | None = None  # (x, y, heading in degrees) to warp to first; None: the map's player start
 
 
 def plan(cfg: CollectConfig) -> list[Unit]:
     """The deterministic units of a collection."""
     units = []
     n_units = math.ceil(cfg.frames / cfg.episode_frames)
+    cells = None
+    if cfg.starts == "level":
+        from worldmodel.level import episode_seed, load_level
+
+        split = "train" if cfg.split == "train" else "eval"
+        level = load_level(cfg.wad, cfg.maps[0])
+        cells = level.centre(level.starts(split))
     for k in range(n_units):
         n = min(cfg.episode_frames, cfg.frames - k * cfg.episode_frames)
         s = unit_seed(cfg.seed, k)
-        warm = int(np.random.default_rng(s).integers(0, cfg.warmup_frames + 1)) if cfg.warmup_frames else 0
+        rng = np.random.default_rng(s)
+        warm = int(rng.integers(0, cfg.warmup_frames + 1)) if cfg.warmup_frames else 0
         parts = [(p, a, min(cfg.shard_frames, n - a), shard_name(k, p))
                  for p, a in enumerate(range(0, n, cfg.shard_frames))]
-        units.append(Unit(k, cfg.maps[k % len(cfg.maps)], s, n, warm, parts))
+        start = None
+        if cells is not None:  # training: a random start cell; held-out episodes: each start place in turn
+            x, y = cells[rng.integers(len(cells)) if split == "train" else k % len(cells)]
+            start, s = (float(x), float(y), float(rng.uniform(0.0, 360.0))), episode_seed(split, s)
+        units.append(Unit(k, cfg.maps[k % len(cfg.maps)], s, n, warm, parts, start))
     return units
 
 
@@ -220,9 +245,11 @@ def _play_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict
                  depth=True) as env:
         policy = ExplorerPolicy(unit.seed)
         frame = env.reset()
+        if unit.start is not None:
+            frame = env.warp(*unit.start)
         for _ in range(unit.warmup):
             env.step(policy.act(env.position, env.depth))
-        if unit.warmup:
+        if unit.warmup or unit.start is not None:
             frame = env.step(NOOP)
         segment, fi, action = 0, 0, noop
         for i in range(end):
@@ -316,6 +343,7 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
             old = json.loads(conf_path.read_text())
         except ValueError as e:
             raise UserError(f"{conf_path}: unreadable ({e})") from None
+        old.setdefault("starts", "map")  # datasets from before --starts
         diff = [k for k in FIXED_KEYS if old.get(k) != conf.get(k)]
         if diff:
             what = "; ".join(f"{k}: dataset {old.get(k)!r}, now {conf.get(k)!r}" for k in diff)
@@ -477,7 +505,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="maps, e.g. MAP01,MAP02 or MAP01-MAP05 (default: all maps of the split: "
                              "MAP01-MAP20 for train, MAP21-MAP24 for val)")
     parser.add_argument("--split", choices=("train", "val"), default="train",
-                        help="train: training maps only (default); val: validation maps MAP21-MAP24 only")
+                        help="train: training maps only (default); val: validation maps MAP21-MAP24 only "
+                             "(with --starts level: the level's held-out episodes)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: CPU count; 0: play in this process)")
     parser.add_argument("--frame-size", default="96x128", help="HxW of stored frames (default 96x128)")
@@ -489,6 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most this many unrecorded tics of play before an episode starts, so that "
                              "episodes do not all start at the map's start (default 512)")
     parser.add_argument("--skill", type=int, default=3, help="Doom skill 1-5 (default 3)")
+    parser.add_argument("--starts", choices=STARTS, default="map",
+                        help="where episodes start: map = the map's player start (default); level = start "
+                             "cells all over one map, for a level model (never its evaluation start places)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -504,7 +536,7 @@ def config_from_args(args) -> CollectConfig:
     return CollectConfig(frames=args.frames, maps=[m.upper() for m in maps], split=args.split,
                          frame_size=list(parse_frame_size(args.frame_size)), seed=args.seed,
                          episode_frames=args.episode_frames, shard_frames=args.shard_frames,
-                         warmup_frames=args.warmup_frames, skill=args.skill)
+                         warmup_frames=args.warmup_frames, skill=args.skill, starts=args.starts)
 
 
 def run(args) -> int:

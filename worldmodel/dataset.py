@@ -296,8 +296,9 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     maps match the manifest, its actions are valid encodings; across shards, every episode runs 0, 1, 2,
     ... without a gap or a duplicate and starts with the no-op action. Raises DatasetError naming the
     first bad shard; returns a summary dict (frames, episodes, maps, bytes, shards, frame_size,
-    action_mix: share of frames per kind of action (see `action_counts`), unlisted: files in shards/ that
-    the manifest does not list, ignored)."""
+    action_mix: share of frames per kind of action (see `action_counts`), coverage: per map, how much of
+    its reachable area the player positions visit (`worldmodel.level.Level.coverage`), unlisted: files in
+    shards/ that the manifest does not list, ignored)."""
     root = Path(root)
     manifest = load_manifest(root)
     frame_size = tuple(manifest["frame_size"])
@@ -305,6 +306,7 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     episode_map: dict[int, str] = {}
     map_frames: dict[str, int] = {}
     mix_counts: dict[str, int] = {}
+    positions: dict[str, list[np.ndarray]] = {}
     shards = manifest["shards"]
     it = shards
     if progress:
@@ -342,6 +344,8 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
             episodes.setdefault(ep, []).append((first, count, name))
         for m, c in zip(*np.unique(arrays["map"], return_counts=True)):
             map_frames[str(m)] = map_frames.get(str(m), 0) + int(c)
+            if "position" in arrays:
+                positions.setdefault(str(m), []).append(arrays["position"][arrays["map"] == m])
     for ep, pieces in episodes.items():
         pieces.sort()
         expect = 0
@@ -361,7 +365,18 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
             "maps": dict(sorted(map_frames.items())), "bytes": sum(s["bytes"] for s in shards),
             "frame_size": list(frame_size), "fps": manifest["fps"], "wad": manifest.get("wad"),
             "action_mix": {k: c / max(1, n_frames) for k, c in mix_counts.items()},
-            "unlisted": unlisted}
+            "coverage": _coverage(manifest.get("wad"), positions), "unlisted": unlisted}
+
+
+def _coverage(wad: str | None, positions: dict[str, list[np.ndarray]]) -> dict[str, dict]:
+    """Per map: the coverage of its reachable area by the frames' player positions (level.py)."""
+    from worldmodel.level import load_level
+
+    out = {}
+    for m, chunks in sorted(positions.items()):
+        level = load_level(wad or "freedoom2", m)
+        out[m] = {**level.coverage(np.concatenate(chunks)), "visits": level.visits(np.concatenate(chunks)).tolist()}
+    return out
 
 
 def _requested_frames(root: Path) -> int | None:
@@ -612,12 +627,13 @@ class StepSampler:
             step += 1
 
 
-def iter_shards(root: str | Path, maps: Iterable[str] | None = None) -> Iterator[dict]:
-    """Every shard's arrays in manifest order (with "name"), restricted to frames of `maps` if given."""
+def iter_shards(root: str | Path, maps: Iterable[str] | None = None, names: set[str] | None = None) -> Iterator[dict]:
+    """Every shard's arrays in manifest order (with "name"), restricted to frames of `maps` and to the
+    shards in `names` if given."""
     manifest = load_manifest(root)
     keep = None if maps is None else {m.upper() for m in maps}
     for s in manifest["shards"]:
-        if keep is not None and not keep.intersection(s["maps"]):
+        if (keep is not None and not keep.intersection(s["maps"])) or (names is not None and s["name"] not in names):
             continue
         arrays = load_shard(root, s["name"])
         if keep is not None and not set(s["maps"]) <= keep:
@@ -689,29 +705,93 @@ def export_start_clips(root: str | Path, out: str | Path, count: int, frames: in
     """Write `count` start clips of `frames` consecutive frames each (from different episodes, `skip`
     frames into the shard so the scene is under way) as `out/clipNN.npz` with `frames` uint8
     (N, H, W, 3) and `actions` float32 (N, 5): the start scenes a checkpoint ships so that playing
-    needs no dataset."""
+    needs no dataset. Where the shards hold player positions, the clips are spread over the places
+    the data went (farthest-point sampling over the clips' positions, per map in turn), so that a
+    level model's start scenes show the whole level; otherwise the first episodes are taken."""
+    keep = None if maps is None else {m.upper() for m in maps}
+    cands = []  # (shard name, first row, map, x, y): one clip per episode
+    seen_episodes: set[int] = set()
+    for s in load_manifest(root)["shards"]:
+        if keep is not None and not keep.intersection(s["maps"]):
+            continue
+        try:
+            with np.load(Path(root) / s["name"], allow_pickle=False) as z:  # the small arrays only
+                small = {k: z[k] for k in ("episode", "map", "position") if k + ".npy" in z.zip.namelist()}
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{s['name']}: unreadable shard ({e})") from None
+        for start, end in _run_bounds(small["episode"]):
+            ep = int(small["episode"][start])
+            m = str(small["map"][start])
+            if ep in seen_episodes or end - start < skip + frames or (keep is not None and m not in keep):
+                continue
+            seen_episodes.add(ep)
+            xy = small["position"][start + skip, :2] if "position" in small else (np.nan, np.nan)
+            cands.append((s["name"], start + skip, m, float(xy[0]), float(xy[1])))
+            if "position" not in small and len(cands) == count:
+                break
+        if "position" not in small and len(cands) == count:
+            break
+    if len(cands) < count:
+        raise DatasetError(f"{root}: found only {len(cands)} episodes with {skip + frames} frames for start clips")
+    picked = _spread(cands, count) if all(np.isfinite(c[3]) for c in cands) else cands[:count]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    seen_episodes: set[int] = set()
-    for arrays in iter_shards(root, maps):
-        if len(written) == count:
-            break
-        for start, end in _run_bounds(arrays["episode"]):
-            ep = int(arrays["episode"][start])
-            if ep in seen_episodes or end - start < skip + frames:
-                continue
-            seen_episodes.add(ep)
-            sl = slice(start + skip, start + skip + frames)
-            path = out / f"clip{len(written):02d}.npz"
-            buf = io.BytesIO()
-            np.savez_compressed(buf, frames=arrays["frames"][sl], actions=arrays["actions"][sl].astype(np.float32))
-            atomic_write_bytes(path, buf.getvalue())
-            written.append(path)
-            break
-    if len(written) < count:
-        raise DatasetError(f"{root}: found only {len(written)} episodes with {skip + frames} frames for start clips")
+    for name, first, _, _, _ in picked:
+        arrays = load_shard(root, name)
+        sl = slice(first, first + frames)
+        path = out / f"clip{len(written):02d}.npz"
+        buf = io.BytesIO()
+        np.savez_compressed(buf, frames=arrays["frames"][sl], actions=arrays["actions"][sl].astype(np.float32))
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
     return written
+
+
+def _spread(cands: list[tuple], count: int) -> list[tuple]:
+    """`count` candidates (name, row, map, x, y), maps in turn, each map's far apart (farthest point)."""
+    by_map: dict[str, list[tuple]] = {}
+    for c in cands:
+        by_map.setdefault(c[2], []).append(c)
+    order = sorted(by_map)
+    chosen: dict[str, list[int]] = {m: [] for m in order}
+    out = []
+    while len(out) < count:
+        for m in order:
+            group = by_map[m]
+            if len(out) == count or len(chosen[m]) == len(group):
+                continue
+            xy = np.array([(c[3], c[4]) for c in group])
+            if not chosen[m]:  # the candidate nearest the middle of the map's data first
+                i = int(np.argmin(np.linalg.norm(xy - np.median(xy, 0), axis=1)))
+            else:
+                d = np.min(np.linalg.norm(xy[:, None] - xy[chosen[m]][None], axis=2), axis=1)
+                i = int(np.argmax(d))
+            chosen[m].append(i)
+            out.append(group[i])
+    return out
+
+
+def _save_coverage_maps(summary: dict, path: str | Path) -> None:
+    """One picture per map side by side: frames per 64-unit cell (`level.coverage_map`), enlarged."""
+    import cv2
+
+    from worldmodel.level import coverage_map, load_level
+
+    tiles = []
+    for m, c in summary["coverage"].items():
+        tile = coverage_map(load_level(summary.get("wad") or "freedoom2", m), np.asarray(c["visits"]))
+        tile = np.repeat(np.repeat(tile, 8, 0), 8, 1)
+        cv2.putText(tile, m, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1)
+        tiles.append(tile)
+    if not tiles:
+        raise UserError("no player positions in this dataset: nothing to draw")
+    h = max(t.shape[0] for t in tiles)
+    grid = np.concatenate([np.pad(t, ((0, h - t.shape[0]), (0, 4), (0, 0))) for t in tiles], axis=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+        raise UserError(f"{path}: cannot write the image")
+    print(f"wrote {path}")
 
 
 def _human_bytes(n: int) -> str:
@@ -732,6 +812,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("dir", help="dataset directory (holds manifest.json)")
     v.add_argument("--no-checksum", action="store_true", help="skip the sha256 checksums (faster)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.add_argument("--coverage-map", default=None, metavar="PNG",
+                   help="also draw each map's coverage (frames per cell, north up; red: reachable, never visited)")
     p = sub.add_parser("preview", help="save a PNG grid of frames drawn across a dataset")
     p.add_argument("dir", help="dataset directory")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -750,6 +832,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.data_command == "verify":
+        if args.coverage_map:
+            from worldmodel.cli_common import check_output_path
+
+            check_output_path(args.coverage_map, "--coverage-map")  # before the whole dataset is read
         summary = verify_dataset(args.dir, checksums=not args.no_checksum, progress=sys.stderr.isatty())
         if not summary["frames"]:
             raise DatasetError(f"{args.dir}: the dataset holds no frames (a collection that has not written a shard?)")
@@ -766,6 +852,12 @@ def run(args) -> int:
               f"{_human_bytes(summary['bytes'])}")
         print("maps: " + ", ".join(f"{m} {c}" for m, c in summary["maps"].items()))
         print("actions (share of frames): " + ", ".join(f"{k} {v:.1%}" for k, v in summary["action_mix"].items()))
+        for m, c in summary["coverage"].items():
+            print(f"coverage of {m} ({c['cells']} reachable cells of {c['cell_size']}x{c['cell_size']} map units): "
+                  f"visited {c['visited']:.1%}, well covered (a tenth of the mean or more) {c['well_covered']:.1%}, "
+                  f"evenness {c['evenness']:.2f}, frames outside {c['outside']:.1%}")
+        if args.coverage_map:
+            _save_coverage_maps(summary, args.coverage_map)
         if summary["unlisted"]:
             print(f"note: {len(summary['unlisted'])} file(s) in {SHARD_DIR}/ are not in the manifest and were "
                   f"ignored (e.g. {summary['unlisted'][0]})")

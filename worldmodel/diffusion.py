@@ -67,9 +67,14 @@ def sample_training_noise_levels(batch: int, frames: int, generator: torch.Gener
 
 
 def flow_matching_loss(model, x0: torch.Tensor, actions: torch.Tensor, t: torch.Tensor,
-                       noise: torch.Tensor) -> torch.Tensor:
+                       noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the predicted velocity. x0, noise: (B, F, C, h, w) clean latents and
-    their noise; actions: (B, F, A); t: (B, F) per-frame noise levels."""
+    their noise; actions: (B, F, A); t: (B, F) per-frame noise levels; weight: (B, F) per-frame loss
+    weights (default: all 1), the mean taken over the weighted frames."""
     x_t = add_noise(x0, noise, t)
     v = model(x_t, t, actions)
-    return (v.float() - velocity_target(x0, noise).float()).pow(2).mean()
+    err = (v.float() - velocity_target(x0, noise).float()).pow(2)
+    if weight is None:
+        return err.mean()
+    w = weight.float()[..., None, None, None].expand_as(err)
+    return (err * w).sum() / w.sum().clamp_min(1e-8)

@@ -251,6 +251,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "teacher's autoencoder) instead of encoding --data's training maps")
     parser.add_argument("--eval-clips", type=int, default=32, help="validation clips for the PSNR report")
     parser.add_argument("--rollout", type=int, default=8, help="frames of the autoregressive rollout in the report")
+    parser.add_argument("--half", action="store_true",
+                        help="store the student's transformer weights in float16 (half the size; the engine "
+                             "computes in its own dtype)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -318,7 +321,7 @@ def run(args) -> int:
         scfg = ModelConfig.from_dict({**cfg.to_dict(), "sample_steps": k})
         info = {**(config.get("info") or {}), "distill": {k_: v for k_, v in report.items() if k_ != "students"}
                 | {"student_steps": k, "eval": res, "loss_first": entry["loss_first"], "loss_last": entry["loss_last"]}}
-        save_pretrained(dest, scfg, ae, student, info)
+        save_pretrained(dest, scfg, ae, copy.deepcopy(student).half() if args.half else student, info)
         if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():
             shutil.copytree(Path(folder) / "start_clips", dest / "start_clips")
         entry["checkpoint"] = str(dest)

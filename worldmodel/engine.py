@@ -21,7 +21,9 @@ were conditioned on). `stats` counts frames, drafted, accepted and discarded dra
 The per-frame work is static-shaped and free of host syncs (no .item(), no branching on tensor
 values; counter-based noise; the cache's bookkeeping is tensors): the one sync is copying the frame
 to the host. `compile=True` wraps the cached pass and the decoder in torch.compile (mode
-"reduce-overhead", CUDA graphs, on CUDA). On CPU compiling is slower than eager here (inductor's
+"reduce-overhead", CUDA graphs, on CUDA); `compile="inductor"` compiles without CUDA graphs and
+`compile="graphs"` replays the traced passes as CUDA graphs without inductor's code generation (CUDA
+only; seconds to compile instead of minutes). On CPU compiling is slower than eager here (inductor's
 GEMMs vs oneDNN) and is off by default.
 """
 from __future__ import annotations
@@ -43,6 +45,10 @@ from worldmodel.checkpoint import CheckpointError, load_pretrained, save_pretrai
 from worldmodel.model import KVCache, ModelConfig, WorldTransformer, preset
 from worldmodel.sampler import FrameSampler
 
+# `WorldModel.compile` settings: "off" (eager); "on" (inductor, with CUDA graphs on CUDA: torch.compile
+# mode "reduce-overhead"); "inductor" (inductor, no CUDA graphs); "graphs" (CUDA graphs of the traced
+# passes, no inductor code generation: dynamo's "cudagraphs" backend; CUDA only)
+COMPILE_MODES = ("off", "on", "inductor", "graphs")
 DEFAULT_TOLERANCE = 0.5  # degrees of turn: < 1 pixel of yaw at the tiny tier's 128 px width (~90 deg FOV)
 
 
@@ -70,6 +76,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_supports_bf16() -> bool:
+    """Does this CPU do bfloat16 arithmetic natively (AVX512-BF16 or AMX)? There bf16 matrix
+    multiplication runs about 2.4x float32; elsewhere it is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """"auto": bfloat16 on CUDA, float32 elsewhere."""
     if dtype in (None, "auto"):
@@ -80,6 +100,19 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be 'auto', float32, bfloat16, float16 or float64, got {dtype!r}")
     return dtype
+
+
+def compile_options(mode: str, device: torch.device) -> dict:
+    """torch.compile keyword arguments of a COMPILE_MODES mode other than "off" on `device`."""
+    if mode == "on":
+        return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+    if mode == "inductor":
+        return {}
+    if mode == "graphs":
+        if device.type != "cuda":
+            raise ValueError(f"compile='graphs' replays CUDA graphs: it needs a CUDA device, not {device.type}")
+        return {"backend": "cudagraphs"}
+    raise ValueError(f"no torch.compile options for compile mode {mode!r}")
 
 
 def speculative_match(assumed: Action, real: Action, tolerance: float = DEFAULT_TOLERANCE) -> bool:
@@ -135,14 +168,15 @@ class WorldModel:
     """The engine. Settings (keyword arguments, and attributes settable at any time): `steps`
     (denoising steps a frame), `speculative` (N frames per pass, 1 = off), `speculative_tolerance`
     (degrees of turn a draft may be off), `attention` (kernels backend), `seed`, `compile`
-    (torch.compile the per-frame passes: mode "reduce-overhead", i.e. CUDA graphs, on CUDA).
+    (torch.compile the per-frame passes: True = "on", i.e. inductor + CUDA graphs on CUDA; or one of
+    COMPILE_MODES).
     Construction-only: `device` ("auto": cuda, mps, cpu), `dtype` ("auto": bfloat16 on CUDA, else
     float32), `fused` (commit each frame in the next frame's first pass; False = a separate pass)."""
 
     def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, *,
                  device="auto", dtype="auto", steps: int | None = None, speculative: int = 1,
                  speculative_tolerance: float = DEFAULT_TOLERANCE, attention: str | None = None,
-                 seed: int = 0, compile: bool = False, fused: bool = True, name: str = "",
+                 seed: int = 0, compile: bool | str = False, fused: bool = True, name: str = "",
                  info: dict | None = None, folder: Path | None = None):
         self.cfg, self.name, self.info, self.folder = cfg, name, dict(info or {}), folder
         self.device = resolve_device(device)
@@ -167,7 +201,7 @@ class WorldModel:
         self._ready = False
         self.speculative = speculative
         self.speculative_tolerance = speculative_tolerance
-        self._compile = False
+        self._compile_mode = "off"
         self.compile = compile
         self.reset_stats()
 
@@ -265,17 +299,25 @@ class WorldModel:
         self._tolerance = float(deg)
 
     @property
-    def compile(self) -> bool:
-        return self._compile
+    def compile(self) -> bool | str:
+        """False (off), True (on), or the mode's name: "inductor" or "graphs" (see COMPILE_MODES)."""
+        return {"off": False, "on": True}.get(self._compile_mode, self._compile_mode)
 
     @compile.setter
-    def compile(self, on: bool) -> None:
-        """torch.compile the cached pass and the decoder (mode "reduce-overhead" = CUDA graphs on CUDA;
-        inductor's default on CPU). Each (frames, commit) shape compiles once, on first use."""
-        on = bool(on)
-        if on and not self._compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            compiled = torch.compile(self._pass, mode=mode, dynamic=False)
+    def compile(self, mode: bool | str) -> None:
+        """torch.compile the cached pass and the decoder, in one of COMPILE_MODES (True = "on", False =
+        "off"). Each (frames, commit) shape compiles once, on first use."""
+        mode = ("on" if mode else "off") if isinstance(mode, (bool, np.bool_)) else mode
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        if mode == self._compile_mode:
+            return
+        if mode == "off":
+            self.sampler.forward = self.transformer.forward_cached
+            self._decode = self._decode_eager
+        else:
+            kwargs = compile_options(mode, self.device)
+            compiled = torch.compile(self._pass, dynamic=False, **kwargs)
             cache = self.sampler.cache
 
             def forward(x, t, actions, c, commit=0):
@@ -283,11 +325,8 @@ class WorldModel:
                 return compiled(x, t, actions, commit)
 
             self.sampler.forward = forward
-            self._decode = torch.compile(self._decode_eager, mode=mode, dynamic=False)
-        elif not on:
-            self.sampler.forward = self.transformer.forward_cached
-            self._decode = self._decode_eager
-        self._compile = on
+            self._decode = torch.compile(self._decode_eager, dynamic=False, **kwargs)
+        self._compile_mode = mode
 
     # -- statistics --------------------------------------------------------------------------------
     @property
@@ -369,7 +408,7 @@ class WorldModel:
             raise RuntimeError("WorldModel.step() called before reset(frames, actions): seed the context first")
         if not isinstance(action, Action):
             raise ValueError(f"step needs an Action, got {type(action).__name__}")
-        if self._compile and self.device.type == "cuda":
+        if self._compile_mode != "off" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # a new frame: CUDA-graph outputs of the last one are dead
         if self._drafts and speculative_match(self._drafts[0][1], action, self._tolerance):
             latent, assumed = self._drafts.popleft()  # served at once: no model pass

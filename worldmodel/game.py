@@ -50,6 +50,7 @@ STRAFE_SPEED = 40  # Doom sidemove units when running (walking: 24)
 DEFAULT_SKILL = 3  # "Hurt me plenty"
 START_TICS = 7  # after a map (re)starts, the engine ignores input for this many tics; reset() skips them
 DEFAULT_FRAME_SIZE = (96, 128)  # (H, W)
+WARP_TURN = 45.0  # degrees a tic when `warp` turns the player to a heading
 
 # ViZDoom's 4:3 render resolutions, smallest first: (width, height)
 _RES_4_3 = ((160, 120), (200, 150), (256, 192), (320, 240), (400, 300), (512, 384), (640, 480), (800, 600),
@@ -273,6 +274,29 @@ class DoomEnv:
         self._check_open()
         self.restarted = False
         return self._new_episode(seed).copy()
+
+    def warp(self, x: float, y: float, heading: float | None = None) -> np.ndarray:
+        """Teleport the player to map position (x, y) (Doom's `warp` cheat; the floor there), then turn
+        to `heading` (degrees, counter-clockwise, 0 = east) over a few tics. Returns the frame after.
+        The tics it takes are not episode frames (the next `step` continues as usual). A UserError if
+        the player did not arrive (a position outside the level)."""
+        self._check_open()
+        if self._frame is None:
+            raise RuntimeError("call DoomEnv.reset() before warp()")
+        g = self._game
+        g.send_game_command(f"warp {float(x):.1f} {float(y):.1f}")
+        g.make_action([0.0] * 5, 1)
+        px, py, angle = self.position
+        if math.hypot(px - x, py - y) > 1.0:
+            raise UserError(f"warp to ({x:.0f}, {y:.0f}) on {self.map} failed: the player is at ({px:.0f}, {py:.0f})")
+        if heading is not None:
+            turn = angle_difference(angle, heading)  # positive: turn right (the engine's angle decreases)
+            while abs(turn) > 1e-3:
+                d = max(-WARP_TURN, min(WARP_TURN, turn))
+                g.make_action([0.0, 0.0, d, 0.0, 0.0], 1)
+                turn -= d
+        self._frame = self._grab()
+        return self._frame.copy()
 
     def step(self, action: Action) -> np.ndarray:
         """Play one tic with `action` held and return the frame it produced."""

@@ -6,6 +6,13 @@ and every frame carries its own noise level and its own action (the action that 
 modulate every block through adaLN-Zero. Attention is block-causal: bidirectional inside a frame,
 causal across frames (Next-Frame Diffusion). It runs through `kernels/`.
 
+With `prev_frame` on (the level models), every frame's tokens also carry the previous frame's latent
+at the same grid position (channel concatenation, as DIAMOND and GameNGen feed past frames), so that
+copying what was there is one linear map away and the model learns the change. The previous frame is
+the previous position's input as the model sees it: in a training clip the frame before (at its own
+noise level; zeros for the first), at inference the last frame committed to the cache (kept in the
+cache beside its keys and values) or, for a speculative draft, the draft before it.
+
 Two ways in:
 - `forward(x, t, actions)`: a whole clip, positions 0..F-1 (training, full recompute).
 - `forward_cached(x, t, actions, cache, commit)`: F new frames against the KV cache of clean past
@@ -45,6 +52,7 @@ class ModelConfig:
     ae_res_blocks: tuple[int, ...] = (0, 0, 1, 1)
     # the transformer
     patch_size: int = 1  # latent pixels per token side
+    prev_frame: bool = False  # each frame's tokens also carry the previous frame's latent (channel concat)
     dim: int = 256
     depth: int = 6
     heads: int = 4
@@ -174,6 +182,7 @@ def _onednn_linear_available() -> bool:
 
 
 _ONEDNN_LINEAR = _onednn_linear_available()
+_ONEDNN_BF16 = _ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # no bf16 kernels on AVX2-only CPUs
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
@@ -181,7 +190,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     through oneDNN's linear with the GELU fused in: about 2x faster than the BLAS (MKL) path on AMD
     CPUs at these small shapes, equal to float rounding (~1e-6). Under torch.compile: F.linear
     (inductor picks its own GEMM)."""
-    if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if (_ONEDNN_LINEAR and x.device.type == "cpu" and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16))
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu" if gelu else "none", [],
                                                   "tanh" if gelu else "")
@@ -218,13 +227,17 @@ class KVCache(nn.Module):
         self.register_buffer("slot_frame", torch.full((n_slots,), -1, dtype=torch.long, device=device),
                              persistent=False)  # frame number held by each slot, -1 = empty
         self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        # with `prev_frame`: the input latent of the last committed frame, the next frame's previous
+        # frame (B, C, h, w); None without
+        self.register_buffer("last", torch.zeros((batch_size, cfg.latent_channels, *cfg.latent_size), device=device,
+                                                 dtype=dtype) if cfg.prev_frame else None, persistent=False)
 
     @property
     def n_slots(self) -> int:
         return self.sinks + self.window
 
     def reset(self) -> None:
-        for b in (self.k, self.k_rot, self.v):
+        for b in self.buffers():
             b.zero_()
         self.slot_frame.fill_(-1)
         self.count.zero_()
@@ -308,7 +321,7 @@ class WorldTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         patch_dim = cfg.latent_channels * cfg.patch_size ** 2
-        self.patch_embed = nn.Linear(patch_dim, cfg.dim)
+        self.patch_embed = nn.Linear(patch_dim * (2 if cfg.prev_frame else 1), cfg.dim)  # [frame, previous frame]
         self.noise_embed = NoiseLevelEmbedding(cfg.dim)
         self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
@@ -377,8 +390,12 @@ class WorldTransformer(nn.Module):
         x = x.reshape(B, Fr, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, Fr, C, gh * p, gw * p)
 
-    def _run(self, x, t, actions, ctx: _AttnContext) -> torch.Tensor:
-        h = linear(self._tokens(x), self.patch_embed)  # (B, F, T, C)
+    def _run(self, x, t, actions, ctx: _AttnContext, first_prev: torch.Tensor | None) -> torch.Tensor:
+        tokens = self._tokens(x)  # (B, F, T, c)
+        if self.cfg.prev_frame:  # frame f also gets frame f-1 (the first: `first_prev` (B, C, h, w))
+            prev = torch.cat((first_prev[:, None].to(x.dtype), x[:, :-1]), dim=1)
+            tokens = torch.cat((tokens, self._tokens(prev)), dim=-1)  # (B, F, T, 2c)
+        h = linear(tokens, self.patch_embed)  # (B, F, T, C)
         c = self.noise_embed(t) + self.action_embed(actions.to(h.dtype))  # (B, F, C)
         for i, block in enumerate(self.blocks):
             ctx.layer = i
@@ -393,7 +410,8 @@ class WorldTransformer(nn.Module):
         pos = torch.arange(Fr, device=x.device)
         cos, sin = self._rope_at(pos) if Fr <= self.cfg.clip_frames else self._rope(pos)
         ctx = _AttnContext(cos=cos, sin=sin, backend=self.attention, tokens_per_frame=self.cfg.tokens_per_frame)
-        return self._run(x, t, actions, ctx)
+        first_prev = x.new_zeros((x.shape[0], *x.shape[2:])) if self.cfg.prev_frame else None
+        return self._run(x, t, actions, ctx, first_prev)
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, cache: KVCache,
                        commit: int = 0) -> torch.Tensor:
@@ -422,9 +440,11 @@ class WorldTransformer(nn.Module):
         if Fr > n:
             ctx.cos, ctx.sin = self._rope_at(cache.query_positions(Fr - n, count))
             ctx.valid = (slot_frame >= 0).repeat_interleave(T)[None].expand(B, -1)
-        out = self._run(x, t, actions, ctx)
+        out = self._run(x, t, actions, ctx, cache.last if cfg.prev_frame else None)
         if n:
             cache.advance(slot_frame, count)
+            if cfg.prev_frame:
+                cache.last.copy_(x[:, n - 1])
         return out
 
 

@@ -56,12 +56,14 @@ from worldmodel.autoencoder import (Autoencoder, AutoencoderConfig, PatchDiscrim
 from worldmodel.checkpoint import (CONFIG_FILE, FORMAT_VERSION, WEIGHT_FILES, CheckpointError, atomic_write_json,
                                    check_state_dict, load_tensors, read_config, save_pretrained, save_tensors)
 from worldmodel.cli_common import check_output_path
+from worldmodel.engine import cpu_supports_bf16, parse_device, resolve_device
 from worldmodel.errors import UserError
 from worldmodel.model import ModelConfig, WorldTransformer, preset
 from worldmodel.progress import progress_bar
 from worldmodel.sampler import FrameSampler
 
 STATE_FORMAT = 1
+READ_SPREAD = 4  # read_frames with max_frames: read this many times more frames than kept, from spread shards
 AE_FILE = "autoencoder.safetensors"
 
 # --------------------------------------------------------------------------------------------------
@@ -88,6 +90,9 @@ class AutoencoderTrainConfig:
     adv_weight: float = 0.0  # > 0: a PatchGAN critic trains beside the autoencoder (hinge loss), and the
                              # autoencoder also minimises adv_weight * -critic(reconstruction)
     adv_start: int = 0  # the step from which the autoencoder feels the critic (the critic trains from 0)
+    init: str | None = None  # an autoencoder (run folder, file or checkpoint folder) whose weights start the run
+    decoder_only: bool = False  # train the decoder alone: the encoder (and the latents' statistics) stay
+                                # as `init` has them, so a transformer trained on its latents still fits
     calibrate_frames: int = 4096
     device: str = "auto"
     progress: bool = True
@@ -112,6 +117,8 @@ class ModelTrainConfig:
     context_prob: float = 0.5  # share of clips laid out as context prefix + noisy frames
     context_max: float = 0.3  # highest noise level of a context frame (noise augmentation)
     noise_shift: float = 1.0  # > 1: noise levels of the other frames biased towards pure noise
+    self_forcing: int = 0  # > 0: on a share of the steps, K context frames are the model's own rollout
+    self_forcing_prob: float = 0.5  # the share of steps that are self-forced
     clip_frames: int = 0  # 0: the model's `clip_frames` (sinks + window + max draft)
     init: str | None = None  # a checkpoint folder whose transformer weights start a new run
     seed: int = 0
@@ -123,7 +130,8 @@ class ModelTrainConfig:
     eval_clips: int = 16  # validation clips for teacher-forced PSNR
     sample_steps: int = 0  # 0: the model's `sample_steps`
     compile: bool = False
-    amp: bool = True  # bf16 autocast on CUDA
+    max_time: float = 0.0  # > 0: stop after this many seconds of training in this process (checkpoint + export)
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (`amp_enabled`)
     device: str = "auto"
     progress: bool = True
 
@@ -175,8 +183,6 @@ class Dist:
 def setup_distributed(device: str = "auto") -> Dist:
     """One process, or the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK): nccl on
     CUDA, gloo on CPU."""
-    from worldmodel.engine import parse_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -192,6 +198,12 @@ def setup_distributed(device: str = "auto") -> Dist:
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(minutes=30))
     return Dist(rank, world, local, dev)
+
+
+def amp_enabled(want: bool, device: torch.device) -> bool:
+    """bf16 autocast for training: on CUDA, and on CPUs that do bf16 natively (a training step of the
+    tiny model ran 1.56x faster than float32 on an AVX512-BF16 CPU); elsewhere float32."""
+    return bool(want) and (device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()))
 
 
 def hardware(device: torch.device) -> str:
@@ -323,10 +335,21 @@ def _dataset_module():
     return dataset
 
 
-def split_maps(split: str, maps: list[str] | None = None) -> list[str]:
+def split_maps(split: str, maps: list[str] | None = None, path: str | Path | None = None) -> list[str]:
     """The maps a split may read ("train": freedoom2 MAP01-MAP20, "val": MAP21-MAP24), narrowed to
-    `maps` if given; a held-out map (or a training map for "val") is refused."""
+    `maps` if given; a held-out map (or a training map for "val") is refused. A level's dataset
+    (`collect --starts level`, at `path`) holds one map, either the level's training episodes or its
+    held-out ones (its collect.json says which, by construction): it serves its own split only."""
     from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, check_map, split_of
+    level = level_dataset(path) if path is not None else None
+    if level is not None:
+        if level["split"] != split:
+            what = {"train": "training episodes", "val": "held-out episodes"}
+            raise UserError(f"{path} holds {level['map']}'s {what[level['split']]} (a level's dataset); it cannot "
+                            f"serve as {what[split]}")
+        if maps and [m.upper() for m in maps] != [level["map"]]:
+            raise UserError(f"{path} holds {level['map']} only")
+        return [level["map"]]
     allowed = list(TRAIN_MAPS if split == "train" else VAL_MAPS)
     if maps:
         wanted = set()
@@ -339,6 +362,20 @@ def split_maps(split: str, maps: list[str] | None = None) -> list[str]:
     return allowed
 
 
+def level_dataset(path: str | Path) -> dict | None:
+    """{"wad", "map", "split"} of a level's dataset (`collect --starts level`, read from its collect.json),
+    None for any other dataset."""
+    from worldmodel.collect import CONFIG
+
+    try:
+        conf = json.loads((Path(path) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if conf.get("starts") != "level":
+        return None
+    return {"wad": conf["wad"], "map": conf["maps"][0], "split": conf["split"]}
+
+
 def _check_dataset(path: str | Path):
     ds = _dataset_module()
     return ds.load_manifest(path)  # a DatasetError (UserError) if it is not a dataset
@@ -347,13 +384,20 @@ def _check_dataset(path: str | Path):
 def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max_frames: int | None = None,
                 progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """All frames of the dataset at `path` on the maps of `split` (held-out maps are never read), as
-    uint8 (N, H, W, 3); with `max_frames`, every k-th frame so that about that many remain."""
-    allowed = split_maps(split, maps)
+    uint8 (N, H, W, 3); with `max_frames`, about that many spread over the dataset: every k-th frame
+    of shards spread evenly over it (at most READ_SPREAD times as many shards as the frames need, so a
+    large dataset is not decompressed whole for a small sample)."""
+    allowed = split_maps(split, maps, path)
     manifest = _check_dataset(path)
-    total = sum(int(manifest.get("maps", {}).get(m, 0)) for m in allowed) or None
+    names = [s["name"] for s in manifest["shards"] if set(s["maps"]) & set(allowed)]
+    total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names)) or None
+    if max_frames and total and len(names) > 1:
+        want = min(len(names), math.ceil(READ_SPREAD * max_frames * len(names) / total))
+        names = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, want).round().astype(int))]
+        total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names))
     every = max(1, math.ceil(total / max_frames)) if (max_frames and total) else 1
     out, seen = [], set()
-    shards = _dataset_module().iter_shards(path, allowed)
+    shards = _dataset_module().iter_shards(path, allowed, names=set(names))
     if progress:
         shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False,
                               disable=None)
@@ -393,7 +437,7 @@ def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_
     the latents into clips of `clip_frames` consecutive frames of one episode (every `stride` frames;
     `max_clips`: evenly spaced over the dataset). keep_frames > 0 also returns that many clips of real
     frames (evenly spaced), for teacher-forced evaluation."""
-    allowed = split_maps(split, maps)
+    allowed = split_maps(split, maps, path)
     _check_dataset(path)
     device = autoencoder.latent_mean.device
     lat, act, ep, fi, mp, frames = [], [], [], [], [], []
@@ -434,7 +478,7 @@ def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_
 def read_eval_clips(path: str | Path, n: int, clip_frames: int, split: str = "val", seed: int = 0) -> FrameClips:
     """n clips of real frames from the dataset loader (`ClipDataset`), evenly spaced over the split's
     episodes: the context, target and rollout frames of teacher-forced evaluation and sample strips."""
-    ds = _dataset_module().ClipDataset(path, clip_len=clip_frames, maps=split_maps(split), stride=clip_frames, seed=seed)
+    ds = _dataset_module().ClipDataset(path, clip_len=clip_frames, maps=split_maps(split, path=path), stride=clip_frames, seed=seed)
     if not len(ds):
         raise UserError(f"{path}: no clip of {clip_frames} frames on the {split} maps")
     pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().tolist()
@@ -687,17 +731,24 @@ def plot_metrics(records: list[dict], path: Path) -> None:
 def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> None:
     """Copy the transformer weights of the checkpoint at `path` into `model`: a new run that continues
     a trained model (its optimizer state is not in a checkpoint folder; `--resume` continues a run
-    exactly). The model configs must agree except for the sampling defaults."""
+    exactly). The model configs must agree except for the sampling defaults and the context noise, and
+    `prev_frame` may be switched on: the previous frame's input weights start at zero, so the new model
+    computes exactly what the checkpoint's did and learns to use the previous frame from there."""
     from worldmodel.checkpoint import load_pretrained
 
     icfg, _, transformer, _, _ = load_pretrained(path)
-    sampling = ("sample_steps", "sample_shift")
+    free = ("sample_steps", "sample_shift", "context_noise")
     theirs, ours = icfg.to_dict(), cfg.to_dict()
-    diff = [k for k in ours if k not in sampling and theirs[k] != ours[k]]
+    diff = [k for k in ours if k not in free and theirs.get(k) != ours[k]
+            and not (k == "prev_frame" and ours[k] and not theirs.get(k))]
     if diff:
         raise UserError(f"--init {path}: its model config differs from this run's in "
-                        + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff))
-    model.load_state_dict(transformer.state_dict())
+                        + ", ".join(f"{k} ({theirs.get(k)} vs {ours[k]})" for k in diff))
+    state = transformer.state_dict()
+    w = state["patch_embed.weight"]
+    if model.patch_embed.weight.shape != w.shape:  # prev_frame switched on: [old weights, zeros]
+        state["patch_embed.weight"] = torch.cat((w, torch.zeros_like(w)), dim=1)
+    model.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -712,6 +763,37 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 # --------------------------------------------------------------------------------------------------
 # Evaluation: validation loss, teacher-forced PSNR, sample strips
 # --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def self_forced_clip(model: WorldTransformer, cfg: ModelConfig, x0: torch.Tensor, actions: torch.Tensor,
+                     real: int, k: int, steps: int, seed: int) -> torch.Tensor:
+    """Self Forcing's context, the training path being the inference path: from the first `real` frames
+    of real clips x0 (B, F, C, h, w) (their actions (B, F, A)), the model rolls out the next k frames
+    with the engine's own sampler (`FrameSampler`: the KV cache, the fused commit, counter-based noise
+    seeded by `seed`, `steps` Euler steps), fed the real actions. Returns x0 with frames real..real+k-1
+    replaced by the model's own (no gradient flows into them)."""
+    was_training = model.training
+    model.eval()
+    sampler = FrameSampler(model, cfg, steps, seed=seed, batch_size=x0.shape[0])
+    sampler.reset(x0[:, :real], actions[:, :real])
+    own = [sampler.next(actions[:, real + i:real + i + 1]) for i in range(k)]
+    model.train(was_training)
+    return torch.cat((x0[:, :real], *[o.to(x0.dtype) for o in own], x0[:, real + k:]), dim=1)
+
+
+def self_forcing_layout(batch: int, frames: int, real: int, k: int, context_max: float, g: torch.Generator,
+                        shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise levels (batch, frames) and loss weights (batch, frames) of a self-forced clip: the real and
+    the self-made context (the first real + k frames) at context levels in [0, context_max] as the
+    engine commits them, the frames after it at independent levels (Diffusion Forcing); the loss counts
+    every frame but the self-made ones (their clean values are the model's own, not the game's)."""
+    t = diffusion.shift_noise_levels(diffusion.sample_noise_levels((batch, frames), generator=g), shift)
+    ctx = torch.rand((batch, real + k), generator=g) * context_max
+    t = torch.cat((ctx, t[:, real + k:]), dim=1)
+    w = torch.ones(batch, frames)
+    w[:, real:real + k] = 0.0
+    return t, w
 
 
 @torch.no_grad()
@@ -896,9 +978,19 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
     device = dist.device
     torch.manual_seed(tcfg.seed)
     ae = Autoencoder(cfg.autoencoder).to(device)
+    if tcfg.decoder_only and not tcfg.init:
+        raise UserError("--decoder-only needs --init: the autoencoder whose encoder stays as it is")
+    if tcfg.init:
+        init, _ = load_autoencoder(tcfg.init)
+        if _ae_shape(init.cfg) != _ae_shape(ae.cfg):
+            raise UserError(f"--init {tcfg.init}: the autoencoder {_ae_shape(init.cfg)} does not match this run's "
+                            f"{_ae_shape(ae.cfg)}")
+        ae.load_state_dict(init.state_dict())
+    ae.encoder.requires_grad_(not tcfg.decoder_only)
     critic = PatchDiscriminator().to(device) if tcfg.adv_weight > 0 else None
     modules: dict[str, nn.Module] = {"autoencoder": ae, **({"discriminator": critic} if critic else {})}
-    opt = torch.optim.AdamW([{"params": m.parameters()} for m in modules.values()], lr=tcfg.lr,
+    trained = [ae.decoder if tcfg.decoder_only else ae, *([critic] if critic else [])]
+    opt = torch.optim.AdamW([{"params": m.parameters()} for m in trained], lr=tcfg.lr,
                             weight_decay=tcfg.weight_decay)
     start, elapsed = 0, 0.0
     ckpts = checkpoint_dirs(out) if resume else []
@@ -952,7 +1044,7 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
         total, parts = net(random_crops(frames[idx], tcfg.crop, g).to(device), g, adv_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
-        gnorm = nn.utils.clip_grad_norm_(ae.parameters(), tcfg.grad_clip) if tcfg.grad_clip else torch.zeros(())
+        gnorm = nn.utils.clip_grad_norm_(trained[0].parameters(), tcfg.grad_clip) if tcfg.grad_clip else torch.zeros(())
         if critic is not None and tcfg.grad_clip:
             nn.utils.clip_grad_norm_(critic.parameters(), tcfg.grad_clip)
         opt.step()
@@ -989,9 +1081,10 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
     ae.eval()
     summary = {}
     if dist.main:
-        g = step_generator(tcfg.seed, 0, stream=5)
-        calib = frames[torch.randperm(len(frames), generator=g)[:tcfg.calibrate_frames]]
-        ae.calibrate(calib.to(device), batch_size=128)
+        if not tcfg.decoder_only:  # a new encoder: measure its latents' statistics
+            g = step_generator(tcfg.seed, 0, stream=5)
+            calib = frames[torch.randperm(len(frames), generator=g)[:tcfg.calibrate_frames]]
+            ae.calibrate(calib.to(device), batch_size=128)
         val = eval_psnr() or val
         summary = {"steps": tcfg.steps, "frames": len(frames), "batch": tcfg.batch, "time_s": round(elapsed, 1),
                    "hardware": hardware(device), "world_size": dist.world, **val, **info}
@@ -1120,11 +1213,17 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tcfg.compile:
         net = torch.compile(net)
-    amp = tcfg.amp and device.type == "cuda"
+    amp = amp_enabled(tcfg.amp, device)
     log = MetricsLog(out, dist.main)
     b = tcfg.batch // dist.world
     lo, hi = dist.rank * b, (dist.rank + 1) * b
     steps_eval = tcfg.sample_steps or cfg.sample_steps
+    sf_steps = steps_eval if tcfg.self_forcing else 0  # the rollout samples as the engine does
+    # 1..sf_real_max real frames start the rollout; at least one target frame follows the self-made ones
+    sf_real_max = min(cfg.cache_frames, F_ - tcfg.self_forcing - 1)
+    if tcfg.self_forcing and sf_real_max < 1:
+        raise UserError(f"--self-forcing {tcfg.self_forcing}: a {F_}-frame clip has no room for a real frame, "
+                        f"{tcfg.self_forcing} self-made ones and a target")
     losses: list[float] = []
     hw = hardware(device)
 
@@ -1165,6 +1264,8 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
 
     bar = _progress(tcfg, dist, start, "model")
     window_t, n_since = 0.0, 0
+    t_process = time.perf_counter()
+    stopped = None
     model.train()
     for step in range(start, tcfg.steps):
         t_step = time.perf_counter()
@@ -1174,12 +1275,24 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
         # the global batch of this step (data, noise levels, noise), of which this rank takes its slice
         x0, a = train.batch(step, tcfg.batch, lo, hi, tcfg.seed)
         g = step_generator(tcfg.seed, step, stream=3)
-        t = diffusion.sample_training_noise_levels(tcfg.batch, F_, g, context_prob=tcfg.context_prob,
-                                                   context_max=tcfg.context_max, shift=tcfg.noise_shift)
+        weight = None
+        g_sf = step_generator(tcfg.seed, step, stream=4)
+        if sf_steps and torch.rand((), generator=g_sf) < tcfg.self_forcing_prob:
+            # Self Forcing: k context frames are the model's own rollout from `real` real ones
+            real = int(torch.randint(1, sf_real_max + 1, (), generator=g_sf))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                x0 = self_forced_clip(model, cfg, x0.to(device), a.to(device), real, tcfg.self_forcing, sf_steps,
+                                      seed=tcfg.seed * 1_000_003 + step)
+            t, weight = self_forcing_layout(tcfg.batch, F_, real, tcfg.self_forcing, tcfg.context_max, g,
+                                            tcfg.noise_shift)
+            weight = weight[lo:hi].to(device)
+        else:
+            t = diffusion.sample_training_noise_levels(tcfg.batch, F_, g, context_prob=tcfg.context_prob,
+                                                       context_max=tcfg.context_max, shift=tcfg.noise_shift)
         noise = torch.randn((tcfg.batch, *x0.shape[1:]), generator=g)[lo:hi]
         x0, a, t, noise = x0.to(device), a.to(device), t[lo:hi].to(device), noise.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = diffusion.flow_matching_loss(net, x0, a, t, noise)
+            loss = diffusion.flow_matching_loss(net, x0, a, t, noise, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip) if tcfg.grad_clip else torch.zeros(())
@@ -1213,7 +1326,8 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
                         bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                               for k, v in last_val.items()))
             dist.barrier()
-        if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
+        out_of_time = bool(tcfg.max_time) and _flag(time.perf_counter() - t_process >= tcfg.max_time)
+        if done % tcfg.ckpt_every == 0 or done == tcfg.steps or out_of_time:
             if dist.main:
                 save_checkpoint(out, done, {"model": model, "ema": ema}, opt,
                                 {"elapsed_s": elapsed, "kind": "model", "world_size": dist.world,
@@ -1222,11 +1336,17 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
                                 tcfg.keep_checkpoints)
                 do_export(done)
             dist.barrier()
+        if out_of_time:
+            stopped = done
+            if dist.main:
+                print(f"\nworldmodel train: --max-time {tcfg.max_time:g} s reached at step {done} of {tcfg.steps}; "
+                      f"checkpointed and exported (--resume continues)", file=sys.stderr)
+            break
     if bar is not None:
         bar.close()
     if start >= tcfg.steps and dist.main and resume:  # a finished run resumed: export it again
         do_export(start)
-    return {"steps": tcfg.steps, "start_step": start, "losses": losses, "time_s": round(elapsed, 1),
+    return {"steps": stopped or tcfg.steps, "start_step": start, "losses": losses, "time_s": round(elapsed, 1),
             "validation": last_val, "world_size": dist.world, "export": str(out / "export") if autoencoder else None,
             "model": model, "ema": ema}
 
@@ -1241,7 +1361,7 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
 RUN_FILES = (CONFIG_FILE, "train_config.json", AE_FILE, "metrics.jsonl", "curves.png", "checkpoints", "samples",
              "export")
 # training settings that a resumed run may change; any other must be the run's own
-RESUME_MAY_CHANGE = {"steps", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "val_frames",
+RESUME_MAY_CHANGE = {"steps", "max_time", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "val_frames",
                      "calibrate_frames", "val_clips", "eval_clips", "sample_steps", "init", "compile", "amp",
                      "device", "progress"}
 
@@ -1358,6 +1478,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="> 0: train a PatchGAN critic beside it and add this weight times the adversarial loss "
                         "(sharper reconstructions; default 0: L1 + MSE only)")
     a.add_argument("--adv-start", type=int, default=0, help="step from which the adversarial loss applies")
+    a.add_argument("--init", default=None, metavar="AUTOENCODER",
+                   help="start from this autoencoder's weights (a run folder, its .safetensors or a checkpoint folder)")
+    a.add_argument("--decoder-only", action="store_true",
+                   help="with --init: train the decoder alone (the encoder and its latents stay exactly as they "
+                        "are, so a transformer trained on them still fits); e.g. a sharper decoder with --adv-weight")
     a.set_defaults(_train=run_autoencoder)
     m = sub.add_parser("model", help="train the diffusion transformer",
                        description="Train the block-causal diffusion transformer on latents of the frozen autoencoder.")
@@ -1371,6 +1496,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--grad-clip", type=float, default=d.grad_clip)
     m.add_argument("--weight-decay", type=float, default=d.weight_decay)
     m.add_argument("--clip-frames", type=int, default=0, help="training clip length (default: the model's clip_frames)")
+    m.add_argument("--self-forcing", type=int, default=d.self_forcing, metavar="K",
+                   help="Self Forcing: on a share of the steps (--self-forcing-prob), K context frames are the "
+                        "model's own rollout (the engine's sampler and KV cache, from real frames, fed the real "
+                        "actions) and the frames after them are trained against the real game (default 0: off)")
+    m.add_argument("--self-forcing-prob", type=float, default=d.self_forcing_prob,
+                   help="share of self-forced steps (default %(default)s)")
     m.add_argument("--context-prob", type=float, default=d.context_prob)
     m.add_argument("--context-max", type=float, default=d.context_max)
     m.add_argument("--noise-shift", type=float, default=d.noise_shift,
@@ -1385,7 +1516,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--no-cache", action="store_true",
                    help="encode clips from the dataset loader at every step instead of caching latents")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
-    m.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    m.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
+                   help="stop after this many seconds of training (checkpointed and exported; --resume continues): "
+                        "a run that uses the time there is, e.g. a lent GPU's minutes")
+    m.add_argument("--no-amp", action="store_true",
+                   help="no bf16 autocast (on by default on CUDA and on CPUs with native bf16: AVX512-BF16, AMX)")
     m.set_defaults(_train=run_model)
     b = sub.add_parser("throughput", help="measure training throughput (clips/s) on random latents",
                        description="Time full training steps of the transformer on random latents of the "
@@ -1405,11 +1540,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: int = 3, device: str = "auto",
-                       compile: bool = False, amp: bool = True, clip_frames: int = 0) -> dict:
+                       compile: bool = False, amp: bool = True, clip_frames: int = 0, device_data: bool = False,
+                       on_step=None) -> dict:
     """Training throughput of the transformer in clips/s: full steps (noise levels, forward, backward,
-    clipping, AdamW, EMA) on random latents of the model's shape -- the same work as on real data."""
-    from worldmodel.engine import resolve_device
-
+    clipping, AdamW, EMA) on random latents of the model's shape -- the same work as on real data,
+    where each step's noise levels and noise are drawn on the host and copied over, as in `train
+    model`. `device_data`: draw them on the device instead (the device's work alone). `on_step(i)` is
+    called after each step (a profiler's step)."""
     dev = resolve_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     F_ = clip_frames or cfg.clip_frames
     torch.manual_seed(0)
@@ -1417,17 +1554,19 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
     net = torch.compile(model) if compile else model
-    use_amp = amp and dev.type == "cuda"
+    use_amp = amp_enabled(amp, dev)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, F_, *cfg_latent(cfg), generator=g).to(dev)
     a = torch.randn(batch, F_, cfg.action_dim, generator=g).to(dev)
+    data_dev = dev if device_data else torch.device("cpu")
+    g_data = torch.Generator(device=data_dev).manual_seed(1)
     times = []
     for i in range(warmup + steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        t = diffusion.sample_training_noise_levels(batch, F_, g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = diffusion.sample_training_noise_levels(batch, F_, g_data, device=data_dev).to(dev)
+        noise = torch.randn(x0.shape, generator=g_data, device=data_dev).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = diffusion.flow_matching_loss(net, x0, a, t, noise)
         opt.zero_grad(set_to_none=True)
@@ -1439,6 +1578,8 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(i)
     times.sort()
     med = times[len(times) // 2]
     return {"clips_per_s": batch / med, "clips_per_s_mean": batch * len(times) / sum(times),
@@ -1446,7 +1587,7 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
             "tokens_per_clip": F_ * cfg.tokens_per_frame, "steps_timed": steps, "warmup_steps": warmup,
             "params": sum(p.numel() for p in model.parameters()), "device": hardware(dev),
             "device_type": dev.type, "threads": torch.get_num_threads(), "compile": compile,
-            "amp_bf16": use_amp, "torch": torch.__version__,
+            "amp_bf16": use_amp, "data": "device" if device_data else "host", "torch": torch.__version__,
             "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "cpu_count": os.cpu_count()}
 
@@ -1511,7 +1652,7 @@ def run_autoencoder(args) -> int:
                                   val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                                   val_frames=args.val_frames, device=args.device, progress=not args.no_progress,
                                   crop=_parse_hw(args.crop) if args.crop else None, adv_weight=args.adv_weight,
-                                  adv_start=args.adv_start)
+                                  adv_start=args.adv_start, init=args.init, decoder_only=args.decoder_only)
     if tcfg.adv_weight < 0 or tcfg.adv_start < 0:
         raise UserError("--adv-weight and --adv-start must not be negative")
     check_sizes(args, at_least_1=("max_frames",))
@@ -1579,6 +1720,11 @@ def prepare_latents(ae: Autoencoder, ae_digest: str, data: str, split: str, clip
 
 
 def run_model(args) -> int:
+    if args.max_time < 0:
+        raise UserError(f"--max-time must not be negative, got {args.max_time:g}")
+    if args.self_forcing < 0 or not 0.0 <= args.self_forcing_prob <= 1.0:
+        raise UserError(f"--self-forcing must be >= 0 and --self-forcing-prob within 0..1, got {args.self_forcing} "
+                        f"and {args.self_forcing_prob:g}")
     ae, ae_config = load_autoencoder(args.autoencoder)
     ae_model = ae_config.get("model")
     base = {}
@@ -1593,8 +1739,10 @@ def run_model(args) -> int:
                             val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                             ema_decay=args.ema_decay, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
                             clip_frames=args.clip_frames, init=args.init, context_prob=args.context_prob, context_max=args.context_max,
-                            noise_shift=args.noise_shift,
+                            noise_shift=args.noise_shift, self_forcing=args.self_forcing,
+                            self_forcing_prob=args.self_forcing_prob,
                             val_clips=args.val_clips, eval_clips=args.eval_clips, compile=args.compile,
+                            max_time=args.max_time,
                             amp=not args.no_amp, device=args.device, progress=not args.no_progress)
     check_sizes(args, at_least_1=("max_clips", "clip_stride", "rollout_frames"))
     claim_run_folder(Path(args.out), "model", cfg, tcfg, args.resume, args.overwrite, rank == 0)
@@ -1607,7 +1755,7 @@ def run_model(args) -> int:
     if not ae_file.is_file():  # a checkpoint folder
         ae_file = Path(args.autoencoder) / WEIGHT_FILES["autoencoder"]
     ae = ae.to(dist.device)
-    maps = split_maps("train", _maps(args))
+    maps = split_maps("train", _maps(args), args.data)
     if args.no_cache:
         train = OnlineClips(args.data, ae, F_, maps, args.seed, args.clip_stride)
     else:
@@ -1625,6 +1773,9 @@ def run_model(args) -> int:
             print(f"worldmodel train: no validation data ({e}); no validation loss or samples", file=sys.stderr)
     info = {"data": str(args.data), "val_data": _val_source(args) if val is not None else None,
             "autoencoder": str(args.autoencoder), "autoencoder_info": ae_config.get("info", {})}
+    level = level_dataset(args.data)
+    if level is not None:  # a level model: play, record, bench and eval default to its level
+        info["level"] = {"wad": level["wad"], "map": level["map"]}
     s = train_model(train, args.out, cfg, tcfg, ae, val, val_frames, resume=args.resume, info=info)
     if rank == 0:
         v = s["validation"]
