@@ -35,8 +35,8 @@ import pygame  # noqa: E402
 from play.hud import Hud, Meter  # noqa: E402
 from play.keymap import DEFAULT_SENSITIVITY, InputState, key_table  # noqa: E402
 from play.worker import FrameWorker  # noqa: E402
-from worldmodel.action import Action, load_actions  # noqa: E402
-from worldmodel.cli_common import DEFAULT_CHECKPOINT, load_model  # noqa: E402
+from worldmodel.action import MAX_SCRIPT_FRAMES, Action, ActionScript  # noqa: E402
+from worldmodel.cli_common import DEFAULT_CHECKPOINT, check_output_path, load_model  # noqa: E402
 from worldmodel.errors import UserError  # noqa: E402
 from worldmodel.maps import add_wad_argument  # noqa: E402
 
@@ -56,7 +56,7 @@ class Options:
     scale: int | None = None  # None: the largest integer scale that fits the screen
     fullscreen: bool = False
     sensitivity: float = DEFAULT_SENSITIVITY
-    autoplay: list[Action] | None = None
+    autoplay: ActionScript | list[Action] | None = None  # read again from its start when it ends
     max_frames: int | None = None
     report: Path | None = None
     record_dir: Path = Path("recordings")
@@ -116,7 +116,7 @@ class PlayApp:
         self._closing: list[threading.Thread] = []
         self.screenshots: list[str] = []
         self._screenshot_at = sorted(self.opt.screenshot_at, key=lambda t: t[0])
-        self.autoplay_index = 0
+        self.autoplay_actions = iter(self.opt.autoplay) if self.opt.autoplay is not None else None
         self.last_action: Action | None = None
         self.message = ""
         self._message_until = 0.0
@@ -235,11 +235,14 @@ class PlayApp:
 
     def cmd_screenshot(self, path: Path | None = None) -> None:
         if path is None:
-            self.opt.screenshot_dir.mkdir(parents=True, exist_ok=True)
             path = self.opt.screenshot_dir / f"play-{time.strftime('%Y%m%d-%H%M%S')}-{self.meter.frames_generated}.png"
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pygame.image.save(self.screen, str(path))
+        try:  # a place that cannot be written ends the screenshot, not the session
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pygame.image.save(self.screen, str(path))
+        except (OSError, pygame.error) as e:
+            self.say(f"screenshot failed: {path}: {e}")
+            return
         self.screenshots.append(str(path))
         self.say(f"screenshot: {path}")
 
@@ -253,7 +256,11 @@ class PlayApp:
         from worldmodel.recording import Recorder, new_prefix
 
         prefix = new_prefix(self.opt.record_dir, "play")
-        self.recorder = Recorder(str(prefix), self.fps, self.frame_size, self._meta())
+        try:  # a place that cannot be written ends the recording, not the session
+            self.recorder = Recorder(str(prefix), self.fps, self.frame_size, self._meta())
+        except OSError as e:
+            self.say(f"cannot record to {prefix}: {e}")
+            return
         self.recording_path = str(prefix)
         self.recordings.append(str(prefix))
         self.say(f"recording to {prefix}.mp4")
@@ -308,13 +315,12 @@ class PlayApp:
         Called by the model thread when it starts a frame."""
         if self.opt.autoplay is not None:
             self.input.take_action()  # keys still work as commands; their motion is dropped
-            script = self.opt.autoplay
-            if self.autoplay_index >= len(script):
+            a = next(self.autoplay_actions, None)
+            if a is None:  # the script's end: again from its start until --max-frames, else stop
                 if self.opt.max_frames is None:
                     return None
-                self.autoplay_index = 0
-            a = script[self.autoplay_index]
-            self.autoplay_index += 1
+                self.autoplay_actions = iter(self.opt.autoplay)
+                a = next(self.autoplay_actions)
             return a
         return self.input.take_action()
 
@@ -552,7 +558,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--no-hud", action="store_true", help="start with the HUD hidden (H)")
     w.add_argument("--no-grab", action="store_true", help="do not grab the mouse (turn with the arrow keys)")
     a = p.add_argument_group("demos, tests and measurements")
-    a.add_argument("--autoplay", metavar="SCRIPT", help="take the actions from a JSON Lines action script")
+    a.add_argument("--autoplay", metavar="SCRIPT", help="take the actions from a JSON Lines action script (read "
+                                                        f"as a stream, at most {MAX_SCRIPT_FRAMES} frames: 24 hours)")
     a.add_argument("--max-frames", type=int, metavar="N", help="stop after N generated frames (with --autoplay, "
                                                                "the script repeats until then)")
     a.add_argument("--report", metavar="FILE.json", help="write what the HUD shows as JSON when the loop ends")
@@ -596,10 +603,11 @@ def build_game(args):
     return DreamGame(model, starts, real_starts=real_starts), label
 
 
-def options_from_args(args, checkpoint: str) -> Options:
+def options_from_args(args) -> Options:
+    """The session's options, the script read and the output paths checked: run before the game loads."""
     autoplay = None
     if args.autoplay:
-        autoplay = load_actions(args.autoplay)
+        autoplay = ActionScript(args.autoplay)
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
     if args.scale is not None and args.scale < 1:
@@ -610,18 +618,20 @@ def options_from_args(args, checkpoint: str) -> Options:
             shots.append((int(n), Path(path)))
         except ValueError:
             raise UserError(f"--screenshot-at takes a frame number and a path, got {n!r} {path!r}") from None
+        check_output_path(path, "--screenshot-at")
+    if args.report:
+        check_output_path(args.report, "--report")
     return Options(scale=args.scale, fullscreen=args.fullscreen, sensitivity=args.sensitivity, autoplay=autoplay,
                    max_frames=args.max_frames, report=Path(args.report) if args.report else None,
                    record_dir=Path(args.record_dir), screenshot_dir=Path(args.screenshot_dir), screenshot_at=shots,
-                   side_by_side=args.side_by_side, hud=not args.no_hud, grab_mouse=not args.no_grab,
-                   checkpoint=checkpoint)
+                   side_by_side=args.side_by_side, hud=not args.no_hud, grab_mouse=not args.no_grab)
 
 
 def run(args) -> int:
     check_display()
-    game, label = build_game(args)
+    opts = options_from_args(args)  # a bad script or output path fails before the game loads
+    game, opts.checkpoint = build_game(args)
     try:
-        opts = options_from_args(args, label)
         report = PlayApp(game, opts).run()
     finally:
         game.close()

@@ -222,7 +222,9 @@ class ReplayGame:
         path = Path(path)
         try:
             frames = list(read_video(path))
-        except (OSError, ValueError, RuntimeError) as e:
+        except ValueError as e:  # names the file and what ffmpeg found wrong
+            raise UserError(f"cannot replay {e}") from None
+        except (OSError, RuntimeError) as e:
             raise UserError(f"{path}: cannot read the recording: {e}") from None
         if not frames:
             raise UserError(f"{path}: no frames could be read (is it an MP4 written by `worldmodel record`?)")

@@ -21,6 +21,7 @@ PNG beside it (latency vs rollout length; frames/s per variant).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel.action import Action, load_actions, save_actions
-from worldmodel.cli_common import add_model_arguments, load_model, model_name, parse_int_list, provenance
+from worldmodel.action import Action, ActionScript, save_actions
+from worldmodel.cli_common import (add_model_arguments, check_output_path, load_model, model_name, parse_int_list,
+                                   provenance)
 from worldmodel.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -188,7 +190,7 @@ def load_trace(spec: str | None, n: int, seed: int = 0) -> tuple[list[Action], s
         from worldmodel.policy import explorer_actions
 
         return explorer_actions(n, seed), f"explorer policy without eyes, seed {seed}"
-    actions = load_actions(spec)
+    actions = list(itertools.islice(ActionScript(spec), n))  # a script longer than the run is read no further
     try:
         shown = str(Path(spec).resolve().relative_to(Path.cwd()))
     except ValueError:
@@ -474,19 +476,30 @@ def run(args) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.out and Path(args.out).suffix != ".json":
+        raise UserError(f"--out must name a .json file, got {args.out}")
+
+    def check_outputs(out: Path | None) -> None:  # before the work: nothing measured is lost at the end
+        for path, what in ((out, "--out"), (out and not args.no_plot and out.with_suffix(".png"), "--out (its PNG)"),
+                           (args.save_trace, "--save-trace")):
+            if path:
+                check_output_path(path, what)
+
+    check_outputs(args.out and Path(args.out))
     wm = load_model(args)
     base = current_settings(wm)
     variants = _variants(args, base)
     dev = device_info(wm.device)
+    name = model_name(args, wm)
+    out = Path(args.out or f"benchmarks/bench_{name}_{device_tag(dev)}.json")
+    png = out.with_suffix(".png")
+    if not args.out:  # the default path, named after the model and the device
+        check_outputs(out)
     need = args.warmup + args.frames
     trace, trace_src = load_trace(args.trace, max(need, 1000), seed=args.seed)
     if args.save_trace:
         Path(args.save_trace).parent.mkdir(parents=True, exist_ok=True)
         save_actions(args.save_trace, trace)
-    name = model_name(args, wm)
-    out = Path(args.out or f"benchmarks/bench_{name}_{device_tag(dev)}.json")
-    if out.suffix != ".json":
-        raise UserError(f"--out must name a .json file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = wm.cfg
     n_params = sum(p.numel() for p in wm.transformer.parameters())
@@ -556,11 +569,11 @@ def run(args) -> int:
             v["by_rollout_length"] = rollout_bins(r["latency_ms_per_frame"], cfg.cache_frames)
         result["variants"].append(v)
     result["loadavg_after"] = _loadavg()
-    png = out.with_suffix(".png")
+    if not args.no_plot:
+        result["plot"] = png.name
+    out.write_text(json.dumps(result, indent=1) + "\n")  # the numbers first, then their plot
     if not args.no_plot:
         plot(result, png)
-        result["plot"] = png.name
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{result['model']['name']} ({'random weights' if args.preset else 'checkpoint'}), "
           f"{dev['name']} [{dev['type']}, {dev['threads']} threads], torch {torch.__version__}, "
           f"commit {str(result['commit'])[:12]}")

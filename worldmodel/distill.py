@@ -219,13 +219,16 @@ def baselines(ae: Autoencoder, frames: torch.Tensor, context: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
+
+
 def parse_steps(spec: str) -> list[int]:
     try:
         out = sorted({int(s) for s in str(spec).split(",") if s.strip()})
     except ValueError:
         raise UserError(f"--steps-student: expected integers like 1,2,4, got {spec!r}") from None
-    if not out or any(k < 1 or k > 8 for k in out):
-        raise UserError(f"--steps-student: each value must be in 1..8, got {spec!r}")
+    if not out or any(k not in STUDENT_STEPS for k in out):
+        raise UserError(f"--steps-student: each value must be 1, 2 or 4, got {spec!r}")
     return out
 
 
@@ -235,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-data", default=None, help="dataset with validation maps MAP21-MAP24 (default: --data)")
     parser.add_argument("--out", required=True, help="output folder: the student checkpoint (one value of "
                                                      "--steps-student) or OUT/steps-K for each K")
-    parser.add_argument("--steps-student", default="2", help="student sampling steps: 1, 2, 4 or a list 1,2,4")
+    parser.add_argument("--steps-student", default="2", help="student sampling steps: 1, 2 or 4, or a list 1,2,4")
     parser.add_argument("--teacher-steps", type=int, default=8,
                         help="teacher Euler steps over the whole schedule that one student schedule imitates")
     parser.add_argument("--iters", type=int, default=300, help="training iterations per student")
@@ -258,12 +261,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from worldmodel.cli_common import check_output_path
     from worldmodel.engine import resolve_device
-    from worldmodel.train import encode_dataset
+    from worldmodel.train import check_sizes, encode_dataset
 
+    check_sizes(args, at_least_1=("teacher_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
+                at_least_0=("threads",))
+    ks = parse_steps(args.steps_student)
+    check_output_path(args.out, folder=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ks = parse_steps(args.steps_student)
     device = resolve_device(args.device)
     cfg, ae, teacher, config, folder = load_pretrained(args.teacher, device=device)
     teacher.attention = "sdpa" if device.type != "cuda" else teacher.attention

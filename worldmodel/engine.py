@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections import deque
 from pathlib import Path
 
@@ -51,10 +52,18 @@ COMPILE_MODES = ("off", "on", "inductor", "graphs")
 DEFAULT_TOLERANCE = 0.5  # degrees of turn: < 1 pixel of yaw at the tiny tier's 128 px width (~90 deg FOV)
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a one-line ValueError for a name torch does not know (e.g. "gpu")."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}: use auto, cpu, cuda, cuda:N or mps") from None
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto": cuda, then mps, then cpu; anything else as torch.device, checked to be usable."""
     if str(device) != "auto":
-        d = torch.device(device)
+        d = parse_device(device)
         if d.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available")
         if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -262,7 +271,10 @@ class WorldModel:
 
     @attention.setter
     def attention(self, backend: str) -> None:
-        kernels.check_backend(backend, self.device)
+        try:
+            kernels.check_backend(backend, self.device)
+        except RuntimeError as e:  # one line saying why this device cannot run it: a bad setting, not a crash
+            raise ValueError(str(e)) from None
         self.transformer.attention = backend
 
     @property
@@ -282,7 +294,7 @@ class WorldModel:
 
     @speculative_tolerance.setter
     def speculative_tolerance(self, deg: float) -> None:
-        if isinstance(deg, bool) or not isinstance(deg, (int, float)) or not math.isfinite(deg) or deg < 0:
+        if isinstance(deg, bool) or not isinstance(deg, numbers.Real) or not math.isfinite(deg) or deg < 0:
             raise ValueError(f"speculative_tolerance must be a finite number of degrees >= 0, got {deg!r}")
         self._tolerance = float(deg)
 
@@ -358,7 +370,8 @@ class WorldModel:
     @torch.inference_mode()
     def reset(self, frames, actions: list[Action]) -> None:
         """Seed the context with real frames uint8 (N, H, W, 3) and the N actions that produced them
-        (the first `sink_frames` and the last `window_frames` are kept). Drafts are dropped."""
+        (the first `sink_frames` and the last `window_frames` are kept: only they are encoded). Drafts are
+        dropped."""
         frames = self._check_frames(frames)
         actions = list(actions)
         if len(actions) != frames.shape[0] or not all(isinstance(a, Action) for a in actions):
@@ -367,8 +380,9 @@ class WorldModel:
                                                          else " (not all of them Action)"))
         self._discard_drafts()
         self._last_action = actions[-1]
-        latents = self.encode(frames)[None]  # (1, N, C, h, w)
-        self.sampler.reset(latents, encode_actions(actions)[None])
+        keep = self.sampler.context_frames(len(actions))  # only the frames the cache keeps are encoded
+        latents = self.encode(frames[keep])[None]  # (1, n, C, h, w)
+        self.sampler.reset(latents, encode_actions([actions[i] for i in keep])[None])
         self._ready = True
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:

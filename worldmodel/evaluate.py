@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from worldmodel.action import NOOP, Action
-from worldmodel.cli_common import add_model_arguments, load_model, model_name, parse_int_list, provenance
+from worldmodel.cli_common import (add_model_arguments, check_output_path, load_model, model_name, parse_int_list,
+                                   provenance)
 from worldmodel.errors import UserError
 from worldmodel.maps import add_wad_argument
 from worldmodel.metrics import (PSNR_CAP, STATS, flow_cosine, frame_stats, mean_psnr, motion, optical_flow, psnr,
@@ -392,6 +393,7 @@ def run(args) -> int:
     from worldmodel.recording import Recorder, model_meta
 
     maps, horizons = _check_args(args)  # held-out maps fail here, before anything loads
+    check_output_path(args.out, folder=True)
     wm = load_model(args, steps=args.steps, speculative=args.speculative, attention=args.attention)
     context = args.context or wm.cfg.cache_frames
     hmax = max(horizons)
