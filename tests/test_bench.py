@@ -20,24 +20,27 @@ RESULT_FIELDS = ("rounds", "fps_rounds", "fps", "latency_ms", "warmup_s", "reset
                  "engine_stats", "latency_ms_per_frame", "frames", "warmup_frames", "speedup", "by_rollout_length")
 
 
-def test_bench_json_has_every_field(tmp_path, capsys):
+def test_bench_json_has_every_field(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("worldmodel.engine.cpu_cores", lambda: 2)  # the engine's choice for a 2-core machine
     ckpt = make_checkpoint(tmp_path / "small")
     out = tmp_path / "b" / "bench_small_cpu.json"
     rc = main(["bench", "--checkpoint", ckpt, "--device", "cpu", "--frames", "12", "--warmup", "2",
                "--steps", "1,2", "--speculative", "2", "--attention", "torch,triton", "--compile", "off",
+               "--pipeline", "off", "--threads", "2", "--profile-frames", "6",
                "--trace", "blind", "--rounds", "2", "--out", str(out), "--no-progress"])
     assert rc == 0
     shown = capsys.readouterr().out
     assert "baseline" in shown and "steps=1" in shown and "p99 ms" in shown
     r = json.loads(out.read_text())
     for k in ("schema", "command", "created", "commit", "torch", "python", "device", "model", "trace", "frames",
-              "warmup_frames", "memory", "baseline_settings", "baseline", "variants", "plot"):
+              "warmup_frames", "memory", "baseline_settings", "baseline", "variants", "plot", "profile"):
         assert k in r, k
     assert r["command"].startswith("worldmodel ") and r["torch"] == torch.__version__
     assert r["device"]["type"] == "cpu" and r["device"]["name"] and r["device"]["threads"] >= 1
     assert r["model"]["cache_frames"] == 4 and r["model"]["tokens_per_frame"] == 48
     assert r["memory"] == "process_peak_rss" and r["frames"] == 12 and r["warmup_frames"] == 2
-    assert r["baseline_settings"] == {"steps": 2, "speculative": 1, "attention": "sdpa", "compile": False}
+    assert r["baseline_settings"] == {"steps": 2, "speculative": 1, "attention": "sdpa", "compile": False,
+                                      "threads": 1, "pipeline": True}  # the engine's choice on 2 cores
     b = r["baseline"]
     for k in RESULT_FIELDS:
         assert k in b, k
@@ -49,8 +52,9 @@ def test_bench_json_has_every_field(tmp_path, capsys):
     assert sum(x["frames"][1] - x["frames"][0] + 1 for x in b["by_rollout_length"]) == 12
     # steps=2 is the baseline and compile=off too: not measured again
     got = {(v["factor"], v["value"]): v for v in r["variants"]}
-    assert set(got) == {("steps", 1), ("speculative", 2), ("attention", "torch"), ("attention", "triton")}
-    for key in (("steps", 1), ("speculative", 2), ("attention", "torch")):
+    assert set(got) == {("steps", 1), ("speculative", 2), ("attention", "torch"), ("attention", "triton"),
+                        ("pipeline", False), ("threads", 2)}
+    for key in (("steps", 1), ("speculative", 2), ("attention", "torch"), ("pipeline", False), ("threads", 2)):
         v = got[key]
         assert v["status"] == "ok" and v["speedup"] == pytest.approx(v["fps"] / b["fps"])
         for k in RESULT_FIELDS:
@@ -61,6 +65,13 @@ def test_bench_json_has_every_field(tmp_path, capsys):
         assert triton_status == "ok"
     else:
         assert triton_status.startswith("unavailable")
+    # where a frame's time goes: every stage timed, and the stages add up to the frame
+    st = r["profile"]["stages"]
+    assert r["profile"]["frames"] == 6 and set(st) == {"pass_1", "passes_2_on", "commit", "sampler_other", "decode",
+                                                         "colour_conversion", "step"}
+    parts = sum(st[k]["mean"] for k in ("pass_1", "passes_2_on", "sampler_other", "decode", "colour_conversion"))
+    assert parts == pytest.approx(st["step"]["mean"], rel=0.02, abs=0.01)
+    assert st["pass_1"]["p50"] > 0 and st["decode"]["p50"] > 0 and "where a frame's time goes" in shown
     png = out.with_suffix(".png")
     assert r["plot"] == png.name and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
