@@ -12,7 +12,12 @@ default attention backend, compile off) and for each variant, one setting change
   p50/p90/p99/max latency, latency by rollout length (log-spaced bins);
 - speculative N: acceptance rate from the engine's `stats` under a human-like action trace
   (benchmarks/traces/*.jsonl: the explorer policy playing the real game; `--trace game` records one now);
-- peak memory: CUDA max allocated, or the process's peak RSS (VmHWM, reset before each variant) on CPU.
+- peak memory: CUDA max allocated, or the process's peak RSS (VmHWM, reset before each variant) on CPU;
+- on CPU with one intra-op thread, "cpu fps": frames/s from the stages' thread CPU time (what each costs
+  on a core of its own; far steadier than the wall clock on a shared machine);
+- a per-frame profile of the baseline: where a frame's time goes, stage by stage (profile_frames).
+The engine's frame pipeline (`pipeline`: frame t decoded on a second thread while t+1 is generated) is
+measured the way it runs: frames/s = frames / the time until the last frame is decoded.
 Variants are compared as ratios to the baseline measured in the same run.
 
 Output: a table on screen, the JSON (device, commit, command, torch version, threads, every result) and a
@@ -258,11 +263,13 @@ def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) ->
     ctx_f, ctx_a = context_frames(wm, 1)
     act = lambda i: trace[i % len(trace)]  # noqa: E731
     done = np.zeros(frames)
+    cpu = np.zeros((frames, 2))  # thread CPU seconds of the two stages
 
     def on_frame(frame, i, times):
         if isinstance(frame, BaseException):
             raise frame
         done[i] = times["t_done"]
+        cpu[i] = times["advance_cpu"], times["render_cpu"]
         if progress is not None:
             progress.update(1)
 
@@ -298,8 +305,18 @@ def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) ->
            "acceptance_rate": stats["acceptance_rate"], "engine_stats": stats,
            "latency_ms_per_frame": [round(float(x), 3) for x in lat]}
     if frames > wm.cfg.cache_frames + 1:
-        full = lat[wm.cfg.cache_frames:]
-        res["fps_cache_full"] = float(1000.0 * len(full) / full.sum())
+        if wm.pipeline:  # the steady state: frames/s from the frame where the cache is full to the last
+            k = wm.cfg.cache_frames
+            res["fps_cache_full"] = float((frames - 1 - k) / (done[-1] - done[k]))
+        else:
+            full = lat[wm.cfg.cache_frames:]
+            res["fps_cache_full"] = float(1000.0 * len(full) / full.sum())
+    if dev.type == "cpu" and wm.threads == 1:
+        # what the stages cost on cores of their own (thread CPU time; far less sensitive than the wall
+        # clock to other processes on a shared machine): frames/s an idle machine would give
+        busiest = max(cpu[:, 0].sum(), cpu[:, 1].sum()) if wm.pipeline else cpu.sum()
+        res["fps_cpu_time"] = float(frames / busiest)
+        res["cpu_ms_per_frame"] = {"generate": float(cpu[:, 0].mean() * 1000), "decode": float(cpu[:, 1].mean() * 1000)}
     return res
 
 
@@ -388,8 +405,9 @@ def combine_rounds(runs: list[dict]) -> dict:
     out["engine_stats"] = summed
     resolved = summed["accepted"] + summed["discarded"]
     out["acceptance_rate"] = summed["accepted"] / resolved if resolved else None
-    if "fps_cache_full" in runs[0]:
-        out["fps_cache_full"] = float(np.mean([r["fps_cache_full"] for r in runs]))
+    for k in ("fps_cache_full", "fps_cpu_time"):
+        if k in runs[0]:
+            out[k] = float(np.mean([r[k] for r in runs]))
     return out
 
 
@@ -459,7 +477,7 @@ def print_table(result: dict, file=None) -> None:
     file = file or sys.stdout
     rows = [("baseline", result["baseline"])] + [(f"{v['factor']}={v['value']}", v) for v in result["variants"]]
     head = f"{'variant':<18}{'fps':>8}{'x base':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'warmup s':>10}" \
-           f"{'peak MB':>9}{'accept':>8}"
+           f"{'peak MB':>9}{'accept':>8}{'cpu fps':>9}"
     print(head, file=file)
     print("-" * len(head), file=file)
     for name, r in rows:
@@ -470,7 +488,7 @@ def print_table(result: dict, file=None) -> None:
         acc = r.get("acceptance_rate")
         print(f"{name:<18}{r['fps']:>8.1f}{_fmt(r.get('speedup', 1.0), '.2f'):>8}{lat['p50']:>9.1f}{lat['p90']:>9.1f}"
               f"{lat['p99']:>9.1f}{r['warmup_s']:>10.1f}{_fmt(r.get('peak_memory_mb'), '.0f'):>9}"
-              f"{_fmt(acc, '.2f'):>8}", file=file)
+              f"{_fmt(acc, '.2f'):>8}{_fmt(r.get('fps_cpu_time')):>9}", file=file)
 
 
 def print_profile(profile: dict, file=None) -> None:

@@ -178,19 +178,24 @@ def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
 
 
 _ONEDNN_LINEAR = _onednn_linear_dtypes()
+_PACK_ROWS = 64  # rows a packed weight is laid out for (any row count works): a frame is 48 tokens at the tiny tier
 
 
-def pack_linears(module: nn.Module) -> int:
+def pack_linears(module: nn.Module, pack: bool = True) -> int:
     """Inference on CPU: give every nn.Linear in `module` a copy of its weight in oneDNN's blocked
     layout (what inductor's freezing does), so that `linear` does not reorder the weight on every call
     (5-15% faster GEMMs at this model's shapes, much more for a 1-2 row modulation GEMV; the result is
     bitwise the same). The copy is used only while the weight is unchanged (its version counter):
-    a weight changed later silently goes back to the plain path. Returns the number packed."""
+    a weight changed later silently goes back to the plain path. pack=False drops the copies (for
+    benchmarks). Returns the number of layers packed (or unpacked)."""
     n = 0
     for m in module.modules():
-        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype in _ONEDNN_LINEAR:
+        if not pack and isinstance(m, nn.Linear) and hasattr(m, "_packed"):
+            del m._packed
+            n += 1
+        elif pack and isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype in _ONEDNN_LINEAR:
             with torch.no_grad():
-                m._packed = (m.weight._version, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64))
+                m._packed = (m.weight._version, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), _PACK_ROWS))
             n += 1
     return n
 

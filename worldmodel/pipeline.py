@@ -35,7 +35,9 @@ class FramePipeline:
     """`submit(item, tag=None)`: stage 1 (`advance(item)`) in the caller's thread, then stage 2
     (`render(advanced)`) on the render thread (or at once, `threaded=False`), whose result goes to
     `on_frame(result, tag, times)`; `times` holds the stages' wall times in seconds ("advance",
-    "render") and when the frame was submitted and finished ("t_submit", "t_done", perf_counter).
+    "render"), the CPU time their threads spent on them ("advance_cpu", "render_cpu": with one
+    intra-op thread, what each stage costs on a core of its own) and when the frame was submitted
+    and finished ("t_submit", "t_done", perf_counter).
     An exception in stage 2 is passed to `on_frame` as the result (the caller decides what it means)."""
 
     def __init__(self, advance: Callable[[Any], Any], render: Callable[[Any], Any],
@@ -59,9 +61,9 @@ class FramePipeline:
         if self._closed:
             raise RuntimeError("FramePipeline.submit after close()")
         self._raise_error()
-        t0 = self.clock()
+        t0, c0 = self.clock(), time.thread_time()
         advanced = self.advance(item)
-        times = {"t_submit": t0, "advance": self.clock() - t0}
+        times = {"t_submit": t0, "advance": self.clock() - t0, "advance_cpu": time.thread_time() - c0}
         self.put_rendered(advanced, tag, times, render=True)
 
     def put_rendered(self, value, tag=None, times: dict | None = None, render: bool = False) -> None:
@@ -108,12 +110,12 @@ class FramePipeline:
 
     # -- render side ---------------------------------------------------------------------------------
     def _finish(self, value, tag, times: dict, render: bool) -> None:
-        t = self.clock()
+        t, c = self.clock(), time.thread_time()
         try:
             out = self.render(value) if render else value
         except Exception as e:  # noqa: BLE001 - handed to the caller through on_frame
             out = e
-        times["render"] = self.clock() - t
+        times["render"], times["render_cpu"] = self.clock() - t, time.thread_time() - c
         times["t_done"] = self.clock()
         try:
             self.on_frame(out, tag, times)
