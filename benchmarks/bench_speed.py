@@ -254,7 +254,7 @@ def compile_section(args, progress) -> dict:
 def quality_section(args, models, progress) -> dict:
     from worldmodel import evaluate
     from worldmodel.maps import parse_maps
-    from worldmodel.metrics import mean_psnr, psnr
+    from worldmodel.metrics import frame_stats, mean_psnr, psnr
 
     p = argparse.ArgumentParser()
     evaluate.add_arguments(p)
@@ -271,6 +271,7 @@ def quality_section(args, models, progress) -> dict:
         variants.append((f"{steps - 1} step{'s' if steps > 2 else ''}", "float32", steps - 1, 1))
     variants += [(f"speculative {n}", "float32", steps, n) for n in (2, 4)]
     psnrs = {name: [] for name, *_ in variants}
+    sharp = {name: [] for name, *_ in variants}  # sharpness (Laplacian variance) of generated / real frames
     copy = []
     for mi, m in enumerate(maps):
         for e in range(episodes):
@@ -293,7 +294,10 @@ def quality_section(args, models, progress) -> dict:
                 model = models.get(dtype) or models.setdefault(dtype, _load(args, dtype))
                 model.steps, model.speculative, model.seed = k, n, seed
                 model.reset(ep.ctx_frames, ep.ctx_actions)
-                psnrs[name].append([psnr(model.step(a), r) for a, r in zip(actions, real)])
+                gen = [model.step(a) for a in actions]
+                psnrs[name].append([psnr(g, r) for g, r in zip(gen, real)])
+                sharp[name] += [frame_stats(g)["sharpness"] / max(frame_stats(r)["sharpness"], 1e-6)
+                                for g, r in zip(gen, real)]
     wm.steps, wm.speculative = steps, 1
 
     def at(curves, h):
@@ -310,7 +314,7 @@ def quality_section(args, models, progress) -> dict:
     ref = psnrs["float32"]
     for name, dtype, k, n in variants:
         row = {"dtype": dtype, "steps": k, "speculative": n, "psnr_db": {}, "mean_psnr_1_to_h_db": {},
-               "delta_vs_reference_db": {}}
+               "delta_vs_reference_db": {}, "sharpness_ratio": float(np.mean(sharp[name]))}
         for h in QUALITY_HORIZONS:
             row["psnr_db"][str(h)] = at(psnrs[name], h)
             row["mean_psnr_1_to_h_db"][str(h)] = mean_to(psnrs[name], h)
@@ -356,6 +360,67 @@ def summarise(res: dict) -> dict:
     return out
 
 
+def markdown(res: dict) -> str:
+    """The result's tables in Markdown, for the README (numbers from the JSON, nothing typed in)."""
+    f = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
+    b = res["box"]
+    lines = [f"{b['cpu']}, {b['cores']} cores ({', '.join(b['flags'])}), torch {res['torch']}, commit "
+             f"{str(res['commit'])[:10]}, {res['model']['name']} at {res['model']['steps']} steps; load average "
+             f"{b['loadavg'][0]:.1f} before the run" + (f", run at niceness {res['niceness']}" if res.get("niceness")
+                                                          else "") + ".", ""]
+    eng = res.get("engine")
+    if eng:
+        lines += ["| engine (`worldmodel bench` measurement) | frames/s | x old | cpu fps | latency p50 / p99 ms | accepted |",
+                  "|---|---|---|---|---|---|"]
+        for r in eng["idle"]:
+            lines.append(f"| {r['name']} | {f(r['fps'])} | {f(r['x_old'], '.2f')} | {f(r.get('fps_cpu_time'))} | "
+                         f"{f(r['latency_ms']['p50'], '.0f')} / {f(r['latency_ms']['p99'], '.0f')} | "
+                         f"{f(r.get('acceptance_rate'), '.2f')} |")
+        for r in eng["one_core_busy"]:
+            lines.append(f"| {r['name']}, one core busy | {f(r['fps'])} | {f(r['x_old'], '.2f')} | "
+                         f"{f(r.get('fps_cpu_time'))} | {f(r['latency_ms']['p50'], '.0f')} / "
+                         f"{f(r['latency_ms']['p99'], '.0f')} | - |")
+        lines.append("")
+    play = res.get("play")
+    if play:
+        lines += ["| `worldmodel play --autoplay` | displayed frames/s | latency p50 / p99 ms |", "|---|---|---|"]
+        for load, rows in play.items():
+            for name, runs in rows.items():
+                for r in runs:
+                    if r.get("status") == "ok":
+                        lines.append(f"| {name} ({'idle' if load == 'idle' else 'one core busy'}) | "
+                                     f"{f(r['displayed_fps'])} | {f(r['latency_ms_p50'], '.0f')} / "
+                                     f"{f(r['latency_ms_p99'], '.0f')} |")
+        lines.append("")
+    prof = res.get("profile")
+    if prof:
+        shown = next((r for r in (play or {}).get("idle", {}).get("new", []) if r.get("status") == "ok"), None)
+        lines += ["| stage (ms a frame, p50) | |", "|---|---|"]
+        lines += [f"| {k} | {v['p50']:.1f} |" for k, v in prof["stages"].items()]
+        if shown:
+            lines += [f"| play: {k} | {v['p50']:.1f} |" for k, v in shown["profile_ms"].items()]
+        lines.append("")
+    comp = res.get("compile")
+    if comp:
+        lines += ["| torch.compile | frames/s | x eager | first frame (compile) s |", "|---|---|---|---|"]
+        for name, r in comp.items():
+            if r.get("status") == "ok":
+                lines.append(f"| {name} | {f(r['fps'])} | {f(r.get('x_eager'), '.2f')} | {f(r.get('first_frame_s'))} |")
+            else:
+                lines.append(f"| {name} | {r.get('status')} | | |")
+        lines.append("")
+    q = res.get("quality")
+    if q:
+        hs = q["horizons"]
+        lines += ["| quality vs real game | " + " | ".join(f"PSNR 1-{h} dB" for h in hs) + " | vs float32 (1-"
+                  f"{hs[-1]}) | sharpness / real |", "|---" * (len(hs) + 3) + "|"]
+        for name, r in q["variants"].items():
+            lines.append(f"| {name} | " + " | ".join(f(r['mean_psnr_1_to_h_db'][str(h)], '.2f') for h in hs)
+                         + f" | {f(r['delta_vs_reference_db'][str(hs[-1])], '+.2f')} | {f(r['sharpness_ratio'], '.3f')} |")
+        lines.append(f"\n({len(q['maps'])} maps x {q['episodes_per_map']} episodes: {', '.join(q['maps'])}.)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
@@ -370,12 +435,21 @@ def main(argv=None) -> int:
     ap.add_argument("--play-frames", type=int, default=600, help="frames per play run (default 600)")
     ap.add_argument("--play-rounds", type=int, default=1)
     ap.add_argument("--quality-episodes", type=int, help="episodes per map (default: the eval's)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run at this niceness (e.g. -10: ahead of other jobs on a shared machine; the busy-core "
+                         "process and the play runs inherit it); recorded in the JSON")
+    ap.add_argument("--markdown", metavar="FILE.json", help="print a result's tables as Markdown and exit")
     ap.add_argument("--compile-job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     if args.compile_job:
         print(json.dumps(compile_job(json.loads(args.compile_job))))
         return 0
 
+    if args.nice:
+        os.nice(args.nice)
     from worldmodel.bench import device_info, load_trace
     from worldmodel.cli_common import load_model, model_name
     from worldmodel.engine import native_bf16
@@ -408,7 +482,7 @@ def main(argv=None) -> int:
            "model": {"name": name, "checkpoint": str(models["float32"].folder or ""), "steps": models["float32"].steps,
                      "tokens_per_frame": models["float32"].cfg.tokens_per_frame,
                      "cache_frames": models["float32"].cfg.cache_frames},
-           "trace": trace_src, "sections": sorted(only)}
+           "trace": trace_src, "sections": sorted(only), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
     if "engine" in only:
         res["engine"] = engine_section(args, models, trace, progress)
     if "profile" in only:

@@ -40,6 +40,9 @@ from worldmodel.cli_common import DEFAULT_CHECKPOINT, load_model  # noqa: E402
 from worldmodel.errors import UserError  # noqa: E402
 
 MAX_STEPS = 64
+# drafts while a key is held: measured on the explorer trace (benchmarks/speed_doom-tiny_cpu.json), N = 2 is
+# accepted ~84% of the time and gives the most frames/s; N = 4 is accepted less and costs more per miss
+DEFAULT_SPECULATIVE = 2
 WAKE_MARGIN = 0.003  # seconds: the loop's waits end this much before the next update or tic is due
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default 0.005): the UI thread gets the GIL back sooner
 NO_DISPLAY = ("no display to open a window on: run headless with `SDL_VIDEODRIVER=dummy worldmodel play "
@@ -547,8 +550,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "(auto: clips when the checkpoint has them)")
     m = p.add_argument_group("model")
     m.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's); +/- change it live")
-    m.add_argument("--speculative", type=int, default=1, metavar="N", help="speculative next-frame sampling: "
-                                                                              "frames drafted per pass (1 = off)")
+    m.add_argument("--speculative", type=int, metavar="N",
+                   help=f"speculative next-frame sampling: frames made per pass while a key is held (1 = off; "
+                        f"default {DEFAULT_SPECULATIVE}: a held key is the common case in play)")
     m.add_argument("--attention", help="attention backend (default: the best for the device)")
     m.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     m.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: the engine's choice, half "
@@ -598,6 +602,8 @@ def build_game(args):
     model = load_model(args, NO_CHECKPOINT_ALTERNATIVES, steps=args.steps, speculative=args.speculative,
                        attention=args.attention or None, seed=args.seed, threads=args.threads,
                        pipeline={"auto": None, "on": True, "off": False}[args.pipeline])
+    if args.speculative is None:
+        model.speculative = min(DEFAULT_SPECULATIVE, model.cfg.max_draft)
     label = f"preset {args.preset} (random weights)" if args.preset else args.checkpoint or str(model.folder)
     context = model.cfg.cache_frames
     real_starts = RealStarts(args.map, args.wad, frame_size=model.frame_size, seed=args.seed, context=context)

@@ -254,7 +254,7 @@ def test_autoplay_and_report_through_the_cli_from_a_checkpoint_with_start_clips(
     script = tmp_path / "walk.jsonl"
     script.write_text('{"move": 1, "repeat": 5}\n{"turn": -4.0, "repeat": 5}\n')
     out = tmp_path / "r.json"
-    rc = main(["play", "--checkpoint", str(ckpt), "--device", "cpu", "--steps", "1", "--speculative", "2",
+    rc = main(["play", "--checkpoint", str(ckpt), "--device", "cpu", "--steps", "1",
                "--autoplay", str(script), "--max-frames", "12", "--report", str(out), "--scale", "2"])
     assert rc == 0
     r = json.loads(out.read_text())
@@ -263,7 +263,8 @@ def test_autoplay_and_report_through_the_cli_from_a_checkpoint_with_start_clips(
     for k in ("latency_ms_p50", "latency_ms_p99", "max_wait_ms", "max_model_wait_ms", "device", "checkpoint",
               "speculative", "acceptance_rate", "speculative_stats", "target_fps"):
         assert k in r
-    assert r["speculative"] == 2 and r["speculative_stats"]["frames"] == 12
+    assert r["speculative"] == 2 and r["speculative_stats"]["frames"] == 12  # drafts on by default in play
+    assert r["pipelined"] is (r["cpu_count"] >= 2) and r["torch_threads"] == max(1, r["cpu_count"] // 2)
     assert r["max_wait_asked_ms"] <= PERIOD_MS
     assert "displayed frames/s" in capsys.readouterr().out
 
