@@ -100,3 +100,35 @@ def test_trace_summary():
     s = trace_summary(t)
     assert s["frames"] == 5 and s["repeat_fraction"] == pytest.approx(3 / 4)
     assert s["mean_run_length"] == pytest.approx(2.5) and s["turning_fraction"] == pytest.approx(0.4)
+
+
+def test_speed_benchmark_runs_the_ladder_old_to_new_in_one_run(tmp_path, capsys, monkeypatch):
+    """benchmarks/bench_speed.py (issue 15's one-command benchmark): every row of the old -> new ladder
+    measured, ratios to the old arrangement, the profile, and the Markdown tables for the README."""
+    import importlib.util
+
+    from worldmodel.bench import combine_rounds  # noqa: F401  (the script builds on bench's measurement)
+
+    spec = importlib.util.spec_from_file_location("bench_speed", "benchmarks/bench_speed.py")
+    bs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bs)
+    monkeypatch.setattr("worldmodel.engine.cpu_cores", lambda: 2)
+    ckpt = make_checkpoint(tmp_path / "small")
+    out = tmp_path / "speed.json"
+    assert bs.main(["--checkpoint", ckpt, "--only", "engine,profile", "--frames", "6", "--warmup", "1",
+                    "--rounds", "1", "--profile-frames", "4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    names = [row["name"] for row in r["engine"]["idle"]]
+    assert names[:4] == ["old", "1 thread", "+ packed weights", "+ pipeline"]
+    assert {"new, 1 step", "new, speculative 2", "new, speculative 4", "new, 2 threads"} <= set(names)
+    rows = {row["name"]: row for row in r["engine"]["idle"]}
+    assert rows["old"]["x_old"] == 1.0 and rows["old"]["threads_used"] == 2
+    assert rows["+ pipeline"]["settings"]["pipeline"] and rows["+ pipeline"]["threads_used"] == 1
+    assert rows["+ pipeline"]["fps_cpu_time"] > 0 and rows["+ pipeline"]["x_old"] > 0
+    assert [row["name"] for row in r["engine"]["one_core_busy"]] == ["old", r["engine"]["new_default"]]
+    assert r["box"]["cores"] >= 1 and "native_bf16" in r["box"] and r["profile"]["stages"]["decode"]["p50"] > 0
+    assert r["summary"]["bench_target_60_fps"] in (True, False)
+    capsys.readouterr()
+    bs.main(["--markdown", str(out)])
+    md = capsys.readouterr().out
+    assert "| + pipeline |" in md and "| pass_1 |" in md
