@@ -21,7 +21,8 @@ Sections (--only / --skip pick them):
 - profile: where a frame's time goes at the defaults (bench.profile_frames: transformer passes, the
   fused commit, decode, colour conversion), plus the display stages from the play runs;
 - play: `worldmodel play --autoplay play/demo_actions.jsonl --max-frames N --report` (SDL dummy
-  driver), old (--threads 2 --pipeline off) and new (defaults), idle and with one core busy;
+  driver): old defaults (--threads 2 --pipeline off --speculative 1), the new arrangement without
+  drafts (--speculative 1) and the new defaults, idle and with one core busy;
 - compile: eager against torch.compile (inductor) of the per-frame passes and decoder, with and without
   inductor's weight freezing: steady-state frames/s (one thread, plain loop) and the first frame's
   compile time from a cold cache, each in a fresh process;
@@ -49,7 +50,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("engine", "profile", "play", "compile", "quality")
 PLAY_SCRIPT = ROOT / "play" / "demo_actions.jsonl"
-OLD_PLAY_FLAGS = ["--threads", "2", "--pipeline", "off"]
+# the play rows: the old defaults (2 threads, decoding in line, no drafts), the new arrangement without
+# drafts, and the new defaults
+PLAY_ROWS = (("old", ["--threads", "2", "--pipeline", "off", "--speculative", "1"]),
+             ("new, no drafts", ["--speculative", "1"]),
+             ("new", []))
 QUALITY_HORIZONS = (1, 8, 35)
 
 
@@ -181,8 +186,7 @@ def play_section(args, progress) -> dict:
         for load in ("idle", "one_core_busy"):
             rows = {}
             for rnd in range(args.play_rounds):
-                for name, extra in (("old", OLD_PLAY_FLAGS), ("new", [])) if rnd % 2 == 0 else \
-                        (("new", []), ("old", OLD_PLAY_FLAGS)):
+                for name, extra in (PLAY_ROWS if rnd % 2 == 0 else PLAY_ROWS[::-1]):
                     progress(f"play: {name}, {load} (round {rnd + 1}/{args.play_rounds})")
                     out = Path(tmp) / f"{load}_{name}_{rnd}.json"
                     if load == "idle":
