@@ -41,6 +41,9 @@ from worldmodel.errors import UserError  # noqa: E402
 from worldmodel.maps import add_wad_argument  # noqa: E402
 
 MAX_STEPS = 64
+# drafts while a key is held: measured on the explorer trace (benchmarks/speed_doom-tiny_cpu.json), N = 2 is
+# accepted ~84% of the time and gives the most frames/s; N = 4 is accepted less and costs more per miss
+DEFAULT_SPECULATIVE = 2
 WAKE_MARGIN = 0.003  # seconds: the loop's waits end this much before the next update or tic is due
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default 0.005): the UI thread gets the GIL back sooner
 NO_DISPLAY = ("no display to open a window on: run headless with `SDL_VIDEODRIVER=dummy worldmodel play "
@@ -345,6 +348,9 @@ class PlayApp:
                     self._start_recording()
                 continue
             self.meter.generated(r.compute_s)
+            for stage, key in (("generate", "advance"), ("decode", "render")):
+                if key in r.info.get("times", {}):
+                    self.meter.stage(stage, r.info["times"][key])
             self.last_action = r.action
             self._new_frame_at = r.t_action
             if self.recorder is not None:
@@ -463,9 +469,14 @@ class PlayApp:
             now = clock()
             new = self._new_frame_at
             if new is not None or now >= next_flip - WAKE_MARGIN or not self.running:
+                t_draw = now
                 self.draw(now)
+                t_flip = clock()
                 pygame.display.flip()
                 now = clock()
+                if new is not None:  # a new frame's trip to the screen (not the HUD-only refreshes)
+                    self.meter.stage("draw", t_flip - t_draw)
+                    self.meter.stage("flip", now - t_flip)
                 self.meter.flip(now, new)
                 self._new_frame_at = None
                 next_flip = now + period
@@ -496,6 +507,7 @@ class PlayApp:
              "device": str(m.device) if m is not None else "cpu",
              "hud_fps": round(self.meter.fps_now(now), 2),
              "steps": self.steps, "speculative": m.speculative if m is not None else None,
+             "pipelined": self.worker.pipelined if self.worker is not None else None,
              "acceptance_rate": stats.get("acceptance_rate"), "speculative_stats": stats or None}
         s.update(self.meter.summary())
         if final:
@@ -508,7 +520,8 @@ class PlayApp:
                      recordings=self.recordings, screenshots=self.screenshots,
                      start_scene=self.game.scene.label if self.game.scene is not None else None,
                      attention=m.attention if m is not None else None,
-                     torch_threads=_torch_threads(), started_at=self.started_at)
+                     torch_threads=_torch_threads(), dtype=str(m.dtype) if m is not None else None,
+                     started_at=self.started_at)
         return s
 
 
@@ -544,10 +557,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "(auto: clips when the checkpoint has them)")
     m = p.add_argument_group("model")
     m.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's); +/- change it live")
-    m.add_argument("--speculative", type=int, default=1, metavar="N", help="speculative next-frame sampling: "
-                                                                              "frames drafted per pass (1 = off)")
+    m.add_argument("--speculative", type=int, metavar="N",
+                   help=f"speculative next-frame sampling: frames made per pass while a key is held (1 = off; "
+                        f"default {DEFAULT_SPECULATIVE}: a held key is the common case in play)")
     m.add_argument("--attention", help="attention backend (default: the best for the device)")
     m.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    m.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: the engine's choice, half "
+                                               "the cores)")
+    m.add_argument("--pipeline", choices=("auto", "on", "off"), default="auto",
+                   help="decode frame t on a second thread while frame t+1 is generated (auto, the default: on "
+                        "a CPU with 2+ cores)")
     m.add_argument("--seed", type=int, default=0)
     w = p.add_argument_group("window")
     w.add_argument("--scale", type=int, help="integer scale of the frames (default: as large as fits the screen)")
@@ -586,8 +605,13 @@ def build_game(args):
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     model = load_model(args, NO_CHECKPOINT_ALTERNATIVES, steps=args.steps, speculative=args.speculative,
-                       attention=args.attention or None, seed=args.seed)
+                       attention=args.attention or None, seed=args.seed, threads=args.threads,
+                       pipeline={"auto": None, "on": True, "off": False}[args.pipeline])
+    if args.speculative is None:
+        model.speculative = min(DEFAULT_SPECULATIVE, model.cfg.max_draft)
     label = f"preset {args.preset} (random weights)" if args.preset else args.checkpoint or str(model.folder)
     context = model.cfg.cache_frames
     real_starts = RealStarts(args.map, args.wad, frame_size=model.frame_size, seed=args.seed, context=context)

@@ -162,7 +162,7 @@ def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
     """The training loss under bf16 autocast (what `train model` uses on CPUs with native bf16, and on
     CUDA) agrees with float32 on the same batch; it is refused where the CPU has no bf16."""
     from worldmodel import diffusion
-    from worldmodel.engine import cpu_supports_bf16
+    from worldmodel.engine import native_bf16
 
     cfg = tiny_config(prev_frame=True)
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = diffusion.flow_matching_loss(model, x0.float(), a, t, noise).item()
     assert abs(bf16 - fp32) <= 0.02 * fp32, (bf16, fp32)
-    assert T.amp_enabled(True, torch.device("cpu")) == cpu_supports_bf16()
+    assert T.amp_enabled(True, torch.device("cpu")) == native_bf16()
     assert not T.amp_enabled(False, torch.device("cpu"))
 
 
