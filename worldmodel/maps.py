@@ -20,10 +20,11 @@ def is_user_wad(wad: str) -> bool:
     return wad not in WADS
 
 
-def add_wad_argument(parser: argparse.ArgumentParser, more: str = "") -> None:
+def add_wad_argument(parser: argparse.ArgumentParser, more: str = "", default: str | None = "freedoom2") -> None:
     """The --wad option, shared by every command that starts the game."""
-    parser.add_argument("--wad", type=parse_wad, default="freedoom2",
-                        help="freedoom2 (default), freedoom1, or your own .wad file (loaded on top of freedoom2)" + more)
+    parser.add_argument("--wad", type=parse_wad, default=default,
+                        help="freedoom2, freedoom1, or your own .wad file (loaded on top of freedoom2)"
+                             + (f"; default {default}" if default else "") + more)
 
 
 def parse_wad(spec: str) -> str:
