@@ -54,11 +54,12 @@ def measure(job: dict) -> dict:
     knobs = job.get("knobs", {})
     if knobs.get("onednn") is False:
         import worldmodel.model as m
-        m._ONEDNN_LINEAR = False
+        m._ONEDNN_LINEAR = ()  # no dtype goes through oneDNN
     kw = {"steps": job["steps"]}
     if "fused" in knobs:
         kw["fused"] = knobs["fused"]
     wm = WorldModel.from_preset(job["preset"], device="cpu", **kw)
+    torch.set_num_threads(job.get("threads", 2))  # again: the engine now picks its own (half the cores)
     if job.get("speculative", 1) > 1:
         wm.speculative = job["speculative"]
     if job.get("tolerance") is not None:

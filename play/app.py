@@ -35,11 +35,15 @@ import pygame  # noqa: E402
 from play.hud import Hud, Meter  # noqa: E402
 from play.keymap import DEFAULT_SENSITIVITY, InputState, key_table  # noqa: E402
 from play.worker import FrameWorker  # noqa: E402
-from worldmodel.action import Action, load_actions  # noqa: E402
-from worldmodel.cli_common import DEFAULT_CHECKPOINT, load_model  # noqa: E402
+from worldmodel.action import MAX_SCRIPT_FRAMES, Action, ActionScript  # noqa: E402
+from worldmodel.cli_common import DEFAULT_CHECKPOINT, check_output_path, load_model  # noqa: E402
 from worldmodel.errors import UserError  # noqa: E402
+from worldmodel.maps import add_wad_argument  # noqa: E402
 
 MAX_STEPS = 64
+# drafts while a key is held: measured on the explorer trace (benchmarks/speed_doom-tiny_cpu.json), N = 2 is
+# accepted ~84% of the time and gives the most frames/s; N = 4 is accepted less and costs more per miss
+DEFAULT_SPECULATIVE = 2
 WAKE_MARGIN = 0.003  # seconds: the loop's waits end this much before the next update or tic is due
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default 0.005): the UI thread gets the GIL back sooner
 NO_DISPLAY = ("no display to open a window on: run headless with `SDL_VIDEODRIVER=dummy worldmodel play "
@@ -55,7 +59,7 @@ class Options:
     scale: int | None = None  # None: the largest integer scale that fits the screen
     fullscreen: bool = False
     sensitivity: float = DEFAULT_SENSITIVITY
-    autoplay: list[Action] | None = None
+    autoplay: ActionScript | list[Action] | None = None  # read again from its start when it ends
     max_frames: int | None = None
     report: Path | None = None
     record_dir: Path = Path("recordings")
@@ -115,7 +119,7 @@ class PlayApp:
         self._closing: list[threading.Thread] = []
         self.screenshots: list[str] = []
         self._screenshot_at = sorted(self.opt.screenshot_at, key=lambda t: t[0])
-        self.autoplay_index = 0
+        self.autoplay_actions = iter(self.opt.autoplay) if self.opt.autoplay is not None else None
         self.last_action: Action | None = None
         self.message = ""
         self._message_until = 0.0
@@ -234,11 +238,14 @@ class PlayApp:
 
     def cmd_screenshot(self, path: Path | None = None) -> None:
         if path is None:
-            self.opt.screenshot_dir.mkdir(parents=True, exist_ok=True)
             path = self.opt.screenshot_dir / f"play-{time.strftime('%Y%m%d-%H%M%S')}-{self.meter.frames_generated}.png"
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pygame.image.save(self.screen, str(path))
+        try:  # a place that cannot be written ends the screenshot, not the session
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pygame.image.save(self.screen, str(path))
+        except (OSError, pygame.error) as e:
+            self.say(f"screenshot failed: {path}: {e}")
+            return
         self.screenshots.append(str(path))
         self.say(f"screenshot: {path}")
 
@@ -252,7 +259,11 @@ class PlayApp:
         from worldmodel.recording import Recorder, new_prefix
 
         prefix = new_prefix(self.opt.record_dir, "play")
-        self.recorder = Recorder(str(prefix), self.fps, self.frame_size, self._meta())
+        try:  # a place that cannot be written ends the recording, not the session
+            self.recorder = Recorder(str(prefix), self.fps, self.frame_size, self._meta())
+        except OSError as e:
+            self.say(f"cannot record to {prefix}: {e}")
+            return
         self.recording_path = str(prefix)
         self.recordings.append(str(prefix))
         self.say(f"recording to {prefix}.mp4")
@@ -307,13 +318,12 @@ class PlayApp:
         Called by the model thread when it starts a frame."""
         if self.opt.autoplay is not None:
             self.input.take_action()  # keys still work as commands; their motion is dropped
-            script = self.opt.autoplay
-            if self.autoplay_index >= len(script):
+            a = next(self.autoplay_actions, None)
+            if a is None:  # the script's end: again from its start until --max-frames, else stop
                 if self.opt.max_frames is None:
                     return None
-                self.autoplay_index = 0
-            a = script[self.autoplay_index]
-            self.autoplay_index += 1
+                self.autoplay_actions = iter(self.opt.autoplay)
+                a = next(self.autoplay_actions)
             return a
         return self.input.take_action()
 
@@ -338,6 +348,9 @@ class PlayApp:
                     self._start_recording()
                 continue
             self.meter.generated(r.compute_s)
+            for stage, key in (("generate", "advance"), ("decode", "render")):
+                if key in r.info.get("times", {}):
+                    self.meter.stage(stage, r.info["times"][key])
             self.last_action = r.action
             self._new_frame_at = r.t_action
             if self.recorder is not None:
@@ -456,9 +469,14 @@ class PlayApp:
             now = clock()
             new = self._new_frame_at
             if new is not None or now >= next_flip - WAKE_MARGIN or not self.running:
+                t_draw = now
                 self.draw(now)
+                t_flip = clock()
                 pygame.display.flip()
                 now = clock()
+                if new is not None:  # a new frame's trip to the screen (not the HUD-only refreshes)
+                    self.meter.stage("draw", t_flip - t_draw)
+                    self.meter.stage("flip", now - t_flip)
                 self.meter.flip(now, new)
                 self._new_frame_at = None
                 next_flip = now + period
@@ -489,6 +507,7 @@ class PlayApp:
              "device": str(m.device) if m is not None else "cpu",
              "hud_fps": round(self.meter.fps_now(now), 2),
              "steps": self.steps, "speculative": m.speculative if m is not None else None,
+             "pipelined": self.worker.pipelined if self.worker is not None else None,
              "acceptance_rate": stats.get("acceptance_rate"), "speculative_stats": stats or None}
         s.update(self.meter.summary())
         if final:
@@ -501,7 +520,8 @@ class PlayApp:
                      recordings=self.recordings, screenshots=self.screenshots,
                      start_scene=self.game.scene.label if self.game.scene is not None else None,
                      attention=m.attention if m is not None else None,
-                     torch_threads=_torch_threads(), started_at=self.started_at)
+                     torch_threads=_torch_threads(), dtype=str(m.dtype) if m is not None else None,
+                     started_at=self.started_at)
         return s
 
 
@@ -531,16 +551,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--real", action="store_true", help="play the real game (ViZDoom) in the same window")
     g.add_argument("--replay", metavar="MP4", help="play back a recording")
     src.add_argument("--map", default="MAP01", help="map of the real game for start scenes and --real (default MAP01)")
-    src.add_argument("--wad", default="freedoom2", choices=("freedoom2", "freedoom1"))
+    add_wad_argument(src)
     src.add_argument("--start", choices=("auto", "real", "clips"), default="auto",
                      help="start scenes: the real game on --map, or the clips shipped with the checkpoint "
                           "(auto: clips when the checkpoint has them)")
     m = p.add_argument_group("model")
     m.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's); +/- change it live")
-    m.add_argument("--speculative", type=int, default=1, metavar="N", help="speculative next-frame sampling: "
-                                                                              "frames drafted per pass (1 = off)")
+    m.add_argument("--speculative", type=int, metavar="N",
+                   help=f"speculative next-frame sampling: frames made per pass while a key is held (1 = off; "
+                        f"default {DEFAULT_SPECULATIVE}: a held key is the common case in play)")
     m.add_argument("--attention", help="attention backend (default: the best for the device)")
     m.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    m.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: the engine's choice, half "
+                                               "the cores)")
+    m.add_argument("--pipeline", choices=("auto", "on", "off"), default="auto",
+                   help="decode frame t on a second thread while frame t+1 is generated (auto, the default: on "
+                        "a CPU with 2+ cores)")
     m.add_argument("--seed", type=int, default=0)
     w = p.add_argument_group("window")
     w.add_argument("--scale", type=int, help="integer scale of the frames (default: as large as fits the screen)")
@@ -551,7 +577,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--no-hud", action="store_true", help="start with the HUD hidden (H)")
     w.add_argument("--no-grab", action="store_true", help="do not grab the mouse (turn with the arrow keys)")
     a = p.add_argument_group("demos, tests and measurements")
-    a.add_argument("--autoplay", metavar="SCRIPT", help="take the actions from a JSON Lines action script")
+    a.add_argument("--autoplay", metavar="SCRIPT", help="take the actions from a JSON Lines action script (read "
+                                                        f"as a stream, at most {MAX_SCRIPT_FRAMES} frames: 24 hours)")
     a.add_argument("--max-frames", type=int, metavar="N", help="stop after N generated frames (with --autoplay, "
                                                                "the script repeats until then)")
     a.add_argument("--report", metavar="FILE.json", help="write what the HUD shows as JSON when the loop ends")
@@ -578,8 +605,13 @@ def build_game(args):
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     model = load_model(args, NO_CHECKPOINT_ALTERNATIVES, steps=args.steps, speculative=args.speculative,
-                       attention=args.attention or None, seed=args.seed)
+                       attention=args.attention or None, seed=args.seed, threads=args.threads,
+                       pipeline={"auto": None, "on": True, "off": False}[args.pipeline])
+    if args.speculative is None:
+        model.speculative = min(DEFAULT_SPECULATIVE, model.cfg.max_draft)
     label = f"preset {args.preset} (random weights)" if args.preset else args.checkpoint or str(model.folder)
     context = model.cfg.cache_frames
     real_starts = RealStarts(args.map, args.wad, frame_size=model.frame_size, seed=args.seed, context=context)
@@ -595,10 +627,11 @@ def build_game(args):
     return DreamGame(model, starts, real_starts=real_starts), label
 
 
-def options_from_args(args, checkpoint: str) -> Options:
+def options_from_args(args) -> Options:
+    """The session's options, the script read and the output paths checked: run before the game loads."""
     autoplay = None
     if args.autoplay:
-        autoplay = load_actions(args.autoplay)
+        autoplay = ActionScript(args.autoplay)
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
     if args.scale is not None and args.scale < 1:
@@ -609,18 +642,20 @@ def options_from_args(args, checkpoint: str) -> Options:
             shots.append((int(n), Path(path)))
         except ValueError:
             raise UserError(f"--screenshot-at takes a frame number and a path, got {n!r} {path!r}") from None
+        check_output_path(path, "--screenshot-at")
+    if args.report:
+        check_output_path(args.report, "--report")
     return Options(scale=args.scale, fullscreen=args.fullscreen, sensitivity=args.sensitivity, autoplay=autoplay,
                    max_frames=args.max_frames, report=Path(args.report) if args.report else None,
                    record_dir=Path(args.record_dir), screenshot_dir=Path(args.screenshot_dir), screenshot_at=shots,
-                   side_by_side=args.side_by_side, hud=not args.no_hud, grab_mouse=not args.no_grab,
-                   checkpoint=checkpoint)
+                   side_by_side=args.side_by_side, hud=not args.no_hud, grab_mouse=not args.no_grab)
 
 
 def run(args) -> int:
     check_display()
-    game, label = build_game(args)
+    opts = options_from_args(args)  # a bad script or output path fails before the game loads
+    game, opts.checkpoint = build_game(args)
     try:
-        opts = options_from_args(args, label)
         report = PlayApp(game, opts).run()
     finally:
         game.close()

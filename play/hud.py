@@ -35,6 +35,12 @@ class Meter:
         self.max_model_wait = 0.0  # longest single wait while a frame was being generated
         self.max_gap = 0.0  # longest time between two screen updates
         self.max_iteration = 0.0  # longest loop iteration, waits excluded (events, drawing, recording)
+        self.stages: dict[str, list[float]] = collections.defaultdict(list)  # seconds a frame, per stage
+
+    def stage(self, name: str, seconds: float) -> None:
+        """Time one frame spent in a stage: generate (transformer, model thread), decode (decoder and
+        colour conversion, render thread), draw (frame to screen surface, scaling, HUD: UI thread), flip."""
+        self.stages[name].append(seconds)
 
     def generated(self, compute_s: float) -> None:
         self.frames_generated += 1
@@ -102,6 +108,8 @@ class Meter:
             "max_wait_asked_ms": ms(self.max_wait_asked),
             "max_screen_gap_ms": ms(self.max_gap),
             "max_loop_iteration_ms": ms(self.max_iteration),
+            "profile_ms": {k: {"p50": ms(percentile(v, 50)), "mean": ms(float(np.mean(v))), "p99": ms(percentile(v, 99))}
+                           for k, v in self.stages.items() if v},
         }
 
 

@@ -36,6 +36,11 @@ class Game(Protocol):
 
     def step(self, action: Action) -> np.ndarray: ...
 
+    # optional, for a game whose frames come in two stages (the dream): step(a) == render(advance(a)),
+    # and the worker may run render on another thread while the next frame advances (play/worker.py)
+    # def advance(self, action: Action) -> Any: ...
+    # def render(self, advanced: Any) -> np.ndarray: ...
+
     def close(self) -> None: ...
 
 
@@ -169,9 +174,17 @@ class DreamGame:
         return self.scene.frames[-1]
 
     def step(self, action: Action) -> np.ndarray:
+        return self.render(self.advance(action))
+
+    def advance(self, action: Action):
+        """Stage 1: the real game beside the dream (if it runs) and the model's transformer -> a latent."""
         if self.scene is not None and self.scene.env is not None:
             self.companion_frame = self.scene.env.step(action)  # the real game, ~0.2 ms a tic
-        return self.model.step(action)
+        return self.model.step_latent(action)
+
+    def render(self, latent) -> np.ndarray:
+        """Stage 2: the latent decoded to a frame."""
+        return self.model.decode(latent)
 
     def close(self) -> None:
         for s in (self.starts, self.real_starts):
@@ -222,7 +235,9 @@ class ReplayGame:
         path = Path(path)
         try:
             frames = list(read_video(path))
-        except (OSError, ValueError, RuntimeError) as e:
+        except ValueError as e:  # names the file and what ffmpeg found wrong
+            raise UserError(f"cannot replay {e}") from None
+        except (OSError, RuntimeError) as e:
             raise UserError(f"{path}: cannot read the recording: {e}") from None
         if not frames:
             raise UserError(f"{path}: no frames could be read (is it an MP4 written by `worldmodel record`?)")

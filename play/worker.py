@@ -1,5 +1,10 @@
 """The model thread: runs the game (`reset()`/`step()`) off the UI thread, one frame per tic.
 
+A game whose frames come in two stages (`advance(action)`, then `render(advanced)`: the dream's
+transformer passes, then its decoder) runs them as a pipeline (worldmodel/pipeline.py) when its model
+says so (`model.pipeline`, the engine's choice): the model thread advances frame t+1 while a render
+thread decodes frame t, each on its own core. Frames reach the UI in order either way.
+
 It paces itself at the game's frame rate: when the previous frame is done and the next tic is due, it
 takes the action for the next frame from `action_source` (the input state the UI thread fills from
 keys and mouse, or the autoplay script) and generates the frame. Finished frames go to the UI through a
@@ -23,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from worldmodel.action import Action
+from worldmodel.pipeline import FramePipeline
 
 WAKE_MARGIN = 0.001  # seconds: a tic that is due within this is started now
 
@@ -65,11 +71,18 @@ class FrameWorker:
         self.finished = False  # max_frames reached or the action source ran out
         self.wakeup = threading.Event()  # set when a result is ready
         self._thread = threading.Thread(target=self._run, name="worldmodel-frames", daemon=True)
+        two_stage = hasattr(game, "advance") and hasattr(game, "render")
+        self._advance_fn = game.advance if two_stage else game.step
+        self._render_fn = game.render if two_stage else None
+        self.pipelined = two_stage and game.model is not None and bool(game.model.pipeline)
+        self._pipe: FramePipeline | None = None
 
     # -- UI side -----------------------------------------------------------------------------------
     def start(self) -> None:
         if not self._started:
             self._started = True
+            self._pipe = FramePipeline(self._advance, self._render, self._rendered, threaded=self.pipelined,
+                                       clock=self.clock)
             self._thread.start()
 
     def _notify(self, **changes) -> None:
@@ -107,9 +120,11 @@ class FrameWorker:
                 return out
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop after the frame in progress; the render thread finishes what it holds and ends too."""
         self._notify(_stop=True)
         if self._started:
             self._thread.join(timeout)
+            self._pipe.close(timeout)
 
     # -- worker side -------------------------------------------------------------------------------
     def _put(self, r: Result) -> None:
@@ -171,6 +186,29 @@ class FrameWorker:
             r.error = e
         r.t_end = self.clock()
         r.compute_s = r.t_end - r.t_action
+        self._pipe.put_rendered(None, r)  # after the frames still being rendered
+
+    # stage 1 (this thread) and stage 2 (the render thread, or this one) of a frame
+    def _advance(self, r: Result):
+        out = self._advance_fn(r.action)
+        r.companion = self.game.companion_frame
+        if self.game.model is not None:
+            r.info["stats"] = self.game.model.stats
+        return out
+
+    def _render(self, advanced):
+        return advanced if self._render_fn is None else self._render_fn(advanced)
+
+    def _rendered(self, frame, r: Result, times: dict) -> None:
+        if r.kind == "step" and r.error is None:
+            if isinstance(frame, BaseException):
+                r.error = frame
+                self.finished = True
+            else:
+                r.frame = frame
+            r.t_end = times["t_done"]
+            r.compute_s = r.t_end - r.t_action
+            r.info["times"] = {"advance": times["advance"], "render": times["render"]}
         self._put(r)
 
     def _do_step(self, next_due: float) -> float:
@@ -178,28 +216,24 @@ class FrameWorker:
         try:
             action = self.action_source()
         except BaseException as e:
-            self._put(Result("step", self.frames, error=e))
+            self._pipe.put_rendered(None, Result("step", self.frames, error=e))
             self.finished = True
             return next_due
         if action is None:
             self.finished = True
-            self._put(Result("end", self.frames))
+            self._pipe.put_rendered(None, Result("end", self.frames))
             return next_due
         r = Result("step", self.frames + 1, action=action, t_action=t_action)
         try:
-            r.frame = self.game.step(action)
-            r.companion = self.game.companion_frame
-            if self.game.model is not None:
-                r.info["stats"] = self.game.model.stats
+            self._pipe.submit(r, tag=r)
         except BaseException as e:
             r.error = e
+            r.t_end = self.clock()
             self.finished = True
-        r.t_end = self.clock()
-        r.compute_s = r.t_end - t_action
+            self._pipe.put_rendered(None, r)
         self.frames += 1
-        self._put(r)
         if self.max_frames is not None and self.frames >= self.max_frames:
             self.finished = True
-            self._put(Result("end", self.frames))
+            self._pipe.put_rendered(None, Result("end", self.frames))
         # the next tic is due one period after this one was, or now if the model is behind
         return max(next_due + self.period, t_action)

@@ -13,12 +13,14 @@
 # interruption picks up where it stopped (distillation and the start clips are redone).
 #
 #   LEVEL=MAP01 bash scripts/train_level.sh                   # the shipped doom-map01 recipe
-#   LEVEL=MAP07 CKPT=checkpoints/doom-map07 bash scripts/train_level.sh   # your own level
+#   LEVEL=MAP07 CKPT=checkpoints/doom-map07 bash scripts/train_level.sh   # another level
+#   WAD=~/doom/mylevel.wad LEVEL=MAP01 NAME=mylevel bash scripts/train_level.sh   # a level of your own WAD
 #   LEVEL=MAP01 FRAMES=4000 VAL_FRAMES=1536 AE_STEPS=4 STEPS=4 DISTILL_ITERS=2 bash scripts/train_level.sh  # smoke test
 #
-# Any map of freedoom2 (MAP01-MAP20: the base model's training maps; a level model's evaluation keeps
-# its own held-out episodes apart by construction). Sizes and folders are environment variables
-# (defaults below); each run folder keeps its own config.json. How long it takes on 2 CPU cores: README.
+# LEVEL: a training map of freedoom2 (MAP01-MAP20), or any map of your own WAD file (WAD=path/to/my.wad,
+# loaded on top of freedoom2); the level's evaluation episodes are kept apart from its training episodes
+# by construction. Sizes and folders are environment variables (defaults below); each run folder keeps
+# its own config.json. How long it takes on 2 CPU cores: README.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -66,9 +68,9 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if want 1; then
 stage "1/5 collect $WAD $LEVEL: training episodes from start cells all over the level, and its held-out episodes"
-$WM collect --frames "$FRAMES" --maps "$LEVEL" --starts level --episode-frames "$EPISODE_FRAMES" --warmup-frames 64 \
+$WM collect --wad "$WAD" --frames "$FRAMES" --maps "$LEVEL" --starts level --episode-frames "$EPISODE_FRAMES" --warmup-frames 64 \
   --out "$DATA" --workers "$WORKERS"
-$WM collect --frames "$VAL_FRAMES" --maps "$LEVEL" --starts level --split val --episode-frames 1024 --warmup-frames 64 \
+$WM collect --wad "$WAD" --frames "$VAL_FRAMES" --maps "$LEVEL" --starts level --split val --episode-frames 1024 --warmup-frames 64 \
   --out "$VAL" --workers "$WORKERS"
 $WM data verify "$DATA" --no-checksum --coverage-map "$RUNS/coverage.png"
 fi

@@ -2,16 +2,17 @@
 import torch
 
 
-def make_checkpoint(folder):
-    """A shrunken random-weight model (fast on CPU), saved as a checkpoint folder."""
+def make_checkpoint(folder, seed=0, info=None):
+    """A shrunken random-weight model (fast on CPU; weights drawn with `seed`), saved as a checkpoint
+    folder with `info` in its config."""
     from worldmodel.autoencoder import Autoencoder
     from worldmodel.engine import WorldModel
     from worldmodel.model import ModelConfig, WorldTransformer
 
     cfg = ModelConfig(dim=64, depth=2, heads=2, ae_channels=(8, 16, 32, 64), ae_res_blocks=(0, 0, 0, 0),
                       window_frames=3, max_draft=4, sample_steps=2)
-    torch.manual_seed(0)
-    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder)
+    torch.manual_seed(seed)
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder, info)
     return str(folder)
 
 

@@ -68,6 +68,29 @@ def test_each_update_moves_only_its_own_model(objective):
     assert not same(state(d.critic), critic)
 
 
+@pytest.mark.parametrize("objective", ["adversarial", "dmd"])
+def test_the_critics_say_reaches_the_student_through_its_sample(objective):
+    """The adversarial / DMD term moves the student (its gradient flows back through the student's sample):
+    the same step on the same batch and noise lands elsewhere with the term than with its weight at 0.
+    DMD's fake score starts as the teacher (no signal yet), so it is moved off it first, alike in both."""
+    cfg = tiny_config(prev_frame=True, sample_steps=2)
+    teacher = active_teacher(cfg)
+    x0, a = batch(cfg)
+    after = []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(2)  # the same critic in both
+        d = D.Distillation(teacher, cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
+        if objective == "dmd":
+            with torch.no_grad():
+                for p in d.critic.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        g = torch.Generator().manual_seed(1)
+        losses, _ = d.student_step(D.Clip.of(cfg, x0, a, g), g, extra_weight=weight)
+        assert losses[objective] != 0.0
+        after.append(state(d.student))
+    assert not same(*after)
+
+
 @pytest.mark.parametrize("prev_frame", [False, True])
 def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     """What the student is trained through (one pass over context + target frame) is what the teacher's
@@ -141,7 +164,8 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
         assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
         assert all(math.isfinite(entry["eval"][k]) for k in ("psnr_1", "psnr_rollout", "sharpness_ratio"))
         wm = WorldModel.from_pretrained(out / objective, device="cpu")
-        assert wm.steps == 1 and wm.info["distill"]["objective"] == objective
+        assert wm.cfg.sample_steps == 1 and wm.steps == 1  # the student's steps, not the teacher's 2
+        assert wm.info["distill"]["objective"] == objective and wm.info["distill"]["losses"] == entry["losses"]
         assert wm.cfg.prev_frame
         frames = np.zeros((cfg.cache_frames, 32, 32, 3), np.uint8)
         wm.reset(frames, [Action()] * cfg.cache_frames)

@@ -12,7 +12,8 @@ import torch
 
 from worldmodel.action import Action, encode_actions
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.engine import WorldModel, load_start_clips, speculative_match
+from worldmodel.engine import WorldModel, load_start_clips, resolve_dtype, speculative_match
+from worldmodel.pipeline import FramePipeline
 
 SMALL = dict(frame_size=(32, 48), latent_channels=4, ae_channels=(8, 8, 8, 8), ae_res_blocks=(0, 0, 0, 0),
              dim=32, depth=2, heads=2, sink_frames=1, window_frames=4, max_draft=4)
@@ -247,16 +248,21 @@ def test_compile_modes_are_settings():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("WORLDMODEL_TEST_COMPILE") != "1",
-                    reason="torch.compile on CPU takes ~1 min here; set WORLDMODEL_TEST_COMPILE=1")
 def test_compiled_step_matches_eager_on_cpu():
+    """torch.compile (inductor) of the per-frame passes and the decoder gives the eager frames to a uint8
+    level. Compiled from the second frame on, at one step: only the steady-state graphs (a pass that
+    commits one frame and denoises one, and the decoder) are built, which keeps the C++ compile short."""
     torch._dynamo.reset()
-    acts = changing_actions(4)
+    acts = changing_actions(5)
     eager = rollout(small_model(steps=1, cfg=dict(depth=1)), acts)
-    wm = small_model(steps=1, cfg=dict(depth=1), compile=True)
+    wm = small_model(steps=1, cfg=dict(depth=1))
+    wm.reset(*context(wm))
+    frames = [wm.step(acts[0])]
+    wm.compile = True
+    frames += [wm.step(a) for a in acts[1:]]
     assert wm.compile
-    compiled = rollout(wm, acts)
-    assert np.abs(compiled.astype(int) - eager).max() <= 1
+    assert np.abs(np.stack(frames).astype(int) - eager).max() <= 1
+    assert not np.array_equal(frames[1], frames[2])  # the frames move: the comparison is not trivial
     wm.compile = False
     assert np.abs(rollout(wm, acts).astype(int) - eager).max() <= 1
 
@@ -366,3 +372,119 @@ def test_bfloat16_engine_runs_and_stays_close_to_float32():
     assert wm.sampler.cache.k.dtype == torch.bfloat16 and wm.autoencoder.decoder.stem.weight.dtype == torch.float32
     bf16 = rollout(wm, acts)
     assert bf16.dtype == np.uint8 and np.abs(bf16.astype(int) - f32).mean() < 2.0
+
+
+def test_auto_dtype_is_bfloat16_only_on_cpus_with_native_bf16(monkeypatch):
+    import worldmodel.engine as engine
+
+    monkeypatch.setattr(engine, "native_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # still overridable
+    monkeypatch.setattr(engine, "native_bf16", lambda: False)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    wm = small_model(dtype="auto")
+    assert wm.dtype == torch.float32 and wm.sampler.cache.k.dtype == torch.float32
+
+
+def test_packed_linear_weights_give_the_plain_linears_result():
+    """The engine keeps oneDNN-packed copies of the linear weights on CPU; a pass with them equals one
+    without, and a weight changed afterwards is used as it is now (the stale copy is ignored)."""
+    from worldmodel.model import linear, pack_linears
+
+    layer = torch.nn.Linear(32, 48)
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        plain = linear(x, layer, gelu=True)
+        assert pack_linears(layer) == 1 and hasattr(layer, "_packed")
+        packed = linear(x, layer, gelu=True)
+        assert torch.allclose(packed, torch.nn.functional.gelu(layer(x), approximate="tanh"), atol=1e-5)
+        assert torch.allclose(packed, plain, atol=1e-6)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    with torch.inference_mode():
+        assert torch.allclose(linear(x, layer), layer(x), atol=1e-5)
+    acts = changing_actions(5)
+    wm = WorldModel.from_preset("tiny", device="cpu", cfg_overrides=SMALL)  # packed at construction
+    assert all(hasattr(m, "_packed") for m in wm.transformer.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():  # nonzero adaLN weights (zero-initialised), the same way in both models
+        for m in wm.transformer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.add_(0.05)
+    pack_linears(wm.transformer)
+    unpacked = WorldModel.from_preset("tiny", device="cpu", cfg_overrides=SMALL)
+    with torch.no_grad():
+        for m in unpacked.transformer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.add_(0.05)  # and now its packed copies are stale: the plain path
+    assert np.abs(rollout(wm, acts).astype(int) - rollout(unpacked, acts)).max() <= 1
+
+
+# -- the two-stage pipeline ----------------------------------------------------------------------------
+def test_pipelined_loop_gives_exactly_the_frames_of_the_plain_loop():
+    """step = decode(step_latent): decoding frame t on another thread while frame t+1 is generated
+    gives the same frames in the same order, drafts and all (the render thread is made slow so that
+    the generator runs ahead of it)."""
+    acts = changing_actions(5) + [HELD] * 7 + held_once_actions(6)
+    plain = rollout(small_model(steps=2, speculative=3), acts)
+    wm = small_model(steps=2, speculative=3)
+    wm.reset(*context(wm))
+    got, threads = [], set()
+
+    def slow_decode(latent):
+        time.sleep(0.01)
+        threads.add(__import__("threading").get_ident())
+        return wm.decode(latent)
+
+    with FramePipeline(wm.step_latent, slow_decode, lambda f, i, t: got.append((i, f)), threaded=True) as pipe:
+        for i, a in enumerate(acts):
+            pipe.submit(a, tag=i)
+        assert pipe.flush(timeout=30)
+    assert [i for i, _ in got] == list(range(len(acts)))
+    assert np.array_equal(np.stack([f for _, f in got]), plain)
+    assert wm.stats["accepted"] > 0 and __import__("threading").get_ident() not in threads
+
+
+def test_pipeline_hands_errors_over_and_leaves_no_thread_behind():
+    import threading
+
+    before = set(threading.enumerate())
+
+    def render(x):
+        if x == 3:
+            raise ValueError("bad frame")
+        return x * 10
+
+    out = []
+    pipe = FramePipeline(lambda x: x, render, lambda f, i, t: out.append(f), threaded=True)
+    for x in range(5):
+        pipe.submit(x)
+    pipe.flush(timeout=10)
+    assert out[:3] == [0, 10, 20] and isinstance(out[3], ValueError) and out[4] == 40
+    pipe.close()
+    with pytest.raises(ZeroDivisionError):  # stage 1 fails in the caller's thread
+        FramePipeline(lambda x: 1 / x, render, lambda *a: None, threaded=False).submit(0)
+    assert set(threading.enumerate()) == before
+    with pytest.raises(RuntimeError, match="after close"):
+        pipe.submit(1)
+
+
+def test_engine_chooses_threads_and_pipeline_and_they_are_settable(monkeypatch):
+    import worldmodel.engine as engine
+
+    n = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(engine, "cpu_cores", lambda: 2)
+        wm = small_model()
+        assert wm.threads == 1 and torch.get_num_threads() == 1 and wm.pipeline is True
+        wm.threads, wm.pipeline = 2, False
+        assert torch.get_num_threads() == 2 and wm.pipeline is False
+        monkeypatch.setattr(engine, "cpu_cores", lambda: 1)
+        wm.threads, wm.pipeline = "auto", "auto"
+        assert wm.threads == 1 and wm.pipeline is False  # one core: nothing to overlap with
+        for bad in (("threads", 0), ("threads", "many"), ("pipeline", "yes")):
+            with pytest.raises(ValueError, match=bad[0]):
+                setattr(wm, *bad)
+    finally:
+        torch.set_num_threads(n)

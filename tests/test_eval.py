@@ -1,5 +1,6 @@
-"""`worldmodel eval` and worldmodel/metrics.py: metrics right on known cases, the pipeline end to end,
-held-out maps refused."""
+"""`worldmodel eval` and worldmodel/metrics.py: metrics right on known cases, the pipeline end to end
+(validation maps; a level model's held-out episodes, several models on the same real frames), held-out
+maps refused."""
 import json
 import math
 
@@ -109,8 +110,7 @@ def test_frame_stats():
 def test_controllability_scoring():
     def probe(tx_model, tx_real, zoom_model, zoom_real):
         out = {}
-        for name, (_, field, _) in evaluate.PROBES.items():
-            sign = 1 if name in ("turn_left", "forward") else -1
+        for name, (_, field, sign) in evaluate.PROBES.items():
             m = {"tx": sign * tx_model, "zoom": sign * zoom_model, "ty": 0, "magnitude": 1}
             r = {"tx": sign * tx_real, "zoom": sign * zoom_real, "ty": 0, "magnitude": 1}
             out[name] = {"field": field, "expected_sign": sign, "model": m, "real": r, "flow_cosine": 0.5}
@@ -144,6 +144,8 @@ def test_real_game_probes_move_the_right_way():
         ep.close()
     assert probes["turn_right"]["real"]["tx"] < -1 and probes["turn_left"]["real"]["tx"] > 1
     assert probes["forward"]["real"]["zoom"] > 0.01
+    # strafing slides the view sideways: the scene moves against the strafe, like a turn the same way
+    assert probes["strafe_right"]["real"]["tx"] < -1 and probes["strafe_left"]["real"]["tx"] > 1
     assert abs(probes["turn_right"]["model"]["tx"]) < 1e-3  # a still image has no flow
 
 
@@ -193,3 +195,172 @@ def test_eval_bad_flags(tmp_path, capsys):
     assert "MAP99" in capsys.readouterr().err
     assert main(["eval", "--preset", "tiny", "--horizons", "0,8", "--out", str(tmp_path / "e")]) == 2
     assert "--horizons" in capsys.readouterr().err
+
+
+# -- a level model: held-out episodes of its level, several models in one run -----------------------------
+def test_level_episodes_are_never_training_episodes():
+    """By construction: every level-eval episode starts at one of the level's evaluation start places
+    with an evaluation (odd) seed, whatever --seed and --episodes; training (collect --starts level)
+    never starts there nor uses such a seed."""
+    from worldmodel import collect as C
+    from worldmodel.level import episode_seed, load_level
+
+    lv = load_level("freedoom2", "MAP01")
+    ev_cells = {tuple(c) for c in lv.starts("eval")}
+    train_cells = {tuple(c) for c in lv.starts("train")}
+    train_plan = C.plan(C.CollectConfig(frames=64 * 200, maps=["MAP01"], starts="level", episode_frames=64,
+                                        shard_frames=64, warmup_frames=0))
+    train_seeds = {u.seed for u in train_plan} | {episode_seed("train", v) for v in range(10_000)}
+    for seed in (0, 1, 977, 2 ** 31 - 2):
+        for n in (1, 5, EVAL_STARTS, 2 * EVAL_STARTS + 3):
+            eps = evaluate.level_episodes(lv, n, seed)
+            cells = [tuple(e["start"]["cell"]) for e in eps]
+            assert len(eps) == n and set(cells) <= ev_cells and not set(cells) & train_cells
+            assert all(e["seed"] % 2 == 1 and e["seed"] == e["policy_seed"] for e in eps)
+            assert not {e["seed"] for e in eps} & train_seeds and len({e["seed"] for e in eps}) == n
+            assert all(tuple(lv.cell_of(np.array([[e["start"]["x"], e["start"]["y"]]]))[0]) == c
+                       for e, c in zip(eps, cells))
+            assert all(0 <= e["start"]["heading"] < 360 for e in eps)
+            if n >= EVAL_STARTS:  # all of the level's evaluation start places, each as often
+                assert set(cells) == ev_cells and set(cells[:EVAL_STARTS]) == ev_cells
+    # a few episodes are already spread over the level: 4 of them lie farther apart than 4 neighbours do
+    xy = lambda eps: np.array([[e["start"]["x"], e["start"]["y"]] for e in eps])  # noqa: E731
+    spread = lambda p: min(np.linalg.norm(a - b) for i, a in enumerate(p) for b in p[i + 1:])  # noqa: E731
+    assert spread(xy(evaluate.level_episodes(lv, 4))) > 3 * spread(xy(evaluate.level_episodes(lv, EVAL_STARTS)))
+
+
+EVAL_STARTS = evaluate.EVAL_STARTS
+
+
+def _numbers_finite(o, path=""):
+    """Every number in a result is finite (None = not measured is allowed); returns the paths that are not."""
+    bad = []
+    if isinstance(o, dict):
+        for k, v in o.items():
+            bad += _numbers_finite(v, f"{path}.{k}")
+    elif isinstance(o, list):
+        for i, v in enumerate(o):
+            bad += _numbers_finite(v, f"{path}[{i}]")
+    elif isinstance(o, float) and not math.isfinite(o) or o in ("inf", "-inf", "nan"):
+        bad.append(path)
+    return bad
+
+
+def test_level_eval_end_to_end_with_two_models(tmp_path, capsys):
+    """A level model's checkpoint (its config names its level): eval defaults to the level's held-out
+    episodes; a second model is scored on the same episodes; generalisation maps come as their own
+    section; strafe probes, sharpness and stability are reported for both, every number finite."""
+    from worldmodel.level import load_level
+
+    level_ckpt = make_checkpoint(tmp_path / "level", seed=0, info={"level": {"wad": "freedoom2", "map": "MAP01"}})
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    out = tmp_path / "ev"
+    rc = main(["eval", "--checkpoint", level_ckpt, "--compare", other, "--device", "cpu", "--episodes", "2",
+               "--horizons", "1,4", "--warmup", "20", "--probe-frames", "3", "--stability-frames", "8",
+               "--sample-every", "4", "--generalisation", "MAP21", "--generalisation-episodes", "1",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    shown = capsys.readouterr().out
+    assert "held-out episodes of the level" in shown and "generalisation" in shown and "other" in shown
+    r = json.loads((out / "eval.json").read_text())
+    assert r["complete"] and r["mode"] == "level" and r["maps"] == ["MAP01"] and r["episodes"] == 2
+    lv = load_level("freedoom2", "MAP01")
+    ev_cells = {tuple(c) for c in lv.starts("eval")}
+    assert {tuple(c) for c in r["level"]["eval_starts"]} == ev_cells
+    for ep in r["episode_list"]:  # the player really started in an evaluation start cell, with an odd seed
+        assert ep["seed"] % 2 == 1 and tuple(ep["start"]["cell"]) in ev_cells
+        assert tuple(lv.cell_of(np.array([ep["start_position"]]))[0]) == tuple(ep["start"]["cell"])
+        assert ep["start_position"][2] == pytest.approx(ep["start"]["heading"], abs=1.0)
+        assert ep["frames"] == 4 and len(ep["real_sha256"]) == 64
+    models = [r] + r["compared"]
+    assert [m["model"]["name"] for m in models] == ["level", "other"]
+    assert [row["model"] for row in r["comparison"]] == ["level", "other"]
+    for m in models:
+        assert m["fidelity"]["episodes"] == 2 and m["stability"]["frames"] == 8
+        for h in ("1", "4"):
+            row = m["fidelity"]["horizons"][h]
+            assert row["n"] == 2 and row["sharpness"] >= 0 and row["sharpness_real"] > 0
+            assert isinstance(row["sharpness_in_real_range"], bool) and isinstance(row["psnr_copy_mean_1_to_h"], float)
+        probes = m["controllability"]["probes"]
+        assert set(probes) == set(evaluate.PROBES)
+        for name in ("strafe_right", "strafe_left"):
+            assert probes[name]["n"] == 2 and probes[name]["field"] == "tx"
+            assert isinstance(probes[name]["model_direction_correct"], float)
+    # both models were scored against the same real frames: the copy-last baseline is the same
+    assert r["fidelity"]["per_episode"] == [
+        {**e, **{k: v for k, v in a.items() if k in ("psnr", "ssim", "sharpness")}}
+        for e, a in zip(r["compared"][0]["fidelity"]["per_episode"], r["fidelity"]["per_episode"])]
+    assert r["fidelity"]["horizons"]["1"]["psnr"] != r["compared"][0]["fidelity"]["horizons"]["1"]["psnr"]
+    g = r["generalisation"]
+    assert g["maps"] == ["MAP21"] and "generalis" in g["about"] and len(g["episode_list"]) == 1
+    assert [row["model"] for row in g["comparison"]] == ["level", "other"]
+    assert set(g["controllability"]["probes"]) == set(evaluate.PROBES) and g["compared"][0]["fidelity"]["episodes"] == 1
+    summaries = {k: v for k, v in r.items() if k not in ("compared", "generalisation")}
+    for part in [summaries, *r["compared"], g]:
+        for m in [part] + part.get("compared", []):
+            m = {k: v for k, v in m.items() if k in ("fidelity", "controllability", "stability", "comparison")}
+            m.get("fidelity", {}).pop("per_episode", None)  # raw PSNRs: identical frames give "inf"
+            assert _numbers_finite(m) == []
+    for png in ("fidelity.png", "controllability.png", "stability.png", "generalisation_fidelity.png",
+                "generalisation_controllability.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_models_in_one_run_share_the_real_frames(tmp_path, monkeypatch):
+    """The real game is played once per episode, however many models are scored: two models step it
+    exactly as often as one, and see bitwise the same real frames (the same hash, the same baseline),
+    and the first model's numbers do not change when a second joins."""
+    from worldmodel.game import DoomEnv
+
+    a, b = make_checkpoint(tmp_path / "a"), make_checkpoint(tmp_path / "b", seed=1)
+    steps = []
+    real_step = DoomEnv.step
+
+    def counting_step(self, action):
+        steps[-1] += 1
+        return real_step(self, action)
+
+    monkeypatch.setattr(DoomEnv, "step", counting_step)
+    runs = []
+    for extra in ([], ["--compare", b]):
+        steps.append(0)
+        out = tmp_path / f"ev{len(extra)}"
+        assert main(["eval", "--checkpoint", a, *extra, "--level", "MAP01", "--device", "cpu", "--episodes", "1",
+                     "--horizons", "1,5", "--warmup", "10", "--probe-frames", "3", "--stability-frames", "0",
+                     "--out", str(out), "--no-progress"]) == 0
+        runs.append(json.loads((out / "eval.json").read_text()))
+    one, two = runs
+    assert steps[0] == steps[1] > 0
+    assert [e["real_sha256"] for e in one["episode_list"]] == [e["real_sha256"] for e in two["episode_list"]]
+    assert one["fidelity"]["per_episode"] == two["fidelity"]["per_episode"]
+    assert one["controllability"]["raw"] == two["controllability"]["raw"]
+    ours, theirs = two["fidelity"]["per_episode"][0], two["compared"][0]["fidelity"]["per_episode"][0]
+    assert ours["psnr_copy"] == theirs["psnr_copy"] and ours["sharpness_real"] == theirs["sharpness_real"]
+    assert ours["psnr"] != theirs["psnr"]
+    real = lambda r: [{n: v["real"] for n, v in p.items()} for p in r["controllability"]["raw"]]  # noqa: E731
+    assert real(two) == real(two["compared"][0])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--level", "MAP21"], "training map"),
+    (["--level", "MAP27"], "held-out"),
+    (["--level", "MAP01", "--maps", "MAP21"], "exclude"),
+    (["--maps", "MAP21", "--generalisation", "MAP22"], "--generalisation"),
+    (["--level", "MAP01", "--generalisation", "MAP21,MAP30"], "held-out"),
+    (["--level", "MAP01", "--generalisation", "MAP01"], "level itself"),
+    (["--level", "MAP01", "--episodes", "0"], "--episodes"),
+])
+def test_eval_level_flags_refused(tmp_path, capsys, flags, message):
+    rc = main(["eval", "--preset", "tiny", *flags, "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_generalisation_needs_a_level_model(tmp_path, capsys):
+    """Without --level, a checkpoint that is not a level model is evaluated on validation maps, where
+    a generalisation section makes no sense."""
+    ckpt = make_checkpoint(tmp_path / "plain")
+    assert main(["eval", "--checkpoint", ckpt, "--device", "cpu", "--generalisation", "MAP21",
+                 "--out", str(tmp_path / "ev")]) == 2
+    assert "level model" in capsys.readouterr().err

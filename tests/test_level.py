@@ -124,3 +124,42 @@ def test_level_collection_refuses_several_maps():
         C.CollectConfig(frames=10, maps=["MAP01", "MAP02"], starts="level")
     with pytest.raises(UserError, match="held-out|validation|training"):
         C.CollectConfig(frames=10, maps=["MAP21"], starts="level")
+
+
+def _user_wad(path, source_map="MAP01", name="MAP33"):
+    """A user's PWAD: freedoom2's `source_map` lumps under a map name freedoom2 does not have."""
+    import struct
+
+    from worldmodel.game import wad_path
+
+    data = open(wad_path("freedoom2"), "rb").read()
+    n, table = struct.unpack_from("<ii", data, 4)
+    lumps = [struct.unpack_from("<ii8s", data, table + 16 * i) for i in range(n)]
+    names = [nm.rstrip(b"\0").decode() for _, _, nm in lumps]
+    i = names.index(source_map)
+    body, entries = b"", []
+    for pos, size, nm in lumps[i:i + 11]:  # the marker + THINGS ... BLOCKMAP
+        label = name.encode() if nm.rstrip(b"\0").decode() == source_map else nm
+        entries.append((12 + len(body), size, label.ljust(8, b"\0")))
+        body += data[pos:pos + size]
+    table = b"".join(struct.pack("<ii8s", *e) for e in entries)
+    path.write_bytes(b"PWAD" + struct.pack("<ii", len(entries), 12 + len(body)) + body + table)
+    return str(path)
+
+
+def test_a_users_own_wad_is_a_level_to_collect(map01, tmp_path):
+    """`--wad my.wad`: a user's map (here MAP01's geometry under the name MAP33, which freedoom2 lacks) is
+    loaded on top of freedoom2, is outside the Freedoom split, and can be a level model's level."""
+    from worldmodel.game import DoomEnv
+    from worldmodel.maps import parse_wad, split_of
+
+    wad = parse_wad(_user_wad(tmp_path / "mine.wad"))
+    assert split_of(wad, "MAP33") == "user"
+    lv = load_level(wad, "MAP33")
+    assert lv.reachable_cells == map01.reachable_cells and lv.player_start == map01.player_start
+    with DoomEnv(wad=wad, map="MAP33", frame_size=(48, 64)) as env, DoomEnv(map="MAP01", frame_size=(48, 64)) as ref:
+        assert np.array_equal(env.reset(), ref.reset())
+    out = tmp_path / "mine"
+    C.collect(C.CollectConfig(frames=16, maps=["MAP33"], wad=wad, starts="level", episode_frames=16,
+                              shard_frames=16, warmup_frames=0), out, workers=0, progress=False)
+    assert ds.verify_dataset(out)["coverage"]["MAP33"]["visited"] > 0

@@ -254,7 +254,7 @@ def test_autoplay_and_report_through_the_cli_from_a_checkpoint_with_start_clips(
     script = tmp_path / "walk.jsonl"
     script.write_text('{"move": 1, "repeat": 5}\n{"turn": -4.0, "repeat": 5}\n')
     out = tmp_path / "r.json"
-    rc = main(["play", "--checkpoint", str(ckpt), "--device", "cpu", "--steps", "1", "--speculative", "2",
+    rc = main(["play", "--checkpoint", str(ckpt), "--device", "cpu", "--steps", "1",
                "--autoplay", str(script), "--max-frames", "12", "--report", str(out), "--scale", "2"])
     assert rc == 0
     r = json.loads(out.read_text())
@@ -263,7 +263,8 @@ def test_autoplay_and_report_through_the_cli_from_a_checkpoint_with_start_clips(
     for k in ("latency_ms_p50", "latency_ms_p99", "max_wait_ms", "max_model_wait_ms", "device", "checkpoint",
               "speculative", "acceptance_rate", "speculative_stats", "target_fps"):
         assert k in r
-    assert r["speculative"] == 2 and r["speculative_stats"]["frames"] == 12
+    assert r["speculative"] == 2 and r["speculative_stats"]["frames"] == 12  # drafts on by default in play
+    assert r["pipelined"] is (r["cpu_count"] >= 2) and r["torch_threads"] == max(1, r["cpu_count"] // 2)
     assert r["max_wait_asked_ms"] <= PERIOD_MS
     assert "displayed frames/s" in capsys.readouterr().out
 
@@ -285,3 +286,60 @@ def test_without_display_or_checkpoint_the_message_says_what_to_do(monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "checkpoints/doom-tiny" in err and "--preset tiny" in err and "--real" in err
+
+
+# -- the two-stage pipeline: frame t decoded while frame t+1 is generated ------------------------------------
+class Captured(Scripted):
+    """Keeps every generated frame the UI receives, in order."""
+
+    def _collect(self):
+        poll = self.worker.poll
+
+        def capture():
+            results = poll()
+            self.got = getattr(self, "got", []) + [r.frame for r in results if r.kind == "step"]
+            return results
+
+        self.worker.poll = capture
+        try:
+            super()._collect()
+        finally:
+            self.worker.poll = poll
+
+
+def _children() -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    out.add(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def test_pipelined_play_shows_exactly_the_frames_of_the_plain_loop_and_leaves_nothing_running():
+    """The same seed and actions give the same frames whether each frame is decoded on the render
+    thread while the next is generated (the engine's choice on 2+ cores) or in line; when the window
+    closes no thread and no process (the real game beside the dream) is left behind."""
+    import threading
+
+    script = [Action(move=1)] * 4 + [Action(turn=5.0), Action(move=1, strafe=1)] * 3 + [Action(move=1)] * 4
+    threads, children = set(threading.enumerate()), _children()
+    got = {}
+    for pipelined in (True, False):
+        game = dream()
+        game.model.speculative = 2
+        game.model.pipeline = pipelined
+        app = Captured(game, {}, max_frames=len(script), autoplay=script, side_by_side=True)
+        try:
+            report = app.run()
+        finally:
+            game.close()
+        assert report["pipelined"] is pipelined and report["frames_generated"] == len(script)
+        assert set(report["profile_ms"]) >= {"generate", "decode", "draw", "flip"}
+        got[pipelined] = np.stack(app.got)
+        assert set(threading.enumerate()) == threads and _children() == children
+    assert got[True].shape == (len(script), 96, 128, 3)
+    assert np.array_equal(got[True], got[False])

@@ -162,7 +162,7 @@ def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
     """The training loss under bf16 autocast (what `train model` uses on CPUs with native bf16, and on
     CUDA) agrees with float32 on the same batch; it is refused where the CPU has no bf16."""
     from worldmodel import diffusion
-    from worldmodel.engine import cpu_supports_bf16
+    from worldmodel.engine import native_bf16
 
     cfg = tiny_config(prev_frame=True)
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = diffusion.flow_matching_loss(model, x0.float(), a, t, noise).item()
     assert abs(bf16 - fp32) <= 0.02 * fp32, (bf16, fp32)
-    assert T.amp_enabled(True, torch.device("cpu")) == cpu_supports_bf16()
+    assert T.amp_enabled(True, torch.device("cpu")) == native_bf16()
     assert not T.amp_enabled(False, torch.device("cpu"))
 
 
@@ -459,3 +459,13 @@ def test_self_forcing_flags_refuse_bad_values(tmp_path, capsys):
                    str(tmp_path / "m"), "--no-progress", *flags])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and what in err and len(err.splitlines()) == 1, err
+
+
+def test_spread_shards_takes_whole_shards_evenly():
+    manifest = {"shards": [{"name": f"s{i:02d}", "frames": 100, "maps": ["MAP01" if i < 10 else "MAP02"]}
+                           for i in range(12)]}
+    names, total = T.spread_shards(manifest, ["MAP01"], 300)
+    assert names == {"s00", "s04", "s09"} and total == 300  # first, middle, last of MAP01's ten
+    everything, n = T.spread_shards(manifest, ["MAP01", "MAP02"], None)
+    assert len(everything) == 12 and n == 1200
+    assert T.spread_shards(manifest, ["MAP01"], 5000) == ({f"s{i:02d}" for i in range(10)}, 1000)

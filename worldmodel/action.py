@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -13,6 +14,8 @@ TURN_MAX = 15.0  # degrees of yaw per frame, either way
 TURN_DECIMALS = 3  # turn is kept to 1/1000 degree so that the float32 encoding round-trips exactly
 ACTION_DIM = 5  # length of the encoding: move, strafe, turn / TURN_MAX, attack, use
 FIELDS = ("move", "strafe", "turn", "attack", "use")
+MAX_SCRIPT_FRAMES = 24 * 3600 * 35  # a day of play at 35 tics a second: a longer script (or repeat) is refused
+MAX_LINE_BYTES = 1 << 16  # an action line is a few dozen bytes: a longer one is not an action script
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,13 @@ class Action:
     use: bool = False
 
     def __post_init__(self):
-        for name in ("move", "strafe"):
+        for name in ("move", "strafe"):  # numbers.Real: Python and numpy numbers alike
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (-1, 0, 1):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or v not in (-1, 0, 1):
                 raise ValueError(f"Action.{name} must be -1, 0 or 1, got {v!r}")
             object.__setattr__(self, name, int(v))
         t = self.turn
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
             raise ValueError(f"Action.turn must be a finite number of degrees, got {t!r}")
         if abs(t) > TURN_MAX:
             raise ValueError(f"Action.turn must be within +-{TURN_MAX:g} degrees, got {t!r}")
@@ -94,11 +97,20 @@ class ActionScriptError(ValueError):
     """A malformed action script; the message names the file and line."""
 
 
-def parse_action_lines(lines: Iterable[str], source: str = "<actions>") -> list[Action]:
-    """JSON Lines, one action object per line with an optional "repeat": n; blank lines and lines
-    starting with '#' are skipped."""
-    out: list[Action] = []
+def _script_runs(lines: Iterable[str | bytes], source: str) -> Iterator[tuple[Action, int]]:
+    """(action, repeat) for each action line of a JSON Lines script, checked as it is read: one action
+    object per line with an optional "repeat": n; blank lines and lines starting with '#' are skipped. A
+    bad line, or a script longer than MAX_SCRIPT_FRAMES frames, is an ActionScriptError naming the line."""
+    total = 0
     for lineno, line in enumerate(lines, 1):
+        where = f"{source}: line {lineno}"
+        if isinstance(line, bytes):
+            if len(line) > MAX_LINE_BYTES:
+                raise ActionScriptError(f"{where}: longer than {MAX_LINE_BYTES} bytes (not an action script?)")
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ActionScriptError(f"{where}: not UTF-8 text (a binary file, not an action script?)") from None
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -110,23 +122,52 @@ def parse_action_lines(lines: Iterable[str], source: str = "<actions>") -> list[
             repeat = obj.pop("repeat", 1)
             if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
                 raise ValueError(f"repeat must be a positive integer, got {repeat!r}")
+            if repeat > MAX_SCRIPT_FRAMES - total:
+                raise ValueError(f"repeat {repeat} takes the script past {MAX_SCRIPT_FRAMES} frames (24 hours "
+                                 f"at 35 frames/s), the most a script may hold")
             action = Action.from_dict(obj)
         except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-            raise ActionScriptError(f"{source}: line {lineno}: {e}") from None
-        out.extend([action] * repeat)
-    return out
+            raise ActionScriptError(f"{where}: {e}") from None
+        total += repeat
+        yield action, repeat
+
+
+def parse_action_lines(lines: Iterable[str], source: str = "<actions>") -> list[Action]:
+    """The actions of JSON Lines script lines, repeats expanded (see `_script_runs`)."""
+    return [a for a, n in _script_runs(lines, source) for _ in range(n)]
+
+
+class ActionScript:
+    """A JSON Lines action script file read as a stream: checked line by line when made (a bad line fails
+    with its number before any work starts), then read again by each iteration, which yields one Action
+    per frame with `repeat` honoured lazily, so memory stays flat whatever the counts. len(): frames."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.frames = sum(n for _, n in self._runs())
+        if not self.frames:
+            raise ActionScriptError(f"{self.path}: the action script holds no action")
+
+    def _runs(self) -> Iterator[tuple[Action, int]]:
+        try:
+            with open(self.path, "rb") as f:
+                # readline with a limit: a file without line breaks is never read whole
+                yield from _script_runs(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), str(self.path))
+        except OSError as e:
+            raise ActionScriptError(f"{self.path}: cannot read action script: {e.strerror}") from None
+
+    def __len__(self) -> int:
+        return self.frames
+
+    def __iter__(self) -> Iterator[Action]:
+        for action, n in self._runs():
+            for _ in range(n):
+                yield action
 
 
 def load_actions(path: str | Path) -> list[Action]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ActionScriptError(f"{path}: cannot read action script: {e.strerror}") from None
-    actions = parse_action_lines(text.splitlines(), source=str(path))
-    if not actions:
-        raise ActionScriptError(f"{path}: the action script holds no action")
-    return actions
+    """All actions of a script file as a list (at most MAX_SCRIPT_FRAMES); `ActionScript` streams them."""
+    return list(ActionScript(path))
 
 
 def dump_action_lines(actions: Iterable[Action]) -> list[str]:

@@ -12,7 +12,12 @@ default attention backend, compile off) and for each variant, one setting change
   p50/p90/p99/max latency, latency by rollout length (log-spaced bins);
 - speculative N: acceptance rate from the engine's `stats` under a human-like action trace
   (benchmarks/traces/*.jsonl: the explorer policy playing the real game; `--trace game` records one now);
-- peak memory: CUDA max allocated, or the process's peak RSS (VmHWM, reset before each variant) on CPU.
+- peak memory: CUDA max allocated, or the process's peak RSS (VmHWM, reset before each variant) on CPU;
+- on CPU with one intra-op thread, "cpu fps": frames/s from the stages' thread CPU time (what each costs
+  on a core of its own; far steadier than the wall clock on a shared machine);
+- a per-frame profile of the baseline: where a frame's time goes, stage by stage (profile_frames).
+The engine's frame pipeline (`pipeline`: frame t decoded on a second thread while t+1 is generated) is
+measured the way it runs: frames/s = frames / the time until the last frame is decoded.
 Variants are compared as ratios to the baseline measured in the same run.
 
 Output: a table on screen, the JSON (device, commit, command, torch version, threads, every result) and a
@@ -21,6 +26,7 @@ PNG beside it (latency vs rollout length; frames/s per variant).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel.action import Action, load_actions, save_actions
-from worldmodel.cli_common import add_model_arguments, load_model, model_name, parse_int_list, provenance
+from worldmodel.action import Action, ActionScript, save_actions
+from worldmodel.cli_common import (add_model_arguments, check_output_path, load_model, model_name, parse_int_list,
+                                   provenance)
 from worldmodel.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -188,7 +195,7 @@ def load_trace(spec: str | None, n: int, seed: int = 0) -> tuple[list[Action], s
         from worldmodel.policy import explorer_actions
 
         return explorer_actions(n, seed), f"explorer policy without eyes, seed {seed}"
-    actions = load_actions(spec)
+    actions = list(itertools.islice(ActionScript(spec), n))  # a script longer than the run is read no further
     try:
         shown = str(Path(spec).resolve().relative_to(Path.cwd()))
     except ValueError:
@@ -217,7 +224,7 @@ def trace_summary(actions: list[Action], tolerance: float | None = None) -> dict
 # --------------------------------------------------------------------------------------------------
 # one measurement
 # --------------------------------------------------------------------------------------------------
-SWEPT = ("steps", "speculative", "attention", "compile")  # the settings a variant may change
+SWEPT = ("steps", "speculative", "attention", "compile", "threads", "pipeline")  # the settings a variant may change
 
 
 def apply_settings(wm, settings: dict) -> None:
@@ -248,10 +255,26 @@ def context_frames(wm, n: int = 1) -> tuple[np.ndarray, list[Action]]:
 
 
 def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) -> dict:
-    """Warm up, then time `frames` steps from a one-frame context. Returns the raw result."""
+    """Warm up, then time `frames` frames from a one-frame context, the way the engine runs them: with
+    `wm.pipeline` each frame is decoded on a second thread while the next is generated (latency = from
+    the action to its decoded frame; frames/s = frames / the time until the last one is decoded),
+    otherwise one `WorldModel.step` after another. Returns the raw result."""
+    from worldmodel.pipeline import FramePipeline
+
     dev = wm.device
     ctx_f, ctx_a = context_frames(wm, 1)
     act = lambda i: trace[i % len(trace)]  # noqa: E731
+    done = np.zeros(frames)
+    cpu = np.zeros((frames, 2))  # thread CPU seconds of the two stages
+
+    def on_frame(frame, i, times):
+        if isinstance(frame, BaseException):
+            raise frame
+        done[i] = times["t_done"]
+        cpu[i] = times["advance_cpu"], times["render_cpu"]
+        if progress is not None:
+            progress.update(1)
+
     synchronize(dev)
     t0 = time.perf_counter()
     if warmup:
@@ -267,16 +290,16 @@ def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) ->
     synchronize(dev)
     reset_ms = (time.perf_counter() - t) * 1000
     wm.reset_stats()
-    lat = np.empty(frames)
+    start = np.empty(frames)
     t_start = time.perf_counter()
-    for i in range(frames):
-        t = time.perf_counter()
-        wm.step(act(i))
-        synchronize(dev)
-        lat[i] = (time.perf_counter() - t) * 1000
-        if progress is not None:
-            progress.update(1)
-    total_s = time.perf_counter() - t_start
+    with FramePipeline(wm.step_latent, wm.decode, on_frame, threaded=wm.pipeline) as pipe:
+        for i in range(frames):
+            start[i] = time.perf_counter()
+            pipe.submit(act(i), tag=i)
+            synchronize(dev)
+        pipe.flush()
+    total_s = done.max() - t_start
+    lat = (done - start) * 1000
     stats = wm.stats
     res = {"status": "ok", "frames": frames, "warmup_frames": warmup, "warmup_s": warmup_s, "reset_ms": reset_ms,
            "total_s": total_s, "fps": frames / total_s, "latency_ms": percentiles(lat),
@@ -284,9 +307,83 @@ def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) ->
            "acceptance_rate": stats["acceptance_rate"], "engine_stats": stats,
            "latency_ms_per_frame": [round(float(x), 3) for x in lat]}
     if frames > wm.cfg.cache_frames + 1:
-        full = lat[wm.cfg.cache_frames:]
-        res["fps_cache_full"] = float(1000.0 * len(full) / full.sum())
+        if wm.pipeline:  # the steady state: frames/s from the frame where the cache is full to the last
+            k = wm.cfg.cache_frames
+            res["fps_cache_full"] = float((frames - 1 - k) / (done[-1] - done[k]))
+        else:
+            full = lat[wm.cfg.cache_frames:]
+            res["fps_cache_full"] = float(1000.0 * len(full) / full.sum())
+    if dev.type == "cpu" and wm.threads == 1:
+        # what the stages cost on cores of their own (thread CPU time; far less sensitive than the wall
+        # clock to other processes on a shared machine): frames/s an idle machine would give
+        busiest = max(cpu[:, 0].sum(), cpu[:, 1].sum()) if wm.pipeline else cpu.sum()
+        res["fps_cpu_time"] = float(frames / busiest)
+        res["cpu_ms_per_frame"] = {"generate": float(cpu[:, 0].mean() * 1000), "decode": float(cpu[:, 1].mean() * 1000)}
     return res
+
+
+def profile_frames(wm, trace: list[Action], frames: int = 60, warmup: int = 10) -> dict:
+    """Where a frame's time goes, frame after frame in one thread (the stages add up): wall ms per
+    frame (median, mean, p90) of
+      pass_1: the first transformer pass (it also commits the previous frame: fused commit);
+      passes_2_on: the other denoising passes, together;
+      commit: the fused commit's share of pass 1 (pass 1 minus the median later pass; 2+ steps only);
+      sampler_other: the rest of step_latent (noise, drafts, bookkeeping);
+      decode: the decoder's convolutions;
+      colour_conversion: the rest of decode (latent de-normalisation, float -> uint8 RGB, to the host).
+    Display (scaling, HUD, flip) happens in `worldmodel play` and is in its report ("profile_ms")."""
+    ctx_f, ctx_a = context_frames(wm, 1)
+    passes: list[list[float]] = [[]]
+    conv = []
+    orig_forward = wm.sampler.forward
+
+    def timed_forward(*a, **k):
+        t = time.perf_counter()
+        out = orig_forward(*a, **k)
+        passes[-1].append(time.perf_counter() - t)
+        return out
+
+    def conv_start(module, args):
+        conv.append(time.perf_counter())
+
+    def conv_end(module, args, out):
+        conv[-1] = time.perf_counter() - conv[-1]
+
+    hooks = [wm._decoder.register_forward_pre_hook(conv_start), wm._decoder.register_forward_hook(conv_end)]
+    wm.sampler.forward = timed_forward
+    rows = []
+    try:
+        wm.reset(ctx_f, ctx_a)
+        for i in range(warmup + frames):
+            passes.append([])
+            del conv[:]
+            t0 = time.perf_counter()
+            latent = wm.step_latent(trace[i % len(trace)])
+            t1 = time.perf_counter()
+            wm.decode(latent)
+            t2 = time.perf_counter()
+            if i >= warmup and passes[-1]:  # frames served from a draft run no pass: not in the table
+                p = passes[-1]
+                rows.append({"pass_1": p[0], "passes_2_on": sum(p[1:]), "later_pass": p[1] if len(p) > 1 else None,
+                             "sampler_other": (t1 - t0) - sum(p), "decode": conv[0],
+                             "colour_conversion": (t2 - t1) - conv[0], "step": t2 - t0})
+    finally:
+        wm.sampler.forward = orig_forward
+        for h in hooks:
+            h.remove()
+    out = {"frames": len(rows), "threads": wm.threads, "unit": "ms per frame, wall, one thread of work", "stages": {}}
+    later = [r["later_pass"] for r in rows if r["later_pass"] is not None]
+    for key in ("pass_1", "passes_2_on", "commit", "sampler_other", "decode", "colour_conversion", "step"):
+        if key == "commit":
+            if not later:
+                continue
+            v = np.asarray([r["pass_1"] for r in rows]) - float(np.median(later))
+        else:
+            v = np.asarray([r[key] for r in rows])
+        v = v * 1000.0
+        out["stages"][key] = {"p50": round(float(np.median(v)), 3), "mean": round(float(v.mean()), 3),
+                              "p90": round(float(np.percentile(v, 90)), 3)}
+    return out
 
 
 def combine_rounds(runs: list[dict]) -> dict:
@@ -310,8 +407,9 @@ def combine_rounds(runs: list[dict]) -> dict:
     out["engine_stats"] = summed
     resolved = summed["accepted"] + summed["discarded"]
     out["acceptance_rate"] = summed["accepted"] / resolved if resolved else None
-    if "fps_cache_full" in runs[0]:
-        out["fps_cache_full"] = float(np.mean([r["fps_cache_full"] for r in runs]))
+    for k in ("fps_cache_full", "fps_cpu_time"):
+        if k in runs[0]:
+            out[k] = float(np.mean([r[k] for r in runs]))
     return out
 
 
@@ -331,6 +429,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", metavar="off,on,..",
                         help="compare torch.compile modes: off, on (inductor + CUDA graphs on CUDA), inductor (no "
                              "CUDA graphs), graphs (CUDA graphs without inductor; CUDA only)")
+    parser.add_argument("--pipeline", metavar="on,off", help="compare decoding frame t on a second thread while "
+                                                            "frame t+1 is generated (the engine's choice on a "
+                                                            "CPU with 2+ cores) on/off")
+    parser.add_argument("--threads", metavar="N,..", help="torch intra-op threads to compare, e.g. 1,2 (the "
+                                                          "engine's choice: half the cores)")
     parser.add_argument("--trace", metavar="FILE|game|blind",
                         help=f"action trace (default benchmarks/traces/{DEFAULT_TRACE}, else 'game': the explorer "
                              f"policy playing MAP01 now)")
@@ -338,7 +441,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure everything this many times, in rotating order, and pool (default 1; more "
                              "evens out a busy machine)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile-frames", type=int, default=60,
+                        help="frames of the per-stage profile of the baseline (default 60; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true", help="no PNG")
     parser.add_argument("--no-progress", action="store_true")
@@ -352,6 +456,8 @@ def _variants(args, base: dict) -> list[tuple[str, object]]:
         out += [("speculative", v) for v in parse_int_list(args.speculative, "speculative")]
     if args.attention:
         out += [("attention", v.strip()) for v in args.attention.split(",") if v.strip()]
+    if args.threads:
+        out += [("threads", v) for v in parse_int_list(args.threads, "threads")]
     if args.compile:
         from worldmodel.engine import COMPILE_MODES
 
@@ -360,6 +466,12 @@ def _variants(args, base: dict) -> list[tuple[str, object]]:
             if v not in COMPILE_MODES:
                 raise UserError(f"--compile: expected some of {','.join(COMPILE_MODES)}, got {v!r}")
             out.append(("compile", {"on": True, "off": False}.get(v, v)))
+    for v in (args.pipeline or "").split(","):
+        v = v.strip().lower()
+        if v and v not in ("on", "off"):
+            raise UserError(f"--pipeline: expected on and/or off, got {v!r}")
+        if v:
+            out.append(("pipeline", v == "on"))
     seen, uniq = set(), []
     for k, v in out:
         if (k, v) not in seen and base.get(k) != v:
@@ -376,7 +488,7 @@ def print_table(result: dict, file=None) -> None:
     file = file or sys.stdout
     rows = [("baseline", result["baseline"])] + [(f"{v['factor']}={v['value']}", v) for v in result["variants"]]
     head = f"{'variant':<18}{'fps':>8}{'x base':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'warmup s':>10}" \
-           f"{'peak MB':>9}{'accept':>8}"
+           f"{'peak MB':>9}{'accept':>8}{'cpu fps':>9}"
     print(head, file=file)
     print("-" * len(head), file=file)
     for name, r in rows:
@@ -387,7 +499,15 @@ def print_table(result: dict, file=None) -> None:
         acc = r.get("acceptance_rate")
         print(f"{name:<18}{r['fps']:>8.1f}{_fmt(r.get('speedup', 1.0), '.2f'):>8}{lat['p50']:>9.1f}{lat['p90']:>9.1f}"
               f"{lat['p99']:>9.1f}{r['warmup_s']:>10.1f}{_fmt(r.get('peak_memory_mb'), '.0f'):>9}"
-              f"{_fmt(acc, '.2f'):>8}", file=file)
+              f"{_fmt(acc, '.2f'):>8}{_fmt(r.get('fps_cpu_time')):>9}", file=file)
+
+
+def print_profile(profile: dict, file=None) -> None:
+    file = file or sys.stdout
+    print(f"\nwhere a frame's time goes (baseline settings, frame after frame, {profile['threads']} thread(s); "
+          f"ms, p50 / mean):", file=file)
+    for k, v in profile["stages"].items():
+        print(f"  {k:<20}{v['p50']:>8.2f}{v['mean']:>8.2f}", file=file)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -470,23 +590,32 @@ def run(args) -> int:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.profile_frames < 0:
+        raise UserError(f"--profile-frames must be >= 0, got {args.profile_frames}")
+    if args.out and Path(args.out).suffix != ".json":
+        raise UserError(f"--out must name a .json file, got {args.out}")
+
+    def check_outputs(out: Path | None) -> None:  # before the work: nothing measured is lost at the end
+        for path, what in ((out, "--out"), (out and not args.no_plot and out.with_suffix(".png"), "--out (its PNG)"),
+                           (args.save_trace, "--save-trace")):
+            if path:
+                check_output_path(path, what)
+
+    check_outputs(args.out and Path(args.out))
     wm = load_model(args)
     base = current_settings(wm)
     variants = _variants(args, base)
     dev = device_info(wm.device)
+    name = model_name(args, wm)
+    out = Path(args.out or f"benchmarks/bench_{name}_{device_tag(dev)}.json")
+    png = out.with_suffix(".png")
+    if not args.out:  # the default path, named after the model and the device
+        check_outputs(out)
     need = args.warmup + args.frames
     trace, trace_src = load_trace(args.trace, max(need, 1000), seed=args.seed)
     if args.save_trace:
         Path(args.save_trace).parent.mkdir(parents=True, exist_ok=True)
         save_actions(args.save_trace, trace)
-    name = model_name(args, wm)
-    out = Path(args.out or f"benchmarks/bench_{name}_{device_tag(dev)}.json")
-    if out.suffix != ".json":
-        raise UserError(f"--out must name a .json file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = wm.cfg
     n_params = sum(p.numel() for p in wm.transformer.parameters())
@@ -555,12 +684,15 @@ def run(args) -> int:
             v["p50_ratio"] = r["latency_ms"]["p50"] / baseline["latency_ms"]["p50"]
             v["by_rollout_length"] = rollout_bins(r["latency_ms_per_frame"], cfg.cache_frames)
         result["variants"].append(v)
+    if args.profile_frames:
+        apply_settings(wm, base)
+        result["profile"] = profile_frames(wm, trace, args.profile_frames)
     result["loadavg_after"] = _loadavg()
-    png = out.with_suffix(".png")
+    if not args.no_plot:
+        result["plot"] = png.name
+    out.write_text(json.dumps(result, indent=1) + "\n")  # the numbers first, then their plot
     if not args.no_plot:
         plot(result, png)
-        result["plot"] = png.name
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{result['model']['name']} ({'random weights' if args.preset else 'checkpoint'}), "
           f"{dev['name']} [{dev['type']}, {dev['threads']} threads], torch {torch.__version__}, "
           f"commit {str(result['commit'])[:12]}")
@@ -568,5 +700,7 @@ def run(args) -> int:
           f"{args.warmup} warm-up frames; trace: {trace_src}; load average {result['loadavg_before']} -> "
           f"{result['loadavg_after']}")
     print_table(result)
+    if "profile" in result:
+        print_profile(result["profile"])
     print(f"\nwrote {out}" + ("" if args.no_plot else f" and {png}"))
     return 0

@@ -1,11 +1,14 @@
 """Pieces shared by the commands that run a model (`record`, `bench`, `eval`, `play`): the
 model-choosing flags and loading, the shipped default checkpoint, integer lists, and the provenance
-written into their results. Heavy imports (torch, the engine) happen on use, not at import: every
-command module is imported to build the command line."""
+written into their results; and `check_output_path`, which every command runs on its outputs before
+its work starts. Heavy imports (torch, the engine) happen on use, not at import: every command module
+is imported to build the command line."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from worldmodel.errors import UserError
@@ -89,3 +92,30 @@ def provenance() -> dict:
 
     return {"command": command_line(), "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "commit": git_commit(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def check_output_path(path: str | os.PathLike, what: str = "--out", folder: bool = False) -> Path:
+    """`path`, if it can be written (a folder if `folder`, else a file), else a one-line UserError naming
+    `what` and the path: run before the work, so that no result is lost at its end. Refused: a folder
+    where a file goes or a file where a folder goes, a path under a file, and a place this process cannot
+    write in (tried with a temporary file, which is removed: permissions, a read-only file system).
+    Nothing is created."""
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p}: is a file, not a folder")
+    if not folder and p.is_dir():
+        raise UserError(f"{what} {p}: is a folder; give a file name")
+    base = p if folder else p.parent  # the nearest folder that exists: where the first write happens
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{what} {p}: {base} is a file, so nothing can be written under it")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=base, prefix=".worldmodel-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{what} {p}: cannot write in {base} ({e.strerror})") from None
+    if not folder and p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{what} {p}: the file is read-only")
+    return p

@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from worldmodel import dataset as ds
+from worldmodel.cli_common import check_output_path
 from worldmodel.errors import UserError, sigterm_unwinds
-from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, check_map, parse_maps, split_of
+from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, add_wad_argument, check_map, parse_maps, split_of
 
 SEGMENT_STRIDE = 1_000_000_000
 CONFIG = "collect.json"
@@ -164,16 +165,18 @@ def plan(cfg: CollectConfig) -> list[Unit]:
 _QUEUE = None
 _PLAYING = False  # a unit is being played (a game engine is open)
 _TMPDIR = None
+_PARENT = None  # the main process's pid
 
 
-def _init_worker(q):
-    global _QUEUE, _TMPDIR
+def _init_worker(q, parent: int):
+    global _QUEUE, _TMPDIR, _PARENT
     from worldmodel.game import private_tmpdir
 
-    _QUEUE = q
+    _QUEUE, _PARENT = q, parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     # the main process stops workers with SIGTERM (pool.terminate)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    _die_with_parent()
     # ViZDoom makes a `_vizdoom` directory in the working directory: give each worker its own
     _TMPDIR = d = private_tmpdir("worldmodel-collect-")
     os.chdir(d)
@@ -189,8 +192,27 @@ def _worker_sigterm(signum, frame):
     os._exit(128 + signum)
 
 
+def _die_with_parent() -> None:
+    """A killed main process (kill -9: it cannot stop its pool) makes its workers stop as if it had, with
+    SIGTERM, quietly, instead of finishing their units and dying on a broken pipe: Linux sends the signal
+    (PR_SET_PDEATHSIG); elsewhere `_send` notices the new parent."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    _parent_check()  # it died before that
+
+
+def _parent_check() -> None:
+    if _PARENT is not None and os.getppid() != _PARENT:
+        _worker_sigterm(signal.SIGTERM, None)
+
+
 def _send(msg):
     if _QUEUE is not None:
+        _parent_check()
         _QUEUE.put(msg)
 
 
@@ -305,7 +327,7 @@ class _Lock:
 
 def collect(cfg: CollectConfig, out: str | Path, workers: int | None = None, progress: bool = True) -> dict:
     """Collect (or complete) the dataset described by cfg in `out`; returns a summary dict."""
-    root = Path(out).absolute()
+    root = check_output_path(out, folder=True).absolute()
     root.mkdir(parents=True, exist_ok=True)
     (root / ds.SHARD_DIR).mkdir(exist_ok=True)
     with _Lock(root), sigterm_unwinds():  # `kill PID` cleans up like Ctrl-C
@@ -428,6 +450,15 @@ def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
             except queue_mod.Empty:
                 return
 
+    def save_manifest(failing: bool = False) -> None:
+        try:
+            ds.write_manifest(root, dict(manifest, shards=list(done.values())))
+        except (OSError, UserError):
+            if not failing:  # on the way out of an error (a full disk) that error is the one to tell: the
+                raise        # shards on disk that the manifest misses are adopted by the next run
+        finally:
+            bar.close()
+
     if workers <= 0:  # in this process, one unit after the other (debugging, tests)
         try:
             for u, needed in tasks:
@@ -435,11 +466,12 @@ def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
                     add(entry)
                     bar.update(entry["frames"])
                 ds.write_manifest(root, dict(manifest, shards=list(done.values())))
-        finally:
-            bar.close()
-            ds.write_manifest(root, dict(manifest, shards=list(done.values())))
+        except BaseException:
+            save_manifest(failing=True)
+            raise
+        save_manifest()
         return
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(q,))
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(q, os.getpid()))
     try:
         pending = [pool.apply_async(run_unit, (conf, u, needed, str(root))) for u, needed in tasks]
         while pending:
@@ -460,10 +492,9 @@ def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
         pool.join()
     except BaseException:
         _stop_pool(pool)
+        save_manifest(failing=True)
         raise
-    finally:
-        bar.close()
-        ds.write_manifest(root, dict(manifest, shards=list(done.values())))
+    save_manifest()
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------
@@ -487,6 +518,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most this many unrecorded tics of play before an episode starts, so that "
                              "episodes do not all start at the map's start (default 512)")
     parser.add_argument("--skill", type=int, default=3, help="Doom skill 1-5 (default 3)")
+    add_wad_argument(parser, "; a user's maps are theirs to train on (with --starts level: a level model of one)")
     parser.add_argument("--starts", choices=STARTS, default="map",
                         help="where episodes start: map = the map's player start (default); level = start "
                              "cells all over one map, for a level model (never its evaluation start places)")
@@ -502,7 +534,7 @@ def config_from_args(args) -> CollectConfig:
         raise UserError(str(e)) from None
     if not 1 <= args.skill <= 5:
         raise UserError("--skill must be 1-5")
-    return CollectConfig(frames=args.frames, maps=[m.upper() for m in maps], split=args.split,
+    return CollectConfig(frames=args.frames, maps=[m.upper() for m in maps], split=args.split, wad=args.wad,
                          frame_size=list(parse_frame_size(args.frame_size)), seed=args.seed,
                          episode_frames=args.episode_frames, shard_frames=args.shard_frames,
                          warmup_frames=args.warmup_frames, skill=args.skill, starts=args.starts)

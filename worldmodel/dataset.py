@@ -47,7 +47,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from worldmodel.action import ACTION_DIM, FIELDS, TURN_MAX
-from worldmodel.errors import UserError
+from worldmodel.errors import UserError, writing
 
 FORMAT = "worldmodel-dataset"
 VERSION = 1
@@ -81,7 +81,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -207,15 +207,16 @@ def shard_entry(name: str, data: bytes, arrays: dict) -> dict:
 
 
 def load_shard(root: str | Path, name: str) -> dict:
-    """All arrays of a shard (decompressed). A DatasetError naming the shard if it cannot be read."""
+    """All arrays of a shard (decompressed). A DatasetError naming the shard, in its dataset folder (a
+    trainer reads several), if it cannot be read."""
     path = Path(root) / name
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except FileNotFoundError:
-        raise DatasetError(f"{name}: shard file is missing") from None
+        raise DatasetError(f"{path}: shard file is missing") from None
     except Exception as e:  # zipfile.BadZipFile, ValueError, EOFError, zlib.error, ...
-        raise DatasetError(f"{name}: cannot read shard ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{path}: cannot read shard ({type(e).__name__}: {e})") from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -359,7 +360,8 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     unlisted = sorted(p.name for p in shard_dir.iterdir() if p.name not in listed and not is_temp_file(p.name)) \
         if shard_dir.is_dir() else []
     n_frames = sum(s["frames"] for s in shards)
-    return {"frames": n_frames, "episodes": len(episodes), "shards": len(shards),
+    return {"frames": n_frames, "requested_frames": _requested_frames(root), "episodes": len(episodes),
+            "shards": len(shards),
             "maps": dict(sorted(map_frames.items())), "bytes": sum(s["bytes"] for s in shards),
             "frame_size": list(frame_size), "fps": manifest["fps"], "wad": manifest.get("wad"),
             "action_mix": {k: c / max(1, n_frames) for k, c in mix_counts.items()},
@@ -375,6 +377,14 @@ def _coverage(wad: str | None, positions: dict[str, list[np.ndarray]]) -> dict[s
         level = load_level(wad or "freedoom2", m)
         out[m] = {**level.coverage(np.concatenate(chunks)), "visits": level.visits(np.concatenate(chunks)).tolist()}
     return out
+
+
+def _requested_frames(root: Path) -> int | None:
+    """The frames the dataset's `worldmodel collect` command asked for (collect.json), if it says."""
+    try:
+        return int(json.loads((root / "collect.json").read_text())["frames"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # what `action_counts` counts: name -> (column of the action vector, test on it)
@@ -796,7 +806,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     v = sub.add_parser("verify", help="check every shard of a dataset against its manifest",
                        description="Check every shard of a dataset against its manifest (size, sha256, "
-                                   "arrays, episodes); exit non-zero naming the first bad shard.")
+                                   "arrays, episodes); exit 2 naming the first bad shard, or for a dataset with no "
+                                   "frame; exit 1 for an incomplete collection (fewer frames than its collect "
+                                   "command asked for: run it again to finish).")
     v.add_argument("dir", help="dataset directory (holds manifest.json)")
     v.add_argument("--no-checksum", action="store_true", help="skip the sha256 checksums (faster)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -820,13 +832,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.data_command == "verify":
+        if args.coverage_map:
+            from worldmodel.cli_common import check_output_path
+
+            check_output_path(args.coverage_map, "--coverage-map")  # before the whole dataset is read
         summary = verify_dataset(args.dir, checksums=not args.no_checksum, progress=sys.stderr.isatty())
+        if not summary["frames"]:
+            raise DatasetError(f"{args.dir}: the dataset holds no frames (a collection that has not written a shard?)")
+        want = summary["requested_frames"]
+        incomplete = want is not None and summary["frames"] < want
         if args.json:
             print(json.dumps(summary, indent=1))
-            return 0
+            return 1 if incomplete else 0
         h, w = summary["frame_size"]
         hours = summary["frames"] / summary["fps"] / 3600
-        print(f"{args.dir}: OK — {summary['frames']} frames ({hours:.2f} h at {summary['fps']} fps), "
+        status = f"INCOMPLETE ({summary['frames']} of the {want} frames collected)" if incomplete else "OK"
+        print(f"{args.dir}: {status} — {summary['frames']} frames ({hours:.2f} h at {summary['fps']} fps), "
               f"{summary['episodes']} episodes, {summary['shards']} shards, {h}x{w}, "
               f"{_human_bytes(summary['bytes'])}")
         print("maps: " + ", ".join(f"{m} {c}" for m, c in summary["maps"].items()))
@@ -840,10 +861,18 @@ def run(args) -> int:
         if summary["unlisted"]:
             print(f"note: {len(summary['unlisted'])} file(s) in {SHARD_DIR}/ are not in the manifest and were "
                   f"ignored (e.g. {summary['unlisted'][0]})")
+        if incomplete:
+            print(f"worldmodel data verify: {args.dir} is an incomplete collection ({summary['frames']} of {want} "
+                  f"frames): the shards are sound; run its `worldmodel collect` command again to finish it",
+                  file=sys.stderr)
+            return 1
         return 0
     if args.data_command == "preview":
         import cv2
 
+        from worldmodel.cli_common import check_output_path
+
+        check_output_path(args.out)
         grid = preview_grid(args.dir, n=args.n, cols=args.cols, seed=args.seed)
         if args.scale > 1:
             grid = np.repeat(np.repeat(grid, args.scale, 0), args.scale, 1)
@@ -853,8 +882,10 @@ def run(args) -> int:
         print(f"wrote {args.out}")
         return 0
     if args.data_command == "start-clips":
+        from worldmodel.cli_common import check_output_path
         from worldmodel.maps import parse_maps
 
+        check_output_path(args.out, folder=True)
         paths = export_start_clips(args.dir, args.out, args.count, args.frames,
                                    parse_maps(args.maps) if args.maps else None)
         print(f"wrote {len(paths)} start clips to {args.out}")

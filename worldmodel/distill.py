@@ -374,7 +374,7 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
             losses, sample = d.student_step(clip, g, lr=lr * ramp, extra_weight=ramp)
             if sample is not None:
                 losses.update(d.critic_step(clip, sample, g, lr=critic_lr * ramp))
-        d.update_average(ema if it >= warmup else 0.0)
+        d.update_average(ema if it >= iters // 10 else 0.0)  # the average starts after the warm-up
         if not all(math.isfinite(v) for v in losses.values()):
             raise RuntimeError(f"distillation diverged at iteration {it + 1}: losses {losses}")
         for k, v in losses.items():
@@ -450,13 +450,16 @@ def baselines(ae: Autoencoder, frames: torch.Tensor, context: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
+
+
 def parse_steps(spec: str) -> list[int]:
     try:
         out = sorted({int(s) for s in str(spec).split(",") if s.strip()})
     except ValueError:
         raise UserError(f"--steps-student: expected integers like 1,2,4, got {spec!r}") from None
-    if not out or any(k < 1 or k > 8 for k in out):
-        raise UserError(f"--steps-student: each value must be in 1..8, got {spec!r}")
+    if not out or any(k not in STUDENT_STEPS for k in out):
+        raise UserError(f"--steps-student: each value must be 1, 2 or 4, got {spec!r}")
     return out
 
 
@@ -470,12 +473,8 @@ def parse_objectives(spec: str) -> list[str]:
 
 
 def check_arguments(args) -> None:
-    """One clear line for a value out of range (before anything is loaded)."""
-    positive_ints = {"--iters": args.iters, "--batch": args.batch, "--teacher-steps": args.teacher_steps,
-                     "--max-clips": args.max_clips, "--eval-clips": args.eval_clips, "--rollout": args.rollout}
-    for name, v in positive_ints.items():
-        if v < 1:
-            raise UserError(f"{name} must be at least 1, got {v}")
+    """One clear line for a rate, weight or decay out of range (before anything is loaded); counts are
+    `train.check_sizes`'."""
     positive = {"--lr": args.lr, "--critic-lr": args.critic_lr, "--adv-weight": args.adv_weight,
                 "--dmd-weight": args.dmd_weight}
     for name, v in positive.items():
@@ -483,8 +482,6 @@ def check_arguments(args) -> None:
             raise UserError(f"{name} must be a positive number, got {v:g}")
     if not 0.0 <= args.ema < 1.0:
         raise UserError(f"--ema must be within [0, 1), got {args.ema:g}")
-    if args.threads < 0:
-        raise UserError(f"--threads must not be negative, got {args.threads}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -494,7 +491,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: the student checkpoint (one objective and one "
                                                      "value of --steps-student), else OUT/OBJECTIVE and/or "
                                                      "OUT/steps-K for each")
-    parser.add_argument("--steps-student", default="2", help="student sampling steps: 1, 2, 4 or a list 1,2,4")
+    parser.add_argument("--steps-student", default="2", help="student sampling steps: 1, 2 or 4, or a list 1,2,4")
     parser.add_argument("--objective", default=DEFAULT_OBJECTIVE,
                         help="the student's loss: regression (its velocity regressed onto the teacher's ODE), "
                              "adversarial (that + a latent critic's hinge loss, --adv-weight), dmd (that + "
@@ -545,12 +542,16 @@ def student_table(report: dict) -> str:
 
 
 def run(args) -> int:
+    from worldmodel.cli_common import check_output_path
     from worldmodel.engine import resolve_device
-    from worldmodel.train import amp_enabled, encode_dataset, hardware
+    from worldmodel.train import amp_enabled, check_sizes, encode_dataset, hardware
 
+    check_sizes(args, at_least_1=("teacher_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
+                at_least_0=("threads",))
     check_arguments(args)
     ks = parse_steps(args.steps_student)
     objectives = parse_objectives(args.objective)
+    check_output_path(args.out, folder=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

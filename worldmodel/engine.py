@@ -6,6 +6,17 @@ together, a sampler over a static KV cache, uint8 frames in and out.
     frame = wm.step(Action(move=1)) # uint8 (H, W, 3)
     wm.steps, wm.speculative, wm.attention, wm.seed, wm.compile = 2, 4, "sdpa", 0, False  # settable
 
+A frame is two stages: `step_latent(action)` (the transformer's passes: denoise and commit) and
+`decode(latent)` (the autoencoder's decoder, to uint8 pixels); `step` is both. The next frame's
+stage 1 needs the KV cache, not the pixels, so on a CPU with two or more cores the engine runs
+stage 2 of frame t on another core while stage 1 of frame t+1 runs (`pipeline`, worldmodel/pipeline.py;
+`worldmodel play` and `worldmodel bench` use it), each stage with `threads` intra-op threads (auto:
+half the cores, so the two stages never fight over a core; one each on 2 cores).
+
+Precision (`dtype`, auto): bfloat16 on CUDA and on CPUs with native bf16 arithmetic (AVX512-BF16 or
+AMX: oneDNN's bf16 matmuls there are ~2.4x its float32 ones), float32 elsewhere (without those
+instructions bf16 is emulated and several times slower).
+
 Speculative next-frame sampling (NFD), `speculative = N > 1`: while an action is held (the action
 just received matches the previous one), a frame that has to be generated comes with N - 1 *drafts*:
 N frames in one batched pass per denoising step (block-causal among them), all assuming the action
@@ -29,7 +40,10 @@ GEMMs vs oneDNN) and is off by default.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import numbers
+import os
 from collections import deque
 from pathlib import Path
 
@@ -41,7 +55,7 @@ import kernels
 from worldmodel.action import ACTION_DIM, Action, decode_actions, encode_actions
 from worldmodel.autoencoder import Autoencoder
 from worldmodel.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from worldmodel.model import KVCache, ModelConfig, WorldTransformer, preset
+from worldmodel.model import KVCache, ModelConfig, WorldTransformer, pack_linears, preset
 from worldmodel.sampler import FrameSampler
 
 # `WorldModel.compile` settings: "off" (eager); "on" (inductor, with CUDA graphs on CUDA: torch.compile
@@ -51,10 +65,18 @@ COMPILE_MODES = ("off", "on", "inductor", "graphs")
 DEFAULT_TOLERANCE = 0.5  # degrees of turn: < 1 pixel of yaw at the tiny tier's 128 px width (~90 deg FOV)
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a one-line ValueError for a name torch does not know (e.g. "gpu")."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}: use auto, cpu, cuda, cuda:N or mps") from None
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto": cuda, then mps, then cpu; anything else as torch.device, checked to be usable."""
     if str(device) != "auto":
-        d = torch.device(device)
+        d = parse_device(device)
         if d.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available")
         if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -67,9 +89,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_supports_bf16() -> bool:
-    """Does this CPU do bfloat16 arithmetic natively (AVX512-BF16 or AMX)? There bf16 matrix
-    multiplication runs about 2.4x float32; elsewhere it is emulated and slower."""
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Does this CPU do bfloat16 arithmetic natively (AVX512-BF16 or AMX-BF16), and does oneDNN use
+    it? torch's own check (cpuinfo) misses the flag on some AMD CPUs, so /proc/cpuinfo is asked too."""
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return True
+    except (AttributeError, RuntimeError):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -82,9 +120,11 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 on CUDA, float32 elsewhere."""
+    """"auto": bfloat16 on CUDA and on CPUs with native bf16 (`native_bf16`), float32 elsewhere."""
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and native_bf16()):
+            return torch.bfloat16
+        return torch.float32
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}.get(dtype, dtype)
@@ -160,15 +200,19 @@ class WorldModel:
     (denoising steps a frame), `speculative` (N frames per pass, 1 = off), `speculative_tolerance`
     (degrees of turn a draft may be off), `attention` (kernels backend), `seed`, `compile`
     (torch.compile the per-frame passes: True = "on", i.e. inductor + CUDA graphs on CUDA; or one of
-    COMPILE_MODES).
-    Construction-only: `device` ("auto": cuda, mps, cpu), `dtype` ("auto": bfloat16 on CUDA, else
-    float32), `fused` (commit each frame in the next frame's first pass; False = a separate pass)."""
+    COMPILE_MODES), `threads` (CPU: torch's intra-op threads, process-wide; "auto": half the cores, at
+    least 1), `pipeline` (decode frame t on another thread while frame t+1 is generated, for the callers
+    that run a FramePipeline; "auto": on a CPU with 2+ cores).
+    Construction-only: `device` ("auto": cuda, mps, cpu), `dtype` ("auto": bfloat16 on CUDA and on CPUs
+    with native bf16, else float32), `fused` (commit each frame in the next frame's first pass; False =
+    a separate pass)."""
 
     def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, *,
                  device="auto", dtype="auto", steps: int | None = None, speculative: int = 1,
                  speculative_tolerance: float = DEFAULT_TOLERANCE, attention: str | None = None,
-                 seed: int = 0, compile: bool | str = False, fused: bool = True, name: str = "",
-                 info: dict | None = None, folder: Path | None = None):
+                 seed: int = 0, compile: bool | str = False, fused: bool = True, threads: int | str = "auto",
+                 pipeline: bool | str = "auto", name: str = "", info: dict | None = None,
+                 folder: Path | None = None):
         self.cfg, self.name, self.info, self.folder = cfg, name, dict(info or {}), folder
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -182,6 +226,8 @@ class WorldModel:
         self.transformer = transformer.to(self.device, self.dtype).eval()
         for p in (*self.autoencoder.parameters(), *self.transformer.parameters()):
             p.requires_grad_(False)
+        if self.device.type == "cpu":
+            pack_linears(self.transformer)
         self.sampler = FrameSampler(self.transformer, cfg, steps or cfg.sample_steps, seed=seed, fused=fused)
         self._pass = _CachedPass(self.transformer, self.sampler.cache)
         self._decode = self._decode_eager
@@ -194,6 +240,8 @@ class WorldModel:
         self.speculative_tolerance = speculative_tolerance
         self._compile_mode = "off"
         self.compile = compile
+        self.threads = threads
+        self.pipeline = pipeline
         self.reset_stats()
 
     # -- construction ------------------------------------------------------------------------------
@@ -262,7 +310,10 @@ class WorldModel:
 
     @attention.setter
     def attention(self, backend: str) -> None:
-        kernels.check_backend(backend, self.device)
+        try:
+            kernels.check_backend(backend, self.device)
+        except RuntimeError as e:  # one line saying why this device cannot run it: a bad setting, not a crash
+            raise ValueError(str(e)) from None
         self.transformer.attention = backend
 
     @property
@@ -282,9 +333,35 @@ class WorldModel:
 
     @speculative_tolerance.setter
     def speculative_tolerance(self, deg: float) -> None:
-        if isinstance(deg, bool) or not isinstance(deg, (int, float)) or not math.isfinite(deg) or deg < 0:
+        if isinstance(deg, bool) or not isinstance(deg, numbers.Real) or not math.isfinite(deg) or deg < 0:
             raise ValueError(f"speculative_tolerance must be a finite number of degrees >= 0, got {deg!r}")
         self._tolerance = float(deg)
+
+    @property
+    def threads(self) -> int | None:
+        """torch's intra-op threads on CPU (None on other devices)."""
+        return torch.get_num_threads() if self.device.type == "cpu" else None
+
+    @threads.setter
+    def threads(self, n: int | str) -> None:
+        if n in (None, "auto"):
+            n = max(1, cpu_cores() // 2)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"threads must be a positive integer or 'auto', got {n!r}")
+        if self.device.type == "cpu":
+            torch.set_num_threads(int(n))
+
+    @property
+    def pipeline(self) -> bool:
+        return self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, on: bool | str) -> None:
+        if on in (None, "auto"):
+            on = self.device.type == "cpu" and cpu_cores() >= 2
+        if not isinstance(on, (bool, np.bool_)):
+            raise ValueError(f"pipeline must be True, False or 'auto', got {on!r}")
+        self._pipeline = bool(on)
 
     @property
     def compile(self) -> bool | str:
@@ -358,7 +435,8 @@ class WorldModel:
     @torch.inference_mode()
     def reset(self, frames, actions: list[Action]) -> None:
         """Seed the context with real frames uint8 (N, H, W, 3) and the N actions that produced them
-        (the first `sink_frames` and the last `window_frames` are kept). Drafts are dropped."""
+        (the first `sink_frames` and the last `window_frames` are kept: only they are encoded). Drafts are
+        dropped."""
         frames = self._check_frames(frames)
         actions = list(actions)
         if len(actions) != frames.shape[0] or not all(isinstance(a, Action) for a in actions):
@@ -367,8 +445,9 @@ class WorldModel:
                                                          else " (not all of them Action)"))
         self._discard_drafts()
         self._last_action = actions[-1]
-        latents = self.encode(frames)[None]  # (1, N, C, h, w)
-        self.sampler.reset(latents, encode_actions(actions)[None])
+        keep = self.sampler.context_frames(len(actions))  # only the frames the cache keeps are encoded
+        latents = self.encode(frames[keep])[None]  # (1, n, C, h, w)
+        self.sampler.reset(latents, encode_actions([actions[i] for i in keep])[None])
         self._ready = True
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
@@ -389,7 +468,14 @@ class WorldModel:
 
     @torch.inference_mode()
     def step(self, action: Action) -> np.ndarray:
-        """Generate the next frame for `action`: uint8 (H, W, 3)."""
+        """Generate the next frame for `action`: uint8 (H, W, 3). The same as
+        `decode(step_latent(action))`."""
+        return self.decode(self.step_latent(action))
+
+    @torch.inference_mode()
+    def step_latent(self, action: Action) -> torch.Tensor:
+        """Stage 1 of `step`: the next frame's latent (1, C, h, w) for `action` (its own tensor: it may
+        be decoded on another thread while the next frame is generated)."""
         if not self._ready:
             raise RuntimeError("WorldModel.step() called before reset(frames, actions): seed the context first")
         if not isinstance(action, Action):
@@ -414,4 +500,9 @@ class WorldModel:
             self._stats["drafted"] += n - 1
         self._last_action = action
         self._stats["frames"] += 1
-        return self._decode(latent[:, 0])[0].cpu().numpy()  # 3. decode
+        return latent[:, 0].clone()
+
+    @torch.inference_mode()
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        """Stage 2 of `step`: a latent (1, C, h, w) from `step_latent` -> uint8 (H, W, 3) on the host."""
+        return self._decode(latent)[0].cpu().numpy()  # 3. decode

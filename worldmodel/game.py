@@ -42,7 +42,7 @@ import numpy as np
 
 from worldmodel.action import NOOP, Action
 from worldmodel.errors import UserError
-from worldmodel.maps import split_of
+from worldmodel.maps import is_user_wad, split_of
 
 FPS = 35  # Doom's tic rate: one frame per tic
 FORWARD_SPEED = 50  # Doom forwardmove units when running (walking: 25)
@@ -116,6 +116,18 @@ def _start_watchdog(engine_pid: int, marker: str) -> subprocess.Popen | None:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         return None
+
+
+def use_wad(game, wad: str) -> None:
+    """Point a vizdoom.DoomGame at a WAD: a Freedoom IWAD, or a user's WAD file loaded on top of
+    freedoom2 (which provides whatever textures, sprites and sounds the file does not bring)."""
+    if is_user_wad(wad):
+        if not os.path.isfile(wad):
+            raise UserError(f"{wad}: no such WAD file")
+        game.set_doom_game_path(wad_path("freedoom2"))
+        game.set_doom_scenario_path(os.path.abspath(wad))
+    else:
+        game.set_doom_game_path(wad_path(wad))
 
 
 def wad_path(wad: str) -> str:
@@ -206,7 +218,7 @@ class DoomEnv:
         self._vzd, self._game = vzd, g
         self._tmp = private_tmpdir("worldmodel-doom-")
         g.set_doom_config_path(os.path.join(self._tmp, "_vizdoom.ini"))  # no .ini in the working directory
-        g.set_doom_game_path(wad_path(wad))
+        use_wad(g, wad)
         g.set_doom_map(self.map)
         g.set_doom_skill(self.skill)
         g.set_mode(vzd.Mode.PLAYER)

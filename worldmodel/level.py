@@ -130,21 +130,26 @@ class Level:
                 "start_cells": int(self.start_ok.sum()), "player_start": list(self.player_start)}
 
 
+def farthest_points(level: Level, xy: np.ndarray, n: int) -> list[int]:
+    """Indices of n of the points xy (N, 2) spread over them: the point nearest the player start first,
+    then each time the one farthest from those chosen (farthest-point sampling, deterministic). Any
+    first k of them are spread too."""
+    xy = np.asarray(xy, np.float64)
+    chosen = [int(np.argmin(np.linalg.norm(xy - np.asarray(level.player_start, np.float64), axis=1)))]
+    d = np.linalg.norm(xy - xy[chosen[0]], axis=1)
+    while len(chosen) < min(n, len(xy)):
+        i = int(np.argmax(d))
+        chosen.append(i)
+        d = np.minimum(d, np.linalg.norm(xy - xy[i], axis=1))
+    return chosen
+
+
 def _split_starts(level: Level) -> dict[str, np.ndarray]:
     cand = np.argwhere(level.start_ok)  # (N, 2), row-major order: deterministic
     if len(cand) < 2 * EVAL_STARTS:
         raise UserError(f"{level.wad} {level.map}: only {len(cand)} start cells; a level model needs at least "
                         f"{2 * EVAL_STARTS}")
-    xy = level.centre(cand)
-    start = np.asarray(level.player_start, np.float64)
-    dist = np.linalg.norm(xy - start, axis=1)
-    chosen = [int(np.argmin(dist))]  # the cell nearest the player start first, then the farthest each time
-    d = np.linalg.norm(xy - xy[chosen[0]], axis=1)
-    while len(chosen) < EVAL_STARTS:
-        i = int(np.argmax(d))
-        chosen.append(i)
-        d = np.minimum(d, np.linalg.norm(xy - xy[i], axis=1))
-    ev = cand[sorted(chosen)]
+    ev = cand[sorted(farthest_points(level, level.centre(cand), EVAL_STARTS))]
     near = np.zeros(level.shape, bool)
     for dr, dc in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
         r, c = ev[:, 0] + dr, ev[:, 1] + dc
@@ -202,18 +207,18 @@ def _reachable_sectors(sectors: list[dict], start: int) -> np.ndarray:
     return seen
 
 
-def read_sectors(wad: str, map_name: str, wad_file: str | None = None) -> tuple[list[dict], tuple[float, float]]:
+def read_sectors(wad: str, map_name: str) -> tuple[list[dict], tuple[float, float]]:
     """Every sector of a map ({"floor", "ceiling", "lines" (M, 4), "blocking" (M,), "area"}) and the
     player start (x, y), from a short-lived headless ViZDoom."""
     import vizdoom as vzd
 
-    from worldmodel.game import private_tmpdir, wad_path
+    from worldmodel.game import private_tmpdir, use_wad
 
     g = vzd.DoomGame()
     tmp = private_tmpdir("worldmodel-level-")
     try:
         g.set_doom_config_path(os.path.join(tmp, "_vizdoom.ini"))
-        g.set_doom_game_path(wad_file or wad_path(wad))
+        use_wad(g, wad)
         g.set_doom_map(map_name)
         g.set_window_visible(False)
         g.set_sound_enabled(False)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel.action import NOOP, Action, load_actions
-from worldmodel.cli_common import add_model_arguments, command_line, load_model, parse_int_list
+from worldmodel.action import MAX_SCRIPT_FRAMES, NOOP, ActionScript
+from worldmodel.cli_common import add_model_arguments, check_output_path, command_line, load_model, parse_int_list
 from worldmodel.errors import UserError
+from worldmodel.maps import add_wad_argument
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--actions", nargs="+", metavar="SCRIPT",
-                     help="action script(s), JSON Lines (a recording's PREFIX.actions.jsonl replays it)")
+                     help="action script(s), JSON Lines (a recording's PREFIX.actions.jsonl replays it); read as "
+                          f"a stream, at most {MAX_SCRIPT_FRAMES} frames (24 hours) each")
     src.add_argument("--policy", choices=["explorer"], help="a built-in policy instead of a script")
     parser.add_argument("--frames", type=int, metavar="N",
                         help="frames to generate (default: the whole script; 350 for a policy)")
@@ -70,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output prefix (PREFIX.mp4, .actions.jsonl, .meta.json, .timings.csv); a folder "
                              "(existing, or ending in /) names the files after the script and seed")
     parser.add_argument("--map", default="MAP01", help="start scene from the real game on this map (default MAP01)")
-    parser.add_argument("--wad", default="freedoom2", choices=["freedoom2", "freedoom1"])
+    add_wad_argument(parser)
     parser.add_argument("--start-clip", type=int, metavar="I",
                         help="start from the checkpoint's start clip I instead of the game")
     parser.add_argument("--context", type=int, metavar="N", help="context frames (default: the model's cache size)")
@@ -86,14 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _jobs(args) -> list[tuple[str, list[Action] | None, int]]:
+def _jobs(args) -> list[tuple[str, ActionScript | None, int]]:
     seeds = parse_int_list(args.seed, "seed")
     if args.actions:
-        scripts = [(Path(p).name.removesuffix(".jsonl").removesuffix(".actions"), load_actions(p))
+        scripts = [(Path(p).name.removesuffix(".jsonl").removesuffix(".actions"), ActionScript(p))
                    for p in args.actions]
     else:
         scripts = [(args.policy, None)]
     return [(name, acts, seed) for (name, acts), seed in itertools.product(scripts, seeds)]
+
+
+def strip_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".png")
 
 
 def _prefixes(out: str, jobs) -> list[Path]:
@@ -110,7 +116,7 @@ def run(args) -> int:
     from worldmodel.progress import progress_bar
 
     from worldmodel.maps import check_map
-    from worldmodel.recording import Recorder, model_meta
+    from worldmodel.recording import Recorder, model_meta, paths
 
     for name in ("frames", "context", "steps", "speculative"):
         v = getattr(args, name)
@@ -121,6 +127,10 @@ def run(args) -> int:
     if not 0 <= args.crf <= 51:
         raise UserError(f"--crf must be 0..51, got {args.crf}")
     jobs = _jobs(args)  # reads the scripts first: a bad script fails before the model loads
+    prefixes = _prefixes(args.out, jobs)
+    for prefix in prefixes:  # and the outputs: a place that cannot be written fails now, not after the rollout
+        for path in [*paths(prefix).values(), *([strip_path(prefix)] if args.strip else [])]:
+            check_output_path(path)
     map_name = check_map(args.wad, args.map, "any")
     if args.side_by_side and args.start_clip is not None:
         raise UserError("--side-by-side needs the real game's start scene, not --start-clip")
@@ -134,7 +144,6 @@ def run(args) -> int:
         if not 0 <= args.start_clip < len(clips):
             raise UserError(f"--start-clip: choose 0..{len(clips) - 1}")
     H, W = wm.frame_size
-    prefixes = _prefixes(args.out, jobs)
 
     for (name, script, seed), prefix in zip(jobs, prefixes):
         n = args.frames or (len(script) if script is not None else 350)
@@ -142,7 +151,7 @@ def run(args) -> int:
             print(f"worldmodel record: {name} holds {len(script)} actions; recording {len(script)} frames, "
                   f"not {n}", file=sys.stderr)
             n = len(script)
-        policy = None
+        policy, script_actions = None, iter(script) if script is not None else None
         if script is None:
             from worldmodel.policy import ExplorerPolicy
 
@@ -175,7 +184,7 @@ def run(args) -> int:
                 if policy is not None:
                     a = policy.act(env.position, env.depth) if env is not None else policy.act()
                 else:
-                    a = script[i]
+                    a = next(script_actions)
                 t = time.perf_counter()
                 frame = wm.step(a)
                 ms = (time.perf_counter() - t) * 1000
@@ -193,7 +202,7 @@ def run(args) -> int:
         if env is not None:
             env.close()
         if strip:
-            write_strip(prefix.with_name(prefix.name + ".png"), strip, rows=2 if args.side_by_side else 1)
+            write_strip(strip_path(prefix), strip, rows=2 if args.side_by_side else 1)
         secs = time.perf_counter() - t0
         print(f"wrote {rec.paths['video']} ({rec.frames} frames, {rec.frames / secs:.1f} frames/s), "
               f"{rec.paths['actions'].name}, {rec.paths['meta'].name}, {rec.paths['timings'].name}")

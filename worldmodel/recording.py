@@ -12,9 +12,10 @@ A recording is three files side by side, named from one prefix:
                           Written as it goes: a run's line is rewritten in place (padded with spaces) each
                           time it grows, and the file is compacted on close.
     PREFIX.meta.json      a small JSON sidecar: format version, fps, frame size, frame count, whether the
-                          recording was closed cleanly, and whatever the caller passes in `meta` (model,
-                          checkpoint, steps, seed, start scene, ...). Rewritten atomically about once a
-                          second and on close.
+                          recording was closed cleanly (`complete`: false for one cut short by Ctrl-C, a
+                          kill or an error, `interrupted` saying by what), and whatever the caller passes in
+                          `meta` (model, checkpoint, steps, seed, start scene, ...). Rewritten atomically
+                          about once a second and on close.
     PREFIX.timings.csv    (only when `add` is given latencies) `frame,latency_ms`, one line per frame.
 
 Frame i of the MP4 was produced by action i (expanded). A Ctrl-C or a kill loses at most the frame being
@@ -29,6 +30,7 @@ is only readable after a clean `close()`.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +46,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from worldmodel.action import Action, load_actions
+from worldmodel.errors import UserError, disk_full, writing
 
 FORMAT = "worldmodel-recording"
 FORMAT_VERSION = 1
@@ -53,6 +56,7 @@ META_SUFFIX = ".meta.json"
 TIMINGS_SUFFIX = ".timings.csv"
 _SUFFIXES = (ACTIONS_SUFFIX, META_SUFFIX, TIMINGS_SUFFIX, VIDEO_SUFFIX)
 _REPEAT_DIGITS = 10  # room reserved on each actions line for "repeat": n (n < 10**10)
+_NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as ffmpeg reports it
 
 
 class RecordingError(RuntimeError):
@@ -91,7 +95,7 @@ def new_prefix(directory: str | os.PathLike = "recordings", stem: str = "play") 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with writing(path), os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -183,19 +187,23 @@ class _ActionLog:
         return json.dumps(d)
 
     def add(self, action: Action) -> None:
+        """One more frame's action, on disk when this returns (counted only then: a failed write, a full
+        disk, leaves the log as it was)."""
         if self.runs and self.runs[-1][0] == action:
-            self.runs[-1][1] += 1
-            text = self._line(action, self.runs[-1][1])
-            data = (text.ljust(self.line_len - 1) + "\n").encode()
+            count = self.runs[-1][1] + 1
+            data = (self._line(action, count).ljust(self.line_len - 1) + "\n").encode()
             if len(data) == self.line_len:  # rewrite the run's line in place: one small pwrite
-                os.pwrite(self.fd, data, self.line_start)
+                with writing(self.path):
+                    os.pwrite(self.fd, data, self.line_start)
+                self.runs[-1][1] = count
                 return
-            self.runs[-1][1] -= 1  # (never: the line reserves room for a 10-digit repeat) start a new run
-        self.runs.append([action, 1])
+            # (never: the line reserves room for a 10-digit repeat) start a new run
         room = len(self._line(action, 10 ** (_REPEAT_DIGITS - 1)))
         data = (self._line(action, 1).ljust(room) + "\n").encode()
+        with writing(self.path):
+            os.pwrite(self.fd, data, self.end)
+        self.runs.append([action, 1])
         self.line_start, self.line_len = self.end, len(data)
-        os.pwrite(self.fd, data, self.end)
         self.end += len(data)
 
     @property
@@ -249,7 +257,13 @@ class _FFmpegWriter:
                 view = view[n:]
         except (BrokenPipeError, OSError) as e:
             self.proc.wait(timeout=10)
-            raise RecordingError(f"ffmpeg stopped while writing {self.path}: {self._error() or e}") from None
+            raise self._failure("stopped while writing", e) from None
+
+    def _failure(self, what: str, cause) -> Exception:
+        err = self._error()
+        if _NO_SPACE in err:  # ffmpeg found the disk full (the video is the big file)
+            return disk_full(self.path)
+        return RecordingError(f"ffmpeg {what} {self.path}: {err or cause}")
 
     def close(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -262,10 +276,10 @@ class _FFmpegWriter:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-        err = self._error()
+        failure = self._failure(f"failed (exit {rc}) writing", rc) if rc != 0 else None
         self.log.close()
-        if rc != 0:
-            raise RecordingError(f"ffmpeg failed (exit {rc}) writing {self.path}: {err}")
+        if failure is not None:
+            raise failure
 
 
 class _OpenCVWriter:
@@ -310,7 +324,9 @@ class Recorder:
         self._last_meta = 0.0
         self._timings = None
         self.started = _now()
+        self.interrupted = None  # what cut the recording short, if anything
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.actions = _ActionLog(self.paths["actions"])  # first: a place that cannot be written fails here
 
         exe = ffmpeg_exe()
         if exe is not None:
@@ -322,7 +338,6 @@ class Recorder:
             print(msg, file=sys.stderr, flush=True)
             warnings.warn("no ffmpeg: recording with OpenCV mp4v (not crash-safe)", RuntimeWarning, stacklevel=2)
             self.video = _OpenCVWriter(self.paths["video"], self.fps, self.frame_size)
-        self.actions = _ActionLog(self.paths["actions"])
         self._write_meta()
 
     # -- writing --------------------------------------------------------------------------------------
@@ -339,15 +354,16 @@ class Recorder:
                              f"{frame.dtype} {frame.shape}")
         self.video.write(np.ascontiguousarray(frame))
         self.actions.add(action)
-        if latency_ms is not None:
-            if self._timings is None:
-                self._timings = open(self.paths["timings"], "w", buffering=1)
-                self._timings.write("frame,latency_ms\n")
-                for i in range(self.frames):  # frames added before the first timing have none
-                    self._timings.write(f"{i},\n")
-            self._timings.write(f"{self.frames},{float(latency_ms):.3f}\n")
-        elif self._timings is not None:
-            self._timings.write(f"{self.frames},\n")
+        with writing(self.paths["timings"]):
+            if latency_ms is not None:
+                if self._timings is None:
+                    self._timings = open(self.paths["timings"], "w", buffering=1)
+                    self._timings.write("frame,latency_ms\n")
+                    for i in range(self.frames):  # frames added before the first timing have none
+                        self._timings.write(f"{i},\n")
+                self._timings.write(f"{self.frames},{float(latency_ms):.3f}\n")
+            elif self._timings is not None:
+                self._timings.write(f"{self.frames},\n")
         self.frames += 1
         now = time.monotonic()
         if now - self._last_meta >= self._meta_every:
@@ -366,33 +382,46 @@ class Recorder:
                 "started": self.started}
         if complete:
             meta["finished"] = _now()
+        elif self.interrupted:
+            meta["interrupted"] = self.interrupted
         if self._timings is not None:
             meta["timings"] = self.paths["timings"].name
         meta.update({k: v for k, v in self.meta_in.items() if k not in meta})
         _atomic_write_text(self.paths["meta"], json.dumps(meta, indent=2) + "\n")
 
     def close(self) -> None:
-        """Finish the video, compact the actions file and write the final sidecar (complete: true)."""
+        """Finish the video, compact the actions file and write the final sidecar: complete: true, unless
+        the recording was cut short (`interrupted`) or a step of closing fails. Each step is tried; the
+        first failure is raised after them."""
         if self.closed:
             return
         self.closed = True
         err = None
+        steps = [self.video.close, self.actions.close] + ([self._timings.close] if self._timings is not None else [])
+        for step in steps:
+            try:
+                step()
+            except (RecordingError, UserError, OSError) as e:  # a full disk: the padded actions file is kept
+                err = err or e
         try:
-            self.video.close()
-        except RecordingError as e:
-            err = e
-        self.actions.close()
-        if self._timings is not None:
-            self._timings.close()
-        self._write_meta(complete=err is None)
+            self._write_meta(complete=err is None and self.interrupted is None)
+        except (UserError, OSError) as e:
+            err = err or e
         if err is not None:
             raise err
 
     def __enter__(self) -> "Recorder":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        self.interrupted = exc_type.__name__  # Ctrl-C, a kill (SystemExit), an error: what is written stays
+        try:
+            self.close()
+        except Exception:  # the exception on its way out is the one to tell
+            pass
 
     def __del__(self):
         try:
@@ -418,9 +447,14 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
         import imageio_ffmpeg
 
         gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        info = next(gen)
-        w, h = info["size"]
-        frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in gen]
+        try:
+            info = next(gen)
+            w, h = info["size"]
+            frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in gen]
+        except (RuntimeError, OSError) as e:  # ffmpeg's whole stderr, banner and all: its last line says why
+            said = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = said[-1] if said else "no reason given"
+            raise ValueError(f"{path}: not a video ffmpeg can read ({why})") from None
         return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8)
     import cv2
 

@@ -18,6 +18,8 @@ trace, and the same seed give the same frames whatever was drafted.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from worldmodel.diffusion import add_noise, timesteps
@@ -56,9 +58,9 @@ class FrameSampler:
 
     @steps.setter
     def steps(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # numpy integers too
             raise ValueError(f"steps must be a positive integer, got {n!r}")
-        self._steps = n
+        self._steps = n = int(n)
         t = timesteps(n, self.cfg.sample_shift)  # (steps + 1,) on the host: python floats, no syncs later
         self._t = [float(x) for x in t]
 
@@ -119,9 +121,13 @@ class FrameSampler:
         self.cache.reset()
         self._pending = []
         self.frame_index = 0
-        n, S, W = latents.shape[1], self.cfg.sink_frames, self.cfg.window_frames
-        keep = list(range(n)) if n <= S + W else list(range(S)) + list(range(n - W, n))
+        keep = self.context_frames(latents.shape[1])
         self.commit(latents[:, keep], actions[:, keep])
+
+    def context_frames(self, n: int) -> list[int]:
+        """Which of n context frames `reset` keeps: the first `sink_frames` and the last `window_frames`."""
+        S, W = self.cfg.sink_frames, self.cfg.window_frames
+        return list(range(n)) if n <= S + W else list(range(S)) + list(range(n - W, n))
 
     # -- 1. denoise ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -48,13 +48,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from worldmodel import diffusion
 from worldmodel.autoencoder import (Autoencoder, AutoencoderConfig, PatchDiscriminator, psnr, psnr_pooled,
                                     reconstruction_loss)
 from worldmodel.checkpoint import (CONFIG_FILE, FORMAT_VERSION, WEIGHT_FILES, CheckpointError, atomic_write_json,
                                    check_state_dict, load_tensors, read_config, save_pretrained, save_tensors)
-from worldmodel.engine import cpu_supports_bf16
+from worldmodel.cli_common import check_output_path
+from worldmodel.engine import native_bf16, parse_device, resolve_device
 from worldmodel.errors import UserError
 from worldmodel.model import ModelConfig, WorldTransformer, preset
 from worldmodel.progress import progress_bar
@@ -95,6 +97,11 @@ class AutoencoderTrainConfig:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        check_sizes(self, at_least_1=("steps", "batch", "log_every", "val_every", "ckpt_every", "keep_checkpoints",
+                                      "calibrate_frames"),
+                    at_least_0=("warmup", "val_frames", "adv_start"))
+
 
 @dataclass
 class ModelTrainConfig:
@@ -128,8 +135,21 @@ class ModelTrainConfig:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        check_sizes(self, at_least_1=("steps", "batch", "log_every", "val_every", "ckpt_every", "keep_checkpoints"),
+                    at_least_0=("warmup", "clip_frames", "val_clips", "eval_clips", "sample_steps"))
+
     def frames(self, cfg: ModelConfig) -> int:
         return self.clip_frames or cfg.clip_frames
+
+
+def check_sizes(obj, at_least_1: tuple[str, ...] = (), at_least_0: tuple[str, ...] = ()) -> None:
+    """Counts and sizes (steps, batch, ...) refused up front, naming the flag, before any data is read."""
+    for names, low in ((at_least_1, 1), (at_least_0, 0)):
+        for name in names:
+            v = getattr(obj, name)
+            if v is not None and v < low:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +187,7 @@ def setup_distributed(device: str = "auto") -> Dist:
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but CUDA is not available")
@@ -183,11 +203,11 @@ def setup_distributed(device: str = "auto") -> Dist:
 def amp_enabled(want: bool, device: torch.device) -> bool:
     """bf16 autocast for training: on CUDA, and on CPUs that do bf16 natively (a training step of the
     tiny model ran 1.56x faster than float32 on an AVX512-BF16 CPU); elsewhere float32."""
-    return bool(want) and (device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()))
+    return bool(want) and (device.type == "cuda" or (device.type == "cpu" and native_bf16()))
 
 
 def add_amp_argument(parser: argparse.ArgumentParser) -> None:
-    """`--no-amp` (`train model`, `distill`): the switch of `amp_enabled`."""
+    """`--no-amp` (`train model`, `train throughput`, `distill`): the switch of `amp_enabled`."""
     parser.add_argument("--no-amp", action="store_true",
                         help="no bf16 autocast (on by default on CUDA and on CPUs with native bf16: AVX512-BF16, AMX)")
 
@@ -309,7 +329,7 @@ class LatentClips:
                 return None
             t = load_tensors(path)
             return cls(t["latents"], t["actions"], t["starts"], stored["clip_frames"], stored.get("maps", []))
-        except (CheckpointError, KeyError, ValueError, OSError, RuntimeError):
+        except (CheckpointError, SafetensorError, KeyError, ValueError, OSError, RuntimeError):  # truncated, ...
             return None
 
 
@@ -374,12 +394,10 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     of shards spread evenly over it (at most READ_SPREAD times as many shards as the frames need, so a
     large dataset is not decompressed whole for a small sample)."""
     allowed = split_maps(split, maps, path)
-    manifest = _check_dataset(path)
-    names = spread_shards(manifest, allowed, max_frames)
-    total = sum(s["frames"] for s in manifest["shards"] if s["name"] in set(names)) or None
+    names, total = spread_shards(_check_dataset(path), allowed, READ_SPREAD * max_frames if max_frames else None)
     every = max(1, math.ceil(total / max_frames)) if (max_frames and total) else 1
     out, seen = [], set()
-    shards = _dataset_module().iter_shards(path, allowed, names=set(names))
+    shards = _dataset_module().iter_shards(path, allowed, names=names)
     if progress:
         shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False,
                               disable=None)
@@ -394,17 +412,15 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     return frames, sorted(seen)
 
 
-def spread_shards(manifest: dict, allowed: list[str], max_frames: int | None = None) -> list[str]:
-    """The dataset's shards with frames of the `allowed` maps; with `max_frames`, only shards spread
-    evenly over them that hold about READ_SPREAD times that many frames (so a large dataset is not
-    decompressed whole for a small sample)."""
-    shards = [s for s in manifest["shards"] if set(s["maps"]) & set(allowed)]
-    names = [s["name"] for s in shards]
+def spread_shards(manifest: dict, maps: list[str], max_frames: int | None) -> tuple[set[str], int]:
+    """The shards of `maps` to read (names) and their frames: all of them, or whole shards spread evenly
+    over the dataset holding about `max_frames` frames."""
+    shards = [s for s in manifest["shards"] if set(s["maps"]) & set(maps)]
     total = sum(s["frames"] for s in shards)
-    if max_frames and total and len(names) > 1:
-        want = min(len(names), math.ceil(READ_SPREAD * max_frames * len(names) / total))
-        names = [names[i] for i in np.unique(np.linspace(0, len(names) - 1, want).round().astype(int))]
-    return names
+    if max_frames and total > max_frames and len(shards) > 1:
+        want = min(len(shards), math.ceil(max_frames * len(shards) / total))
+        shards = [shards[i] for i in np.unique(np.linspace(0, len(shards) - 1, want).round().astype(int))]
+    return {s["name"] for s in shards}, sum(s["frames"] for s in shards)
 
 
 def clip_starts(episode: torch.Tensor, frame_index: torch.Tensor, clip_frames: int, stride: int = 1) -> torch.Tensor:
@@ -426,19 +442,18 @@ def clip_starts(episode: torch.Tensor, frame_index: torch.Tensor, clip_frames: i
 @torch.no_grad()
 def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_frames: int,
                    maps: list[str] | None = None, stride: int = 1, max_clips: int | None = None,
-                   keep_frames: int = 0, progress: bool = True, batch: int = 256
+                   keep_frames: int = 0, progress: bool = True, batch: int = 256, max_frames: int | None = None
                    ) -> tuple[LatentClips, FrameClips | None]:
     """Encode every frame of the split's maps with the (frozen) autoencoder, shard by shard, and cut
     the latents into clips of `clip_frames` consecutive frames of one episode (every `stride` frames;
-    `max_clips`: evenly spaced over shards spread over the dataset, `spread_shards` of the frames that
-    many clips cover). keep_frames > 0 also returns that many clips of real frames (evenly spaced), for
-    teacher-forced evaluation."""
+    `max_clips`: evenly spaced over the dataset). keep_frames > 0 also returns that many clips of real
+    frames (evenly spaced), for teacher-forced evaluation. `max_frames`: only whole shards spread evenly over the dataset,
+    about that many frames (`spread_shards`)."""
     allowed = split_maps(split, maps, path)
-    manifest = _check_dataset(path)
-    names = spread_shards(manifest, allowed, max_clips * clip_frames if max_clips else None)
+    names, _ = spread_shards(_check_dataset(path), allowed, max_frames)
     device = autoencoder.latent_mean.device
     lat, act, ep, fi, mp, frames = [], [], [], [], [], []
-    shards = _dataset_module().iter_shards(path, allowed, names=set(names))
+    shards = _dataset_module().iter_shards(path, allowed, names=names)
     if progress:
         shards = progress_bar(shards, desc=f"encoding {Path(path).name} ({split})", unit="shard", leave=False,
                               disable=None)
@@ -1353,6 +1368,58 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
 # --------------------------------------------------------------------------------------------------
 
 
+# what a training run writes in its folder: `--overwrite` deletes these (cache/ stays: a latent cache is
+# reused only when it was made from the same data and autoencoder)
+RUN_FILES = (CONFIG_FILE, "train_config.json", AE_FILE, "metrics.jsonl", "curves.png", "checkpoints", "samples",
+             "export")
+# training settings that a resumed run may change; any other must be the run's own
+RESUME_MAY_CHANGE = {"steps", "max_time", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "val_frames",
+                     "calibrate_frames", "val_clips", "eval_clips", "sample_steps", "init", "compile", "amp",
+                     "device", "progress"}
+
+
+def claim_run_folder(out: Path, kind: str, cfg: ModelConfig, tcfg, resume: bool, overwrite: bool,
+                     main: bool = True) -> None:
+    """Before any work, `train autoencoder|model --out OUT`: a folder that holds another run is refused
+    (its checkpoints would mix with the new run's, its export be replaced), unless --resume continues it
+    with the same model and training settings, or --overwrite replaces it (its files are deleted here,
+    by the main process)."""
+    check_output_path(out, folder=True)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if overwrite:
+        for name in found if main else []:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
+        return
+    if not resume:
+        raise UserError(f"{out} holds another run ({', '.join(found)}): pass --resume to continue it, or "
+                        f"--overwrite to replace it")
+    stored_file = out / ("train_config.json" if kind == "autoencoder" else CONFIG_FILE)
+    try:
+        stored = json.loads(stored_file.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{out}: {stored_file.name} is missing or unreadable, so the run there cannot be "
+                        f"resumed; pass --overwrite to replace it") from None
+    if stored.get("kind") != kind:
+        raise UserError(f"{out} holds a `train {stored.get('kind', '?')}` run, not a `train {kind}` run: pass "
+                        f"--overwrite to replace it, or another --out")
+    now = json.loads(json.dumps({"model": cfg.to_dict(), "train": asdict(tcfg)}, default=str))
+
+    def shown(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    diff = [f"--set {k}={shown(v)}" if part == "model" else f"--{k.replace('_', '-')} {shown(v)}"
+            for part in ("model", "train") for k, v in stored.get(part, {}).items()
+            if k not in RESUME_MAY_CHANGE and now[part].get(k, v) != v]
+    if diff:
+        raise UserError(f"{out}: the run there was started with {', '.join(diff)}; resume it with the same "
+                        f"settings, or pass --overwrite to replace it")
+
+
 def parse_overrides(items: list[str] | None) -> dict:
     """['dim=128', 'frame_size=48,64'] -> {'dim': 128, 'frame_size': [48, 64]}"""
     out = {}
@@ -1392,6 +1459,9 @@ def _add_common(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, nfd-310m)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model config field (repeatable)")
     p.add_argument("--maps", default=None, help="training maps to use, e.g. MAP01-MAP05 (default: all in the data)")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="use about this many training frames, spread over the dataset (reading, or for the model "
+                        "encoding, every frame of a large dataset takes long on a CPU)")
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch", type=int, default=defaults.batch, help="global batch (split over torchrun processes)")
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -1400,7 +1470,11 @@ def _add_common(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--val-every", type=int, default=defaults.val_every)
     p.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every)
     p.add_argument("--log-every", type=int, default=defaults.log_every)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    again = p.add_mutually_exclusive_group()  # a run folder that holds a run is refused without one of these
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest checkpoint (the same settings; steps may grow)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out: its checkpoints, metrics, samples and export are deleted")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1411,7 +1485,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = sub.add_parser("autoencoder", help="train the frame autoencoder",
                        description="Train the frame autoencoder; PSNR on validation maps; calibrates latent statistics.")
     _add_common(a, AutoencoderTrainConfig())
-    a.add_argument("--max-frames", type=int, default=None, help="use at most this many training frames (evenly spaced)")
     a.add_argument("--val-frames", type=int, default=512, help="validation frames for PSNR")
     a.add_argument("--crop", default=None, metavar="HxW",
                    help="train on random crops of this size (e.g. 48x64: about 4x faster per frame)")
@@ -1474,7 +1547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--device", default="auto")
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--compile", action="store_true")
-    b.add_argument("--no-amp", action="store_true")
+    add_amp_argument(b)
     b.add_argument("--out", default=None, help="write the result as JSON here")
     b.set_defaults(_train=run_throughput)
 
@@ -1487,8 +1560,7 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
     where each step's noise levels and noise are drawn on the host and copied over, as in `train
     model`. `device_data`: draw them on the device instead (the device's work alone). `on_step(i)` is
     called after each step (a profiler's step)."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     F_ = clip_frames or cfg.clip_frames
     torch.manual_seed(0)
     model = WorldTransformer(cfg).to(dev)
@@ -1534,6 +1606,9 @@ def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: in
 
 
 def run_throughput(args) -> int:
+    check_sizes(args, at_least_1=("batch", "steps"), at_least_0=("warmup", "clip_frames"))
+    if args.out:
+        check_output_path(args.out)
     cfg = resolve_config(args.preset, parse_overrides(args.set))
     r = measure_throughput(cfg, args.batch, args.steps, args.warmup, args.device, args.compile, not args.no_amp,
                            args.clip_frames)
@@ -1555,6 +1630,7 @@ def run_throughput(args) -> int:
 
 
 def run(args) -> int:
+    check_sizes(args, at_least_0=("threads",))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -1592,7 +1668,9 @@ def run_autoencoder(args) -> int:
                                   adv_start=args.adv_start, init=args.init, decoder_only=args.decoder_only)
     if tcfg.adv_weight < 0 or tcfg.adv_start < 0:
         raise UserError("--adv-weight and --adv-start must not be negative")
+    check_sizes(args, at_least_1=("max_frames",))
     main = int(os.environ.get("RANK", "0")) == 0
+    claim_run_folder(Path(args.out), "autoencoder", cfg, tcfg, args.resume, args.overwrite, main)
     progress = tcfg.progress and main
     frames, maps = read_frames(args.data, "train", _maps(args), args.max_frames, progress)
     val_frames = None
@@ -1625,19 +1703,25 @@ def _flag(ok: bool) -> bool:
 
 
 def prepare_latents(ae: Autoencoder, ae_digest: str, data: str, split: str, clip_frames: int, maps, stride: int,
-                    max_clips, run: Path, rank: int, progress: bool) -> tuple[LatentClips, None]:
+                    max_clips, run: Path, rank: int, progress: bool, max_frames: int | None = None
+                    ) -> tuple[LatentClips, None]:
     """Latent clips of a dataset under the autoencoder: from RUN/cache/ if made from the same data and
     autoencoder, else encoded by rank 0 and cached (the other ranks wait, then read the cache). A
     UserError (no such data) is raised on every rank."""
     cache = Path(run) / "cache" / f"{split}_latents.safetensors"
     meta = {"autoencoder": ae_digest, "data": dataset_fingerprint(data), "split": split, "clip_frames": clip_frames,
-            "stride": stride, "max_clips": max_clips, "wanted_maps": sorted(maps) if maps else None}
+            "stride": stride, "max_clips": max_clips, "wanted_maps": sorted(maps) if maps else None,
+            "max_frames": max_frames}
     clips, error = None, None
     if rank == 0:
         try:
             clips = LatentClips.load(cache, meta)
+            if clips is None and cache.exists():
+                print(f"worldmodel train: {cache} was made from other data or settings, or cannot be read "
+                      f"(truncated?); encoding the latents again", file=sys.stderr)
             if clips is None:
-                clips, _ = encode_dataset(ae, data, split, clip_frames, maps, stride, max_clips, 0, progress)
+                clips, _ = encode_dataset(ae, data, split, clip_frames, maps, stride, max_clips, 0, progress,
+                                          max_frames=max_frames)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 clips.save(cache, meta)
         except UserError as e:
@@ -1667,8 +1751,6 @@ def run_model(args) -> int:
         raise UserError(f"{args.autoencoder}: the autoencoder {_ae_shape(ae.cfg)} does not match the model config "
                         f"{_ae_shape(cfg.autoencoder)}")
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 and bool((ae.latent_std == 1).all() and (ae.latent_mean == 0).all()):
-        print("worldmodel train: warning: the autoencoder's latent statistics are not calibrated", file=sys.stderr)
     tcfg = ModelTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
                             val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                             ema_decay=args.ema_decay, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
@@ -1678,6 +1760,10 @@ def run_model(args) -> int:
                             val_clips=args.val_clips, eval_clips=args.eval_clips, compile=args.compile,
                             max_time=args.max_time,
                             amp=not args.no_amp, device=args.device, progress=not args.no_progress)
+    check_sizes(args, at_least_1=("max_clips", "clip_stride", "rollout_frames"))
+    claim_run_folder(Path(args.out), "model", cfg, tcfg, args.resume, args.overwrite, rank == 0)
+    if rank == 0 and bool((ae.latent_std == 1).all() and (ae.latent_mean == 0).all()):
+        print("worldmodel train: warning: the autoencoder's latent statistics are not calibrated", file=sys.stderr)
     F_ = tcfg.frames(cfg)
     progress = tcfg.progress and rank == 0
     dist = setup_distributed(tcfg.device)  # the cache step needs the process group; train_model reuses it
@@ -1690,7 +1776,7 @@ def run_model(args) -> int:
         train = OnlineClips(args.data, ae, F_, maps, args.seed, args.clip_stride)
     else:
         train, _ = prepare_latents(ae, file_digest(ae_file), args.data, "train", F_, _maps(args), args.clip_stride,
-                                   args.max_clips, Path(args.out), rank, progress)
+                                   args.max_clips, Path(args.out), rank, progress, args.max_frames)
     val, val_frames = None, None
     try:
         val, _ = prepare_latents(ae, file_digest(ae_file), _val_source(args), "val", F_, None, 1,
