@@ -85,7 +85,7 @@ METHODS = {
     "dmd": "trajectory distillation + distribution matching (DMD): the student's samples moved along the "
            "difference of a fake score (trained online on them) and the teacher's score",
 }
-DEFAULT_OBJECTIVE = "regression"  # what `distill` trains unless told (the measured best)
+DEFAULT_OBJECTIVE = "regression"  # what `distill` trains unless told: the shipped method, until another measures better
 DMD_T_MIN, DMD_T_MAX = 0.02, 0.98  # noise levels DMD scores the student's samples at (DMD2's range)
 
 
