@@ -109,6 +109,18 @@ def test_max_time_stops_with_a_checkpoint_that_resume_continues(tmp_path):
     assert rest["start_step"] == 1 and first["losses"] + rest["losses"] == full["losses"]
 
 
+def test_a_level_models_export_names_its_level_where_play_and_eval_read_it(tmp_path):
+    from worldmodel.autoencoder import Autoencoder
+
+    cfg = tiny_config()
+    level = {"wad": "freedoom2", "map": "MAP01"}
+    T.train_model(synthetic_latents(cfg), tmp_path / "run", cfg, quick(steps=1), Autoencoder(cfg.autoencoder),
+                  info={"data": "data/map01", "level": level})
+    info = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["info"]
+    assert info["level"] == level and "level" not in info["training"]
+    assert info["training"]["data"] == "data/map01"
+
+
 def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     from worldmodel.autoencoder import Autoencoder
     from worldmodel.checkpoint import save_pretrained

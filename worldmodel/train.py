@@ -1270,8 +1270,11 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
         summary = {"training": {"maps": train.maps, "frames": int(train.frames), "clips": len(train),
                                 "clip_frames": F_, "frames_seen": step * tcfg.batch * F_, "steps": step, "batch": tcfg.batch, "world_size": dist.world,
                                 "hardware": hw, "time_s": round(elapsed, 1), "lr": tcfg.lr, "ema_decay": tcfg.ema_decay,
-                                "validation_maps": val.maps if val is not None else [], **info},
+                                "validation_maps": val.maps if val is not None else [],
+                                **{k: v for k, v in info.items() if k != "level"}},
                    "validation": last_val, "steps": step}
+        if "level" in info:  # a level model: what play, record, bench and eval read (`info.level`)
+            summary["level"] = info["level"]
         export(out, cfg, autoencoder, ema, summary)
 
     bar = _progress(tcfg, dist, start, "model")
