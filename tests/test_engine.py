@@ -391,13 +391,15 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_with_native_bf16(monkeypatch):
 def test_packed_linear_weights_give_the_plain_linears_result():
     """The engine keeps oneDNN-packed copies of the linear weights on CPU; a pass with them equals one
     without, and a weight changed afterwards is used as it is now (the stale copy is ignored)."""
-    from worldmodel.model import linear, pack_linears
+    import copy
+
+    from worldmodel.model import _PACKED, linear, pack_linears
 
     layer = torch.nn.Linear(32, 48)
     x = torch.randn(2, 5, 32)
     with torch.inference_mode():
         plain = linear(x, layer, gelu=True)
-        assert pack_linears(layer) == 1 and hasattr(layer, "_packed")
+        assert pack_linears(layer) == 1 and layer in _PACKED
         packed = linear(x, layer, gelu=True)
         assert torch.allclose(packed, torch.nn.functional.gelu(layer(x), approximate="tanh"), atol=1e-5)
         assert torch.allclose(packed, plain, atol=1e-6)
@@ -405,9 +407,14 @@ def test_packed_linear_weights_give_the_plain_linears_result():
         layer.weight.mul_(2.0)
     with torch.inference_mode():
         assert torch.allclose(linear(x, layer), layer(x), atol=1e-5)
+        twin = copy.deepcopy(layer)  # a deep copy (gymnasium's checker makes one) has no packed copy, and works
+        assert twin not in _PACKED and torch.allclose(linear(x, twin), layer(x), atol=1e-5)
+        pack_linears(layer)
+        layer.weight.data = torch.randn(48, 32)  # a replaced weight (same version counter): not the stale copy
+        assert torch.allclose(linear(x, layer), layer(x), atol=1e-5)
     acts = changing_actions(5)
     wm = WorldModel.from_preset("tiny", device="cpu", cfg_overrides=SMALL)  # packed at construction
-    assert all(hasattr(m, "_packed") for m in wm.transformer.modules() if isinstance(m, torch.nn.Linear))
+    assert all(m in _PACKED for m in wm.transformer.modules() if isinstance(m, torch.nn.Linear))
     with torch.no_grad():  # nonzero adaLN weights (zero-initialised), the same way in both models
         for m in wm.transformer.modules():
             if isinstance(m, torch.nn.Linear):

@@ -27,6 +27,7 @@ as the default BLAS path on the AMD CPUs this was tuned on; training (with autog
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -194,18 +195,27 @@ def pack_linears(module: nn.Module, pack: bool = True) -> int:
     layout (what inductor's freezing does), so that `linear` does not reorder the weight on every call
     (5-15% faster GEMMs at this model's shapes, much more for a 1-2 row modulation GEMV; the result is
     bitwise the same). The copy is used only while the weight is unchanged (its version counter):
-    a weight changed later silently goes back to the plain path. pack=False drops the copies (for
-    benchmarks). Returns the number of layers packed (or unpacked)."""
+    a weight changed or replaced later silently goes back to the plain path. The copies live beside the
+    layers (`_PACKED`), not in them: a deep copy of the model (gymnasium's checker, `.float()` copies)
+    gets none. pack=False drops the copies (for benchmarks). Returns the number of layers packed (or
+    unpacked)."""
     n = 0
     for m in module.modules():
-        if not pack and isinstance(m, nn.Linear) and hasattr(m, "_packed"):
-            del m._packed
+        if not pack and isinstance(m, nn.Linear) and _PACKED.pop(m, None) is not None:
             n += 1
         elif pack and isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype in _ONEDNN_LINEAR:
             with torch.no_grad():
-                m._packed = (m.weight._version, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), _PACK_ROWS))
+                _PACKED[m] = (_weight_key(m), torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), _PACK_ROWS))
             n += 1
     return n
+
+
+_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()  # layer -> (its weight's key, packed copy)
+
+
+def _weight_key(layer: nn.Linear) -> tuple[int, int]:
+    """Which weight a packed copy was made from: its storage and version counter."""
+    return layer.weight.data_ptr(), layer.weight._version
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
@@ -215,8 +225,8 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     to float rounding (~1e-6). Under torch.compile: F.linear (inductor picks its own GEMM)."""
     if (x.dtype in _ONEDNN_LINEAR and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
-        packed = getattr(layer, "_packed", None)
-        w = packed[1] if packed is not None and packed[0] == layer.weight._version else layer.weight
+        packed = _PACKED.get(layer)
+        w = packed[1] if packed is not None and packed[0] == _weight_key(layer) else layer.weight
         return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu" if gelu else "none", [],
                                                   "tanh" if gelu else "")
     y = F.linear(x, layer.weight, layer.bias)
