@@ -13,7 +13,7 @@ from pathlib import Path
 
 from worldmodel.errors import UserError
 
-DEFAULT_CHECKPOINT = "checkpoints/doom-tiny"
+DEFAULT_CHECKPOINT = "checkpoints/doom-map01"  # the level model; checkpoints/doom-tiny (twenty maps) is its base
 RANDOM_WEIGHTS_HINT = "--preset tiny|small|nfd-310m for random weights"
 
 
@@ -26,7 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def find_default_checkpoint() -> Path | None:
-    """checkpoints/doom-tiny in the working directory, else beside the package (an editable install);
+    """DEFAULT_CHECKPOINT in the working directory, else beside the package (an editable install);
     None when neither holds a checkpoint."""
     for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
         p = base / DEFAULT_CHECKPOINT
