@@ -1,7 +1,7 @@
 """`WorldModel`: the public API of the engine (DESIGN.md). The autoencoder and the transformer
 together, a sampler over a static KV cache, uint8 frames in and out.
 
-    wm = WorldModel.from_pretrained("checkpoints/doom-map01")  # device="auto": cuda, then mps, then cpu
+    wm = WorldModel.from_pretrained("checkpoints/doom-tiny")   # device="auto": cuda, then mps, then cpu
     wm.reset(frames, actions)       # uint8 (N, H, W, 3), N actions: actions[i] produced frames[i]
     frame = wm.step(Action(move=1)) # uint8 (H, W, 3)
     wm.steps, wm.speculative, wm.attention, wm.seed, wm.compile = 2, 4, "sdpa", 0, False  # settable
