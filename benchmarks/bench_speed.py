@@ -378,14 +378,12 @@ def markdown(res: dict) -> str:
     if eng:
         lines += ["| engine (`worldmodel bench` measurement) | frames/s | x old | cpu fps | latency p50 / p99 ms | accepted |",
                   "|---|---|---|---|---|---|"]
-        for r in eng["idle"]:
-            lines.append(f"| {r['name']} | {f(r['fps'])} | {f(r['x_old'], '.2f')} | {f(r.get('fps_cpu_time'))} | "
-                         f"{f(r['latency_ms']['p50'], '.0f')} / {f(r['latency_ms']['p99'], '.0f')} | "
-                         f"{f(r.get('acceptance_rate'), '.2f')} |")
-        for r in eng["one_core_busy"]:
-            lines.append(f"| {r['name']}, one core busy | {f(r['fps'])} | {f(r['x_old'], '.2f')} | "
-                         f"{f(r.get('fps_cpu_time'))} | {f(r['latency_ms']['p50'], '.0f')} / "
-                         f"{f(r['latency_ms']['p99'], '.0f')} | - |")
+        for load, suffix in (("idle", ""), ("one_core_busy", ", one core busy")):
+            for r in eng[load]:
+                accepted = f(r.get("acceptance_rate"), ".2f") if load == "idle" else "-"
+                lines.append(f"| {r['name']}{suffix} | {f(r['fps'])} | {f(r['x_old'], '.2f')} | "
+                             f"{f(r.get('fps_cpu_time'))} | {f(r['latency_ms']['p50'], '.0f')} / "
+                             f"{f(r['latency_ms']['p99'], '.0f')} | {accepted} |")
         lines.append("")
     play = res.get("play")
     if play:
