@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
-from worldmodel.checkpoint import atomic_write_json  # noqa: E402
+from worldmodel.files import atomic_write_json  # noqa: E402
 
 # T = tokens per frame, H heads, D head dim, cache = sink + window frame slots, clip = training clip frames
 PRESETS = {
@@ -57,7 +57,7 @@ PRESETS = {
 def _presets_from_model() -> None:
     """Take the shapes from worldmodel's presets when that package is importable (one source of truth)."""
     try:
-        from worldmodel.model import PRESETS as MP
+        from worldmodel.model.transformer import PRESETS as MP
     except Exception:
         return
     for name, cfg in MP.items():

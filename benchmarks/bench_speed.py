@@ -60,8 +60,8 @@ QUALITY_HORIZONS = (1, 8, 35)
 
 def box() -> dict:
     """The machine, by what decides these numbers."""
-    from worldmodel.bench import cpu_name
-    from worldmodel.engine import cpu_cores, native_bf16
+    from worldmodel.device import cpu_name
+    from worldmodel.device import cpu_cores, native_bf16
 
     flags = set()
     try:
@@ -113,7 +113,7 @@ def new_default(steps: int, bf16: bool) -> tuple[str, dict]:
 
 
 def apply(models: dict, row: dict):
-    from worldmodel.model import pack_linears
+    from worldmodel.model.transformer import pack_linears
 
     wm = models[row["dtype"]]
     wm.threads, wm.pipeline = row["threads"], row["pipeline"]
@@ -123,7 +123,7 @@ def apply(models: dict, row: dict):
 
 
 def measure_rows(models, rows, trace, frames, warmup, rounds, progress) -> list[dict]:
-    from worldmodel.bench import combine_rounds, measure
+    from worldmodel.evaluation.bench import combine_rounds, measure
 
     runs: list[list[dict]] = [[] for _ in rows]
     for rnd in range(rounds):
@@ -205,8 +205,8 @@ def play_section(args, progress) -> dict:
 def compile_job(spec: dict) -> dict:
     import torch
 
-    from worldmodel.bench import context_frames, load_trace, measure
-    from worldmodel.cli_common import load_model
+    from worldmodel.evaluation.bench import context_frames, load_trace, measure
+    from worldmodel.inference.loading import load_model
 
     if spec["freezing"]:
         import torch._inductor.config as inductor_config
@@ -257,8 +257,8 @@ def compile_section(args, progress) -> dict:
 # quality
 # --------------------------------------------------------------------------------------------------
 def quality_section(args, models, progress) -> dict:
-    from worldmodel import evaluate
-    from worldmodel.maps import parse_maps
+    from worldmodel.evaluation import evaluate
+    from worldmodel.game.maps import parse_maps
     from worldmodel.metrics import frame_stats, mean_psnr, psnr
 
     p = argparse.ArgumentParser()
@@ -329,7 +329,7 @@ def quality_section(args, models, progress) -> dict:
 
 
 def _load(args, dtype: str):
-    from worldmodel.cli_common import load_model
+    from worldmodel.inference.loading import load_model
 
     return load_model(args.model_ns, dtype=dtype)
 
@@ -472,10 +472,11 @@ def main(argv=None) -> int:
 
     if args.priority is not None:
         own_autogroup(args.priority)
-    from worldmodel.bench import device_info, load_trace
-    from worldmodel.cli_common import load_model, model_name
-    from worldmodel.engine import native_bf16
-    from worldmodel.recording import git_commit
+    from worldmodel.evaluation.bench import load_trace
+    from worldmodel.device import device_info
+    from worldmodel.inference.loading import load_model, model_name
+    from worldmodel.device import native_bf16
+    from worldmodel.provenance import git_commit
 
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
     only -= set(filter(None, args.skip.split(",")))
@@ -508,7 +509,7 @@ def main(argv=None) -> int:
     if "engine" in only:
         res["engine"] = engine_section(args, models, trace, progress)
     if "profile" in only:
-        from worldmodel.bench import profile_frames
+        from worldmodel.evaluation.bench import profile_frames
 
         progress("profile")
         wm = apply(models, new_default(models["float32"].steps, "bfloat16" in models)[1])

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from worldmodel.bench import cpu_name
+from worldmodel.device import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "benchmarks" / "traces" / "explorer_MAP01_seed0.jsonl"
@@ -48,12 +48,12 @@ def measure(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job.get("threads", 2))
-    from worldmodel.action import Action, load_actions
-    from worldmodel.engine import WorldModel
+    from worldmodel.game.action import Action, load_actions
+    from worldmodel.inference.engine import WorldModel
 
     knobs = job.get("knobs", {})
     if knobs.get("onednn") is False:
-        import worldmodel.model as m
+        import worldmodel.model.transformer as m
         m._ONEDNN_LINEAR = ()  # no dtype goes through oneDNN
     kw = {"steps": job["steps"]}
     if "fused" in knobs:
@@ -104,7 +104,7 @@ def measure(job: dict) -> dict:
             # much less sensitive than wall time to the other jobs on a shared machine
             "fps_cpu_time": frames / total_cpu, "cpu_ms": pct(cpu),
             "frames": frames, "stats": stats, "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
-            "threads": torch.get_num_threads(), "engine_file": sys.modules["worldmodel.engine"].__file__}
+            "threads": torch.get_num_threads(), "engine_file": sys.modules["worldmodel.inference.engine"].__file__}
 
 
 def run_job(job: dict, pythonpath: str | None = None) -> dict:

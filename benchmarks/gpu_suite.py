@@ -20,11 +20,11 @@ stopped at its limit keeps what it measured and is marked `timed_out`:
              frames against the KV cache: one frame, or one plus speculative drafts) and at their training
              shapes: Triton vs SDPA (the kernel PyTorch picked is recorded) vs FlexAttention; ms from CUDA
              graph replays, TFLOP/s and GB/s against the peaks.
-  engine     WorldModel.step of nfd-310m with random weights (worldmodel.bench.measure): eager, then
+  engine     WorldModel.step of nfd-310m with random weights (worldmodel.evaluation.bench.measure): eager, then
              compiled (inductor + CUDA graphs), a 2,000-frame rollout (latency against rollout length),
              1-3 steps, speculative 2 and 4, CUDA graphs without inductor, inductor without CUDA graphs,
              the other attention backends; frames/s, p50/p99 latency, torch.compile's counters.
-  training   training throughput (worldmodel.train.measure_throughput) of tiny and small with bf16
+  training   training throughput (worldmodel.training.train.measure_throughput) of tiny and small with bf16
              autocast and torch.compile at the largest batch that fits (descending batches, out-of-memory
              caught): clips/s and MFU, then eager, the device's work alone, and a profile of a step.
 
@@ -66,7 +66,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from worldmodel.checkpoint import atomic_write_json  # noqa: E402  (no torch work at import)
+from worldmodel.files import atomic_write_json  # noqa: E402  (no torch work at import)
 
 # stage name -> default time limit (s); the defaults add up to the default total budget of 7 minutes
 STAGES = {"device": 20, "kernels": 65, "attention": 95, "engine": 140, "training": 100}
@@ -109,7 +109,7 @@ def nvidia_smi() -> dict:
 def device_summary(dev) -> dict:
     import torch
 
-    from worldmodel.bench import cpu_name
+    from worldmodel.device import cpu_name
 
     if dev.type != "cuda":
         return {"type": dev.type, "name": f"{cpu_name()} ({os.cpu_count()} cores)", "threads": torch.get_num_threads()}
@@ -125,7 +125,7 @@ def provenance(args, dev) -> dict:
     """Command, time, commit (or the source digest), versions and the device, for every stage's JSON."""
     import torch
 
-    from worldmodel.cli_common import provenance as base
+    from worldmodel.provenance import provenance as base
 
     p = base()
     p["command"] = args.suite_command or "python benchmarks/gpu_suite.py " + " ".join(sys.argv[1:])
@@ -330,8 +330,8 @@ def check_training(backend: str, shape, dtype, dev) -> dict:
     """Forward and backward of `backend` against the float64 reference on fresh random inputs."""
     import torch
 
-    import kernels
-    from kernels.reference import reference_block_causal_attention
+    from worldmodel import kernels
+    from worldmodel.kernels.reference import reference_block_causal_attention
 
     b, h, t, f, d = shape
     g = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype)).encode()))
@@ -354,7 +354,7 @@ def check_training(backend: str, shape, dtype, dev) -> dict:
     else:
         row["note"] = "forward only: FlexAttention has no backward on CPU"
     if backend == "triton":  # every element written: outputs and gradients poisoned with NaN first
-        from kernels import triton_attention as ta
+        from worldmodel.kernels import triton_attention as ta
 
         nan = lambda: torch.full_like(q, float("nan"))  # noqa: E731
         with torch.no_grad():
@@ -369,8 +369,8 @@ def check_cached(backend: str, case, dtype, dev) -> dict:
     """Split-KV inference of `backend` against the float64 reference on fresh random inputs."""
     import torch
 
-    import kernels
-    from kernels.reference import reference_cached_attention
+    from worldmodel import kernels
+    from worldmodel.kernels.reference import reference_cached_attention
 
     b, h, t, f, slots, d, layout = case
     g = torch.Generator().manual_seed(zlib.crc32(repr((case, dtype)).encode()))
@@ -385,7 +385,7 @@ def check_cached(backend: str, case, dtype, dev) -> dict:
     sync()
     row = {"first_call_s": round(time.perf_counter() - t0, 3), "rel_err": {"out": rel_err(out, ref)}}
     if backend == "triton":  # every element written, for one split and several
-        from kernels import triton_attention as ta
+        from worldmodel.kernels import triton_attention as ta
 
         written = True
         with torch.no_grad():
@@ -401,7 +401,7 @@ def autotune_picks() -> dict:
     """The config each Triton kernel's autotuner chose, per tuning key."""
     import sys as _sys
 
-    ta = _sys.modules.get("kernels.triton_attention")
+    ta = _sys.modules.get("worldmodel.kernels.triton_attention")
     if ta is None:
         return {}
     return {name: {str(key): str(cfg) for key, cfg in getattr(getattr(ta, name), "cache", {}).items()}
@@ -411,14 +411,13 @@ def autotune_picks() -> dict:
 def stage_kernels(w: StageWriter, args, dev) -> None:
     import torch
 
-    import kernels
-
+    from worldmodel import kernels
     cuda = dev.type == "cuda"
     dtypes = [torch.bfloat16, torch.float16] if cuda else [torch.float32, torch.bfloat16]
     train, cached = kernel_cases(cuda)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if "triton" in kernels.available_backends(dev):
-        from kernels import triton_attention as ta
+        from worldmodel.kernels import triton_attention as ta
 
         w.data["autotune_tiles"] = {"fwd": ta.FWD_TILES, "bwd_dkdv": ta.BWD_DKDV_TILES, "bwd_dq": ta.BWD_DQ_TILES,
                                     "split": ta.SPLIT_TILES, "note": "(BLOCK_M, BLOCK_N, num_warps, num_stages)"}
@@ -487,9 +486,10 @@ def stage_attention(args, dev, out: Path) -> None:
 # stage: engine
 # --------------------------------------------------------------------------------------------------
 def stage_engine(w: StageWriter, args, dev) -> None:
-    import kernels
-    from worldmodel import bench
-    from worldmodel.engine import WorldModel
+    from worldmodel import kernels
+    from worldmodel.device import memory_kind
+    from worldmodel.evaluation import bench
+    from worldmodel.inference.engine import WorldModel
 
     raise_dynamo_limits()
     smoke = args.smoke
@@ -507,7 +507,7 @@ def stage_engine(w: StageWriter, args, dev) -> None:
                          "transformer_params": sum(p.numel() for p in wm.transformer.parameters())},
                   trace={"source": trace_src, **bench.trace_summary(trace[:rollout], wm.speculative_tolerance)},
                   engine_settings=bench.extra_settings(wm), smoke_overrides=shrink, frames=frames, rollout_frames=rollout,
-                  warmup_frames=warmup, memory=bench.memory_kind(dev))
+                  warmup_frames=warmup, memory=memory_kind(dev))
     w.save()
     per_frame_s: dict = {}  # (compile mode, attention) -> seconds a frame at 4 steps, as measured
     compile_s: dict = {}    # compile mode -> warm-up seconds of its first item (compilation)
@@ -588,7 +588,7 @@ def train_flops(cfg, batch: int, frames: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from worldmodel.model import WorldTransformer
+    from worldmodel.model.transformer import WorldTransformer
 
     with torch.device("meta"):
         model = WorldTransformer(cfg)
@@ -638,7 +638,7 @@ def profile_step(cfg, batch: int, dev, compile: bool, frames: int) -> dict:
     kernels by device time, the host ops by CPU time, and how busy the device was."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from worldmodel.train import measure_throughput
+    from worldmodel.training.train import measure_throughput
 
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -666,7 +666,7 @@ def profile_step(cfg, batch: int, dev, compile: bool, frames: int) -> dict:
 def stage_training(w: StageWriter, args, dev) -> None:
     import torch
 
-    from worldmodel.train import measure_throughput, resolve_config
+    from worldmodel.training.train import measure_throughput, resolve_config
 
     smoke, cuda = args.smoke, dev.type == "cuda"
     raise_dynamo_limits()

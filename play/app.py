@@ -32,13 +32,14 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import numpy as np  # noqa: E402
 import pygame  # noqa: E402
 
-from play.hud import Hud, Meter  # noqa: E402
-from play.keymap import DEFAULT_SENSITIVITY, InputState, key_table  # noqa: E402
-from play.worker import FrameWorker  # noqa: E402
-from worldmodel.action import MAX_SCRIPT_FRAMES, Action, ActionScript  # noqa: E402
-from worldmodel.cli_common import DEFAULT_CHECKPOINT, check_output_path, load_model  # noqa: E402
+from worldmodel.play.hud import Hud, Meter  # noqa: E402
+from worldmodel.play.keymap import DEFAULT_SENSITIVITY, InputState, key_table  # noqa: E402
+from worldmodel.play.worker import FrameWorker  # noqa: E402
+from worldmodel.game.action import MAX_SCRIPT_FRAMES, Action, ActionScript  # noqa: E402
+from worldmodel.files import check_output_path  # noqa: E402
+from worldmodel.inference.loading import DEFAULT_CHECKPOINT, load_model  # noqa: E402
 from worldmodel.errors import UserError  # noqa: E402
-from worldmodel.maps import add_wad_argument  # noqa: E402
+from worldmodel.game.maps import add_wad_argument  # noqa: E402
 
 MAX_STEPS = 64
 # drafts while a key is held: measured on the explorer trace (benchmarks/speed_doom-tiny_cpu.json), N = 2 is
@@ -256,7 +257,7 @@ class PlayApp:
             self._start_recording()
 
     def _start_recording(self) -> None:
-        from worldmodel.recording import Recorder, new_prefix
+        from worldmodel.data.recording import Recorder, new_prefix
 
         prefix = new_prefix(self.opt.record_dir, "play")
         try:  # a place that cannot be written ends the recording, not the session
@@ -285,7 +286,7 @@ class PlayApp:
         m = self.model
         meta = {}
         if m is not None:
-            from worldmodel.recording import model_meta
+            from worldmodel.data.recording import model_meta
 
             meta.update(model_meta(m))
         meta.update({"source": "worldmodel play", "game": self.game.kind, "name": self.game.name,
@@ -594,7 +595,7 @@ NO_CHECKPOINT_ALTERNATIVES = ("try the engine with random weights (`worldmodel p
 
 def build_game(args):
     """The game named by the command line: the dream (checkpoint or preset), the real game or a replay."""
-    from play.sources import ClipStarts, DreamGame, RealGame, RealStarts, ReplayGame
+    from worldmodel.play.sources import ClipStarts, DreamGame, RealGame, RealStarts, ReplayGame
 
     if args.replay:
         if not Path(args.replay).exists():

@@ -17,7 +17,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
 import pygame  # noqa: E402
 
-from worldmodel.action import TURN_MAX, Action  # noqa: E402
+from worldmodel.game.action import TURN_MAX, Action  # noqa: E402
 
 KEY_TURN_DEGREES = 7.0  # arrow keys: Doom's running keyboard turn speed (angleturn 1280 = 7.03 deg a tic)
 DEFAULT_SENSITIVITY = 0.25  # mouse: degrees of yaw per pixel of relative motion

@@ -1,8 +1,8 @@
 """Regenerate the README screenshots of the play window, in one command:
 
-    python -m play.screenshot                      # the shipped checkpoint, or --preset tiny without one
-    python -m play.screenshot --checkpoint DIR     # any checkpoint
-    python -m play.screenshot --preset tiny
+    python -m worldmodel.play.screenshot                      # the shipped checkpoint, or --preset tiny without one
+    python -m worldmodel.play.screenshot --checkpoint DIR     # any checkpoint
+    python -m worldmodel.play.screenshot --preset tiny
 
 It runs `worldmodel play` twice on a real X display (under `xvfb-run` when there is none), driven by
 play/demo_actions.jsonl, and saves the window (the display surface, HUD included) after N frames:
@@ -22,7 +22,7 @@ DEMO = Path(__file__).resolve().with_name("demo_actions.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m play.screenshot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m worldmodel.play.screenshot", description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint")
     g.add_argument("--preset")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if xvfb is None:
             print("play.screenshot: no X display and no xvfb-run (apt-get install xvfb)", file=sys.stderr)
             return 2
-        cmd = [xvfb, "-a", "-s", "-screen 0 1280x800x24", sys.executable, "-m", "play.screenshot",
+        cmd = [xvfb, "-a", "-s", "-screen 0 1280x800x24", sys.executable, "-m", "worldmodel.play.screenshot",
                *(argv if argv is not None else sys.argv[1:])]
         return subprocess.call(cmd, env={**os.environ, "SDL_VIDEODRIVER": "x11"})
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.preset:
         source = ["--preset", args.preset]
     else:
-        from worldmodel.cli_common import find_default_checkpoint
+        from worldmodel.inference.loading import find_default_checkpoint
 
         found = find_default_checkpoint()
         source = ["--checkpoint", str(found)] if found else ["--preset", "tiny"]

@@ -3,7 +3,7 @@
 - `DreamGame`: the world model, seeded from a start scene (the real game's first frames on a map, or a
   start clip shipped with the checkpoint). While its start scene came from the real game, it also steps
   that game with the same actions (`companion_frame`), so the real game can be shown beside the dream.
-- `RealGame`: the real Doom (`worldmodel.game.DoomEnv`).
+- `RealGame`: the real Doom (`worldmodel.game.doom.DoomEnv`).
 - `ReplayGame`: a recorded MP4 played back frame by frame (actions are ignored).
 
 All of them are stepped from the worker thread (play/worker.py), never from the UI thread.
@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from worldmodel.action import NOOP, TURN_MAX, Action
+from worldmodel.game.action import NOOP, TURN_MAX, Action
 from worldmodel.errors import UserError
 
 
@@ -83,7 +83,7 @@ class RealStarts:
 
     def _env(self):
         if self.env is None:
-            from worldmodel.game import DoomEnv
+            from worldmodel.game.doom import DoomEnv
 
             self.env = DoomEnv(wad=self.wad, map=self.map, seed=self.seed, frame_size=self.frame_size)
         return self.env
@@ -230,7 +230,7 @@ class ReplayGame:
     has_companion = False
 
     def __init__(self, path: str | Path, fps: int = 35):
-        from worldmodel.recording import read_video
+        from worldmodel.data.recording import read_video
 
         path = Path(path)
         try:

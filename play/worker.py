@@ -1,7 +1,7 @@
 """The model thread: runs the game (`reset()`/`step()`) off the UI thread, one frame per tic.
 
 A game whose frames come in two stages (`advance(action)`, then `render(advanced)`: the dream's
-transformer passes, then its decoder) runs them as a pipeline (worldmodel/pipeline.py) when its model
+transformer passes, then its decoder) runs them as a pipeline (worldmodel/inference/pipeline.py) when its model
 says so (`model.pipeline`, the engine's choice): the model thread advances frame t+1 while a render
 thread decodes frame t, each on its own core. Frames reach the UI in order either way.
 
@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from worldmodel.action import Action
-from worldmodel.pipeline import FramePipeline
+from worldmodel.game.action import Action
+from worldmodel.inference.pipeline import FramePipeline
 
 WAKE_MARGIN = 0.001  # seconds: a tic that is due within this is started now
 

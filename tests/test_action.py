@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from worldmodel.action import (ACTION_DIM, Action, ActionScriptError, decode_actions, dump_action_lines,
+from worldmodel.game.action import (ACTION_DIM, Action, ActionScriptError, decode_actions, dump_action_lines,
                                encode_actions, load_actions, parse_action_lines)
 
 

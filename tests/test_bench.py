@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-import kernels
+from worldmodel import kernels
 import torch
 
-from worldmodel.bench import percentiles, rollout_bins, trace_summary
-from worldmodel.action import Action
+from worldmodel.evaluation.bench import percentiles, rollout_bins, trace_summary
+from worldmodel.game.action import Action
 from worldmodel.cli import main
 from helpers import make_checkpoint
 
@@ -21,7 +21,7 @@ RESULT_FIELDS = ("rounds", "fps_rounds", "fps", "latency_ms", "warmup_s", "reset
 
 
 def test_bench_json_has_every_field(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("worldmodel.engine.cpu_cores", lambda: 2)  # the engine's choice for a 2-core machine
+    monkeypatch.setattr("worldmodel.device.cpu_cores", lambda: 2)  # the engine's choice for a 2-core machine
     ckpt = make_checkpoint(tmp_path / "small")
     out = tmp_path / "b" / "bench_small_cpu.json"
     rc = main(["bench", "--checkpoint", ckpt, "--device", "cpu", "--frames", "12", "--warmup", "2",
@@ -107,12 +107,12 @@ def test_speed_benchmark_runs_the_ladder_old_to_new_in_one_run(tmp_path, capsys,
     measured, ratios to the old arrangement, the profile, and the Markdown tables for the README."""
     import importlib.util
 
-    from worldmodel.bench import combine_rounds  # noqa: F401  (the script builds on bench's measurement)
+    from worldmodel.evaluation.bench import combine_rounds  # noqa: F401  (the script builds on bench's measurement)
 
     spec = importlib.util.spec_from_file_location("bench_speed", "benchmarks/bench_speed.py")
     bs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bs)
-    monkeypatch.setattr("worldmodel.engine.cpu_cores", lambda: 2)
+    monkeypatch.setattr("worldmodel.device.cpu_cores", lambda: 2)
     ckpt = make_checkpoint(tmp_path / "small")
     out = tmp_path / "speed.json"
     assert bs.main(["--checkpoint", ckpt, "--only", "engine,profile", "--frames", "6", "--warmup", "1",

@@ -1,4 +1,4 @@
-"""The static KV cache (worldmodel/model.py: KVCache, WorldTransformer.forward_cached).
+"""The static KV cache (worldmodel/model/transformer.py: KVCache, WorldTransformer.forward_cached).
 
 Tolerances: float64 throughout, so that a mismatch in positions, masks or bookkeeping shows as an
 O(1e-2) error while correct code agrees to ~1e-12 (we assert 1e-9).
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldmodel.model import KVCache, ModelConfig, WorldTransformer, apply_rope, modulate
+from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer, apply_rope, modulate
 
 TOL = 1e-9
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from worldmodel import checkpoint
-from worldmodel.autoencoder import Autoencoder
-from worldmodel.checkpoint import CheckpointError, load_pretrained, push_to_hub, save_pretrained
-from worldmodel.model import WorldTransformer
+from worldmodel.model import checkpoint
+from worldmodel.model.autoencoder import Autoencoder
+from worldmodel.model.checkpoint import CheckpointError, load_pretrained, push_to_hub, save_pretrained
+from worldmodel.model.transformer import WorldTransformer
 
 from test_model import _randomize, tiny_config
 
@@ -57,7 +57,7 @@ def test_round_trip_is_exact(ckpt, parts):
 
 
 def test_world_model_from_preset_save_and_load(tmp_path):
-    from worldmodel.engine import WorldModel
+    from worldmodel.inference.engine import WorldModel
     over = tiny_config().to_dict()
     wm = WorldModel.from_preset("tiny", device="cpu", cfg_overrides=over)
     folder = wm.save_pretrained(tmp_path / "wm", info={"note": "random"})
@@ -91,7 +91,7 @@ def test_hub_id_resolves_offline_from_the_local_cache(tmp_path, ckpt, parts, mon
     _same_state(dit, parts[2])
     # explicit arguments work without the environment too
     assert checkpoint.resolve("someone/doom-tiny@main", cache_dir=cache, local_files_only=True) == snap
-    from worldmodel.engine import WorldModel
+    from worldmodel.inference.engine import WorldModel
     assert WorldModel.from_pretrained("someone/doom-tiny", device="cpu").cfg == cfg
     # an id that is not in the cache: one clear line, no traceback, no network
     with pytest.raises(CheckpointError, match="someone/missing: not a local folder and the Hub could not provide it"):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from worldmodel import cli
-from worldmodel import dataset as ds
-from worldmodel.collect import CollectConfig, collect, plan
+from worldmodel.data import dataset as ds
+from worldmodel.files import atomic_write_json
+from worldmodel.data.collect import CollectConfig, collect, plan
 from worldmodel.errors import UserError
 
 TINY = dict(frames=150, episode_frames=60, shard_frames=25, frame_size=[24, 32], warmup_frames=30,
@@ -79,7 +80,7 @@ def test_resume_repairs_missing_unlisted_and_temp_files(reference, tmp_path):
     m = json.loads((root / "manifest.json").read_text())
     (root / m["shards"][2]["name"]).unlink()  # a lost shard
     m["shards"] = m["shards"][:5] + m["shards"][6:]  # a shard renamed into place, manifest not yet written
-    ds.atomic_write_json(root / "manifest.json", m)
+    atomic_write_json(root / "manifest.json", m)
     stale = root / "shards" / ".ep000002-0001.npz.tmp-999-dead"
     stale.write_bytes(b"half written")
     collect(CollectConfig(**TINY), root, workers=0, progress=False)
@@ -117,8 +118,8 @@ def test_killed_collection_completes_exactly(reference, tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     collect(CollectConfig(**cfg), uninterrupted, workers=0, progress=False)
     root = tmp_path / "killed"
-    # `python -m worldmodel.collect` is `worldmodel collect` without the other subcommands' imports
-    argv = [sys.executable, "-m", "worldmodel.collect", "--frames", "600", "--out", str(root),
+    # `python -m worldmodel.data.collect` is `worldmodel collect` without the other subcommands' imports
+    argv = [sys.executable, "-m", "worldmodel.data.collect", "--frames", "600", "--out", str(root),
             "--maps", "MAP01,MAP02", "--seed", "3", "--frame-size", "24x32", "--episode-frames", "200",
             "--shard-frames", "50", "--warmup-frames", "30", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -152,7 +153,7 @@ def test_a_game_that_cannot_start_in_the_workers_is_one_clear_error(tmp_path):
     (fake / "__init__.py").write_text("raise FileNotFoundError(2, 'No such file or directory', '/gone/scenarios')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "site"),
                                                                      os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "worldmodel.collect", "--frames", "3200", "--out", str(tmp_path / "d"),
+    argv = [sys.executable, "-m", "worldmodel.data.collect", "--frames", "3200", "--out", str(tmp_path / "d"),
             "--maps", "MAP01,MAP02", "--frame-size", "24x32", "--episode-frames", "100", "--workers", "16",
             "--no-progress"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)  # a hang fails here
@@ -164,8 +165,8 @@ def test_a_game_that_cannot_start_in_the_workers_is_one_clear_error(tmp_path):
 
 def test_level_exit_starts_a_new_episode(tmp_path, monkeypatch):
     """if the player leaves the level, the rest of the unit is a new episode (k + segment * stride)"""
-    from worldmodel import game
-    from worldmodel.collect import SEGMENT_STRIDE
+    from worldmodel.game import doom as game
+    from worldmodel.data.collect import SEGMENT_STRIDE
 
     real_step = game.DoomEnv.step
     calls = {"n": 0}

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from worldmodel import cli
-from worldmodel import dataset as ds
-from worldmodel.action import NOOP, Action
+from worldmodel.data import dataset as ds
+from worldmodel.files import is_temp_file
+from worldmodel.game.action import NOOP, Action
 
 H, W = 6, 8
 
@@ -156,7 +157,7 @@ def test_temp_files_are_ignored_and_atomic_write_leaves_no_partial(tmp_path, mon
         ds.write_manifest(tmp_path, dict(m, shards=m["shards"][:1]))
     monkeypatch.undo()
     assert (tmp_path / ds.MANIFEST).read_bytes() == before
-    assert [p for p in tmp_path.iterdir() if ds.is_temp_file(p.name)] == []
+    assert [p for p in tmp_path.iterdir() if is_temp_file(p.name)] == []
 
 
 def check_clip(item, clip_len):
@@ -274,7 +275,7 @@ def test_manifest_is_json_with_checksums(tmp_path):
 
 
 def test_start_clips_export_loads_as_checkpoint_start_scenes(tmp_path):
-    from worldmodel.engine import load_start_clips
+    from worldmodel.inference.engine import load_start_clips
 
     make_dataset(tmp_path / "d")
     paths = ds.export_start_clips(tmp_path / "d", tmp_path / "ckpt" / "start_clips", count=3, frames=8, skip=5)
@@ -293,7 +294,7 @@ def test_start_clips_export_loads_as_checkpoint_start_scenes(tmp_path):
 def test_start_clips_are_spread_over_the_places_the_data_went(tmp_path):
     """With player positions in the shards, start clips are far apart: the clip nearest the middle of
     the data first, then each time the one farthest from those chosen."""
-    from worldmodel.engine import load_start_clips
+    from worldmodel.inference.engine import load_start_clips
 
     manifest = ds.new_manifest((H, W))
     for ep, x in enumerate((0.0, 10.0, 20.0, 1000.0, 2000.0, 3000.0)):

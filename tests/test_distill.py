@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import distill as D
-from worldmodel.model import WorldTransformer
+from worldmodel.training import distill as D
+from worldmodel.model.transformer import WorldTransformer
 
 from test_model import tiny_config
 from test_train import make_dataset
@@ -137,10 +137,10 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
     """All three objectives in one run, on a level-style teacher (previous frame as input): the report
     holds each student's losses and evaluation beside the teacher's, and each checkpoint loads, samples
     in its own number of steps and plays."""
-    from worldmodel.action import Action
-    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.game.action import Action
+    from worldmodel.model.autoencoder import Autoencoder
     from worldmodel.cli import main
-    from worldmodel.engine import WorldModel
+    from worldmodel.inference.engine import WorldModel
 
     cfg = tiny_config(prev_frame=True, sample_steps=2)
     torch.manual_seed(0)

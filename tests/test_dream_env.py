@@ -10,9 +10,9 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from worldmodel.action import Action, encode_actions
-from worldmodel.dream_env import ENV_ID, DreamEnv, to_action
-from worldmodel.engine import WorldModel
+from worldmodel.game.action import Action, encode_actions
+from worldmodel.inference.dream_env import ENV_ID, DreamEnv, to_action
+from worldmodel.inference.engine import WorldModel
 
 SMALL = dict(frame_size=(32, 48), latent_channels=4, ae_channels=(8, 8, 8, 8), ae_res_blocks=(0, 0, 0, 0),
              dim=32, depth=2, heads=2, sink_frames=1, window_frames=3, max_draft=4)

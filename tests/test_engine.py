@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.action import Action, encode_actions
-from worldmodel.checkpoint import CheckpointError
-from worldmodel.engine import WorldModel, load_start_clips, resolve_dtype, speculative_match
-from worldmodel.pipeline import FramePipeline
+from worldmodel.game.action import Action, encode_actions
+from worldmodel.model.checkpoint import CheckpointError
+from worldmodel.inference.engine import WorldModel, load_start_clips, speculative_match
+from worldmodel.device import resolve_dtype
+from worldmodel.inference.pipeline import FramePipeline
 
 SMALL = dict(frame_size=(32, 48), latent_channels=4, ae_channels=(8, 8, 8, 8), ae_res_blocks=(0, 0, 0, 0),
              dim=32, depth=2, heads=2, sink_frames=1, window_frames=4, max_draft=4)
@@ -326,9 +327,9 @@ def test_pretrained_round_trip_with_settings(tmp_path):
 def test_distillation_brings_a_one_step_student_to_the_teachers_many_step_result():
     """The machinery of `worldmodel distill` on a tiny random teacher and random clips: the 1-step
     student's sample lands ~10x closer to the teacher's 16-step sample than the teacher's own 1 step."""
-    from worldmodel.diffusion import add_noise
-    from worldmodel.distill import commit_context, distill_student, teacher_targets
-    from worldmodel.model import ModelConfig, WorldTransformer
+    from worldmodel.model.diffusion import add_noise
+    from worldmodel.training.distill import commit_context, distill_student, teacher_targets
+    from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
     cfg = ModelConfig(**{**SMALL, "window_frames": 3})
     torch.manual_seed(0)
@@ -375,7 +376,7 @@ def test_bfloat16_engine_runs_and_stays_close_to_float32():
 
 
 def test_auto_dtype_is_bfloat16_only_on_cpus_with_native_bf16(monkeypatch):
-    import worldmodel.engine as engine
+    import worldmodel.inference.engine as engine
 
     monkeypatch.setattr(engine, "native_bf16", lambda: True)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
@@ -393,7 +394,7 @@ def test_packed_linear_weights_give_the_plain_linears_result():
     without, and a weight changed afterwards is used as it is now (the stale copy is ignored)."""
     import copy
 
-    from worldmodel.model import _PACKED, linear, pack_linears
+    from worldmodel.model.transformer import _PACKED, linear, pack_linears
 
     layer = torch.nn.Linear(32, 48)
     x = torch.randn(2, 5, 32)
@@ -478,7 +479,7 @@ def test_pipeline_hands_errors_over_and_leaves_no_thread_behind():
 
 
 def test_engine_chooses_threads_and_pipeline_and_they_are_settable(monkeypatch):
-    import worldmodel.engine as engine
+    import worldmodel.inference.engine as engine
 
     n = torch.get_num_threads()
     try:

@@ -1,4 +1,4 @@
-"""`worldmodel eval` and worldmodel/metrics.py: metrics right on known cases, the pipeline end to end
+"""`worldmodel eval` and worldmodel/evaluation/metrics.py: metrics right on known cases, the pipeline end to end
 (validation maps; a level model's held-out episodes, several models on the same real frames), held-out
 maps refused."""
 import json
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from worldmodel import evaluate
+from worldmodel.evaluation import evaluate
 from worldmodel.cli import main
 from helpers import make_checkpoint
 from worldmodel.metrics import (flow_cosine, frame_motion, frame_stats, mean_psnr, motion, optical_flow, psnr,
@@ -202,8 +202,8 @@ def test_level_episodes_are_never_training_episodes():
     """By construction: every level-eval episode starts at one of the level's evaluation start places
     with an evaluation (odd) seed, whatever --seed and --episodes; training (collect --starts level)
     never starts there nor uses such a seed."""
-    from worldmodel import collect as C
-    from worldmodel.level import episode_seed, load_level
+    from worldmodel.data import collect as C
+    from worldmodel.game.level import episode_seed, load_level
 
     lv = load_level("freedoom2", "MAP01")
     ev_cells = {tuple(c) for c in lv.starts("eval")}
@@ -250,7 +250,7 @@ def test_level_eval_end_to_end_with_two_models(tmp_path, capsys):
     """A level model's checkpoint (its config names its level): eval defaults to the level's held-out
     episodes; a second model is scored on the same episodes; generalisation maps come as their own
     section; strafe probes, sharpness and stability are reported for both, every number finite."""
-    from worldmodel.level import load_level
+    from worldmodel.game.level import load_level
 
     level_ckpt = make_checkpoint(tmp_path / "level", seed=0, info={"level": {"wad": "freedoom2", "map": "MAP01"}})
     other = make_checkpoint(tmp_path / "other", seed=1)
@@ -310,7 +310,7 @@ def test_models_in_one_run_share_the_real_frames(tmp_path, monkeypatch):
     """The real game is played once per episode, however many models are scored: two models step it
     exactly as often as one, and see bitwise the same real frames (the same hash, the same baseline),
     and the first model's numbers do not change when a second joins."""
-    from worldmodel.game import DoomEnv
+    from worldmodel.game.doom import DoomEnv
 
     a, b = make_checkpoint(tmp_path / "a"), make_checkpoint(tmp_path / "b", seed=1)
     steps = []

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worldmodel import action as A
-from worldmodel.action import Action
+from worldmodel.game import action as A
+from worldmodel.game.action import Action
 from worldmodel.cli import main
 from helpers import engines_of, make_checkpoint
 from test_train import TINY_SET, make_dataset
@@ -139,7 +139,7 @@ def test_action_scripts_stream_with_flat_memory(tmp_path):
 
 
 def test_absurd_repeat_is_refused_with_its_line(tmp_path, ckpt, capsys, monkeypatch):
-    import worldmodel.record as record
+    import worldmodel.evaluation.record as record
 
     p = tmp_path / "huge.jsonl"
     p.write_text('{"move": 1}\n{"move": 1, "repeat": 1000000000000}\n')
@@ -154,7 +154,7 @@ def test_absurd_repeat_is_refused_with_its_line(tmp_path, ckpt, capsys, monkeypa
 
 
 def test_a_binary_action_script_names_the_file_and_line(tmp_path, ckpt, capsys, monkeypatch):
-    import worldmodel.record as record
+    import worldmodel.evaluation.record as record
 
     p = tmp_path / "binary.jsonl"
     p.write_bytes(b'{"move": 1}\n' + bytes(range(128, 256)) + b"\n")
@@ -188,7 +188,7 @@ def test_play_report_is_checked_before_the_session(tmp_path, ckpt, capsys, monke
 
 @pytest.mark.parametrize("place", ["folder", "under a file", "read-only"])
 def test_bench_out_is_checked_before_the_benchmark(tmp_path, capsys, monkeypatch, read_only_dir, place):
-    import worldmodel.bench as bench
+    import worldmodel.evaluation.bench as bench
 
     no_work(monkeypatch, bench)
     out = bad_places(tmp_path, read_only_dir)[place]
@@ -198,7 +198,7 @@ def test_bench_out_is_checked_before_the_benchmark(tmp_path, capsys, monkeypatch
 
 
 def test_bench_out_checks_its_png_too(tmp_path, capsys, monkeypatch):
-    import worldmodel.bench as bench
+    import worldmodel.evaluation.bench as bench
 
     no_work(monkeypatch, bench)
     (tmp_path / "b.png").mkdir()
@@ -208,8 +208,8 @@ def test_bench_out_checks_its_png_too(tmp_path, capsys, monkeypatch):
 
 def test_record_eval_train_collect_outputs_are_checked_first(tmp_path, ckpt, data, capsys, monkeypatch,
                                                               read_only_dir):
-    import worldmodel.evaluate as evaluate
-    import worldmodel.record as record
+    import worldmodel.evaluation.evaluate as evaluate
+    import worldmodel.evaluation.record as record
 
     no_work(monkeypatch, record, evaluate)
     (tmp_path / "a_file").write_text("x")
@@ -233,8 +233,7 @@ def test_record_eval_train_collect_outputs_are_checked_first(tmp_path, ckpt, dat
 
 @pytest.mark.parametrize("command", ["record", "play", "eval"])
 def test_triton_attention_on_a_cpu_is_one_line(tmp_path, ckpt, capsys, monkeypatch, command):
-    import kernels
-
+    from worldmodel import kernels
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
     # what the kernels answer on a CPU without the Triton interpreter (which test_kernels turns on for the
     # whole test process, and which cannot be turned off once triton has read it)
@@ -281,7 +280,7 @@ def test_killing_collect_leaves_its_workers_quiet(tmp_path):
     # kill -9 of the main process alone: its workers used to play their episode to the end, then print
     # screens of BrokenPipe tracebacks sending it to the dead process
     root = tmp_path / "d"
-    argv = [sys.executable, "-m", "worldmodel.collect", "--frames", "2000", "--out", str(root), "--maps",
+    argv = [sys.executable, "-m", "worldmodel.data.collect", "--frames", "2000", "--out", str(root), "--maps",
             "MAP01,MAP02", "--frame-size", "24x32", "--episode-frames", "500", "--shard-frames", "25",
             "--warmup-frames", "0", "--workers", "2", "--no-progress"]
     err = tmp_path / "stderr.txt"
@@ -339,8 +338,7 @@ def fails_after(n: int, real, counted=lambda *args: True):
 
 
 def test_a_full_disk_in_collect_names_the_file_and_keeps_the_shards(tmp_path, capsys, monkeypatch):
-    from worldmodel import dataset as ds
-
+    from worldmodel.data import dataset as ds
     root = tmp_path / "d"
     argv = ["collect", "--frames", "100", "--out", str(root), "--maps", "MAP01", "--frame-size", "24x32",
             "--episode-frames", "100", "--shard-frames", "25", "--warmup-frames", "0", "--workers", "0",
@@ -358,7 +356,7 @@ def test_a_full_disk_in_collect_names_the_file_and_keeps_the_shards(tmp_path, ca
 
 
 def test_a_full_disk_in_record_names_the_file_and_keeps_the_recording(tmp_path, ckpt, capsys, monkeypatch):
-    from worldmodel.recording import load_recording, paths
+    from worldmodel.data.recording import load_recording, paths
 
     script = tmp_path / "s.jsonl"
     script.write_text('{"move": 1, "repeat": 5}\n{"turn": 3.0, "repeat": 20}\n')
@@ -374,8 +372,7 @@ def test_a_full_disk_in_record_names_the_file_and_keeps_the_recording(tmp_path, 
 
 
 def test_ffmpeg_finding_the_disk_full_is_one_line(tmp_path, ckpt, capsys, monkeypatch):
-    from worldmodel import recording
-
+    from worldmodel.data import recording
     # the video is the big file: on a full disk ffmpeg is the first to fail, and says so on its stderr
     fake = tmp_path / "ffmpeg"
     fake.write_text("#!/bin/sh\nhead -c 100000 > /dev/null\n"
@@ -424,8 +421,7 @@ def test_numpy_numbers_make_actions():
 
 
 def test_a_bad_shard_names_its_dataset_folder(tmp_path, capsys):
-    from worldmodel import train
-
+    from worldmodel.training import train
     data = make_dataset(tmp_path / "data")
     shard = data / "shards" / "ep000001-000.npz"
     shard.write_bytes(shard.read_bytes()[:200])
@@ -449,7 +445,7 @@ def test_replaying_a_garbage_file_is_one_line(tmp_path, capsys, monkeypatch):
 # -- 6. the minor ones -----------------------------------------------------------------------------------------
 
 def test_an_interrupted_recording_says_it_is_not_complete(tmp_path, ckpt):
-    from worldmodel.recording import load_recording, paths
+    from worldmodel.data.recording import load_recording, paths
 
     script = tmp_path / "s.jsonl"
     script.write_text('{"move": 1, "repeat": 100000}\n')
@@ -483,8 +479,7 @@ def test_an_interrupted_recording_says_it_is_not_complete(tmp_path, ckpt):
 
 
 def test_data_verify_refuses_an_empty_dataset_and_flags_an_incomplete_one(tmp_path, capsys):
-    from worldmodel import dataset as ds
-
+    from worldmodel.data import dataset as ds
     empty = tmp_path / "empty"
     ds.write_manifest(empty, ds.new_manifest((24, 32)))
     assert main(["data", "verify", str(empty)]) == 2

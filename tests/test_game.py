@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from worldmodel.action import NOOP, Action
+from worldmodel.game.action import NOOP, Action
 from worldmodel.errors import UserError
-from worldmodel.game import (FORWARD_SPEED, STRAFE_SPEED, DoomEnv, action_to_buttons, angle_difference,
+from worldmodel.game.doom import (FORWARD_SPEED, STRAFE_SPEED, DoomEnv, action_to_buttons, angle_difference,
                              parse_frame_size, render_resolution, resize_frame)
 
 SMALL = (24, 32)
@@ -128,7 +128,7 @@ def test_leaving_the_level_restarts_transparently(monkeypatch):
 
 ENGINE_SCRIPT = """
 import sys, time
-from worldmodel.game import DoomEnv
+from worldmodel.game.doom import DoomEnv
 env = DoomEnv(map="MAP01", frame_size=(24, 32))
 env.reset()
 print(env.engine_pid, flush=True)

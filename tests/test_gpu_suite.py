@@ -146,7 +146,7 @@ def test_train_flops_counts_every_matrix_product():
     (per token, or per frame for the conditioning), and the attention is counted block-causally."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from worldmodel.model import ModelConfig, WorldTransformer
+    from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
     cfg = ModelConfig(dim=64, depth=2, heads=2, window_frames=2, max_draft=1)
     B, F_ = 2, cfg.clip_frames

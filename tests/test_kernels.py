@@ -14,9 +14,9 @@ if not torch.cuda.is_available():  # must precede the first import of the triton
 import pytest  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import (BACKENDS, available_backends, block_causal_attention, cached_attention,  # noqa: E402
+from worldmodel.kernels import (BACKENDS, available_backends, block_causal_attention, cached_attention,  # noqa: E402
                      check_backend)
-from kernels.reference import (reference_block_causal_attention, reference_cached_attention)  # noqa: E402
+from worldmodel.kernels.reference import (reference_block_causal_attention, reference_cached_attention)  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -35,7 +35,7 @@ def ta():
     """The Triton kernels module, if the triton backend can run here (else skip)."""
     if "triton" not in available_backends(DEV):
         pytest.skip(f"triton unavailable on {DEV}")
-    from kernels import triton_attention
+    from worldmodel.kernels import triton_attention
     return triton_attention
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -343,7 +343,7 @@ def test_available_backends_and_unavailable_backend_raises(monkeypatch):
     with pytest.raises(RuntimeError):
         check_backend("triton", "meta")
     if _has_triton():  # kernels built for the GPU cannot take CPU tensors: an error, not the reference
-        from kernels import triton_attention as ta
+        from worldmodel.kernels import triton_attention as ta
         monkeypatch.setattr(ta, "INTERPRET", False)
         assert "triton" not in available_backends("cpu")
         q, k, v = _qkv(1, 1, 8, 16, torch.float32, "cpu")
@@ -414,7 +414,7 @@ def test_gpu_block_causal_forward_and_gradients(backend, dtype, shape):
         rel = ((got.float() - want).norm() / want.norm()).item()
         assert rel < 2e-2, f"d{name}: relative error {rel:.3g}"
     if backend == "triton":  # every element written
-        from kernels import triton_attention as ta
+        from worldmodel.kernels import triton_attention as ta
         poisoned = torch.full_like(base[0], float("nan"))
         with torch.no_grad():
             ta.block_causal_attention_fwd(*base, t, out=poisoned)
@@ -438,7 +438,7 @@ def test_gpu_cached_attention(backend, dtype, case):
     tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(out.float(), ref, **tol)
     if backend == "triton":  # every element written, for several split counts
-        from kernels import triton_attention as ta
+        from worldmodel.kernels import triton_attention as ta
         for ns in (1, 5):
             poisoned = torch.full_like(args[0], float("nan"))
             with torch.no_grad():

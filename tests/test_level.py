@@ -1,11 +1,11 @@
-"""Level geometry, coverage and the start places of a level model (worldmodel/level.py), the warp into
+"""Level geometry, coverage and the start places of a level model (worldmodel/game/level.py), the warp into
 them (DoomEnv.warp) and `collect --starts level`: training and evaluation episodes apart by construction."""
 import numpy as np
 import pytest
 
-from worldmodel import collect as C
-from worldmodel import dataset as ds
-from worldmodel.level import EVAL_STARTS, Level, episode_seed, load_level
+from worldmodel.data import collect as C
+from worldmodel.data import dataset as ds
+from worldmodel.game.level import EVAL_STARTS, Level, episode_seed, load_level
 
 
 def grid_level(reachable: np.ndarray, cell: int = 64) -> Level:
@@ -65,7 +65,7 @@ def test_map01_start_places_are_spread_and_apart(map01):
 
 
 def test_warp_puts_the_player_at_a_start_place_facing_the_heading(map01):
-    from worldmodel.game import DoomEnv
+    from worldmodel.game.doom import DoomEnv
 
     x, y = map01.centre(map01.starts("eval")[:1])[0]
     with DoomEnv(map="MAP01", frame_size=(48, 64)) as env:
@@ -98,7 +98,7 @@ def test_level_collection_keeps_evaluation_episodes_out_of_training(map01, tmp_p
     for p in firsts:
         assert tuple(map01.cell_of(p[None])[0]) in train_cells
     # a level's datasets serve their own split only: training episodes never as validation, and back
-    from worldmodel import train as T
+    from worldmodel.training import train as T
     from worldmodel.errors import UserError
 
     val_out = tmp_path / "lvl-val"
@@ -130,7 +130,7 @@ def _user_wad(path, source_map="MAP01", name="MAP33"):
     """A user's PWAD: freedoom2's `source_map` lumps under a map name freedoom2 does not have."""
     import struct
 
-    from worldmodel.game import wad_path
+    from worldmodel.game.doom import wad_path
 
     data = open(wad_path("freedoom2"), "rb").read()
     n, table = struct.unpack_from("<ii", data, 4)
@@ -150,8 +150,8 @@ def _user_wad(path, source_map="MAP01", name="MAP33"):
 def test_a_users_own_wad_is_a_level_to_collect(map01, tmp_path):
     """`--wad my.wad`: a user's map (here MAP01's geometry under the name MAP33, which freedoom2 lacks) is
     loaded on top of freedoom2, is outside the Freedoom split, and can be a level model's level."""
-    from worldmodel.game import DoomEnv
-    from worldmodel.maps import parse_wad, split_of
+    from worldmodel.game.doom import DoomEnv
+    from worldmodel.game.maps import parse_wad, split_of
 
     wad = parse_wad(_user_wad(tmp_path / "mine.wad"))
     assert split_of(wad, "MAP33") == "user"

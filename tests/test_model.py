@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from worldmodel import diffusion
-from worldmodel.model import ModelConfig, WorldTransformer
+from worldmodel.model import diffusion
+from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
 
 

@@ -15,13 +15,13 @@ import numpy as np  # noqa: E402
 import pygame  # noqa: E402
 import torch  # noqa: E402
 
-from play.app import PlayApp, Options  # noqa: E402
-from play.keymap import COMMANDS, HELD, KEYMAP, MOUSE_BUTTONS, InputState, key_table  # noqa: E402
-from play.sources import ClipStarts, DreamGame, RealGame, RealStarts  # noqa: E402
-from worldmodel.action import NOOP, Action, load_actions  # noqa: E402
-from worldmodel.autoencoder import Autoencoder  # noqa: E402
-from worldmodel.engine import WorldModel  # noqa: E402
-from worldmodel.model import ModelConfig, WorldTransformer  # noqa: E402
+from worldmodel.play.app import PlayApp, Options  # noqa: E402
+from worldmodel.play.keymap import COMMANDS, HELD, KEYMAP, MOUSE_BUTTONS, InputState, key_table  # noqa: E402
+from worldmodel.play.sources import ClipStarts, DreamGame, RealGame, RealStarts  # noqa: E402
+from worldmodel.game.action import NOOP, Action, load_actions  # noqa: E402
+from worldmodel.model.autoencoder import Autoencoder  # noqa: E402
+from worldmodel.inference.engine import WorldModel  # noqa: E402
+from worldmodel.model.transformer import ModelConfig, WorldTransformer  # noqa: E402
 
 PERIOD_MS = 1000.0 / 35
 
@@ -159,7 +159,7 @@ def test_real_game_turns_too():
 
 
 def test_r_records_a_playable_mp4_matching_its_actions(tmp_path):
-    from worldmodel.recording import load_recording, paths, read_video
+    from worldmodel.data.recording import load_recording, paths, read_video
 
     app, report = play(dream(), {0: [key(pygame.K_r), key(pygame.K_w)], 5: [key(pygame.K_a)]},
                        max_frames=12, record_dir=tmp_path)
@@ -186,7 +186,7 @@ def test_plus_minus_change_steps_live_and_f12_saves_a_screenshot(tmp_path):
 
 
 def test_tab_shows_the_real_game_beside_the_dream_from_the_same_start(tmp_path):
-    from worldmodel.game import DoomEnv
+    from worldmodel.game.doom import DoomEnv
 
     script = [Action(turn=5.0), Action(move=1), Action(move=1, strafe=1), Action(turn=-3.0)] * 2
     game = dream(clips=True)
@@ -280,7 +280,7 @@ def test_without_display_or_checkpoint_the_message_says_what_to_do(monkeypatch, 
     assert len(err.splitlines()) == 1 and "SDL_VIDEODRIVER=dummy" in err and "xvfb-run" in err
 
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    monkeypatch.setattr("worldmodel.cli_common.find_default_checkpoint", lambda: None)
+    monkeypatch.setattr("worldmodel.inference.loading.find_default_checkpoint", lambda: None)
     monkeypatch.chdir(tmp_path)
     assert main(["play"]) == 2
     err = capsys.readouterr().err.strip()

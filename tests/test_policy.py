@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from worldmodel.action import TURN_MAX, Action
-from worldmodel.policy import ExplorerPolicy, explorer_actions
+from worldmodel.game.action import TURN_MAX, Action
+from worldmodel.game.policy import ExplorerPolicy, explorer_actions
 
 
 def runs(values):
@@ -92,7 +92,7 @@ def test_close_to_a_wall_it_stops_or_backs_off_while_turning_away():
 
 
 def test_explores_the_real_map():
-    from worldmodel.game import DoomEnv
+    from worldmodel.game.doom import DoomEnv
 
     with DoomEnv(map="MAP01", seed=0, frame_size=(24, 32), depth=True) as env:
         p = ExplorerPolicy(0)

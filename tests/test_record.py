@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from worldmodel import cli_common
-from worldmodel.action import Action, load_actions, save_actions
+from worldmodel.inference import loading as cli_common
+from worldmodel.game.action import Action, load_actions, save_actions
 from worldmodel.cli import main
 from helpers import engines_of, make_checkpoint
-from worldmodel.recording import load_recording, paths, read_video
+from worldmodel.data.recording import load_recording, paths, read_video
 
 
 

@@ -1,4 +1,4 @@
-"""The recording format (worldmodel/recording.py): round trips, crash safety, the OpenCV fallback."""
+"""The recording format (worldmodel/data/recording.py): round trips, crash safety, the OpenCV fallback."""
 import json
 import os
 import signal
@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from worldmodel import recording
-from worldmodel.action import Action, load_actions, save_actions
+from worldmodel.data import recording
+from worldmodel.game.action import Action, load_actions, save_actions
 from worldmodel.metrics import psnr
-from worldmodel.recording import Recorder, load_recording, paths, read_video, split_prefix
+from worldmodel.data.recording import Recorder, load_recording, paths, read_video, split_prefix
 
 
 def smooth_frames(n, h=96, w=128, seed=0):
@@ -95,8 +95,8 @@ def test_bad_frames_and_actions_are_refused(tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from worldmodel.action import Action
-    from worldmodel.recording import Recorder
+    from worldmodel.game.action import Action
+    from worldmodel.data.recording import Recorder
     rec = Recorder(sys.argv[1], 35, (96, 128), {"kind": "kill test"})
     yy, xx = np.mgrid[0:96, 0:128]
     i = 0

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel import train as T
-
+from worldmodel.training import train as T
 from test_model import tiny_config
 
 HERE = Path(__file__).resolve().parent
@@ -110,7 +109,7 @@ def test_max_time_stops_with_a_checkpoint_that_resume_continues(tmp_path):
 
 
 def test_a_level_models_export_names_its_level_where_play_and_eval_read_it(tmp_path):
-    from worldmodel.autoencoder import Autoencoder
+    from worldmodel.model.autoencoder import Autoencoder
 
     cfg = tiny_config()
     level = {"wad": "freedoom2", "map": "MAP01"}
@@ -122,8 +121,8 @@ def test_a_level_models_export_names_its_level_where_play_and_eval_read_it(tmp_p
 
 
 def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
-    from worldmodel.autoencoder import Autoencoder
-    from worldmodel.checkpoint import save_pretrained
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.model.checkpoint import save_pretrained
     from worldmodel.errors import UserError
 
     torch.manual_seed(0)
@@ -147,8 +146,8 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
 def test_init_switches_on_the_previous_frame_input_without_changing_what_the_model_computes(tmp_path):
     """--init from a model without `prev_frame` into one with it: the previous frame's input weights start
     at zero, so the new model's outputs equal the checkpoint's exactly; after training they do not."""
-    from worldmodel.autoencoder import Autoencoder
-    from worldmodel.checkpoint import save_pretrained
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.model.checkpoint import save_pretrained
 
     torch.manual_seed(0)
     cfg = tiny_config()
@@ -173,8 +172,8 @@ def test_init_switches_on_the_previous_frame_input_without_changing_what_the_mod
 def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
     """The training loss under bf16 autocast (what `train model` uses on CPUs with native bf16, and on
     CUDA) agrees with float32 on the same batch; it is refused where the CPU has no bf16."""
-    from worldmodel import diffusion
-    from worldmodel.engine import native_bf16
+    from worldmodel.model import diffusion
+    from worldmodel.device import native_bf16
 
     cfg = tiny_config(prev_frame=True)
     torch.manual_seed(0)
@@ -247,7 +246,7 @@ def test_decoder_only_fine_tune_moves_only_the_decoder(tmp_path):
 def test_adversarial_losses_each_train_only_their_own_side():
     """One backward of the total: the critic's gradient is that of its hinge loss alone, the
     autoencoder's that of reconstruction + weight * adversarial alone."""
-    from worldmodel.autoencoder import Autoencoder, PatchDiscriminator
+    from worldmodel.model.autoencoder import Autoencoder, PatchDiscriminator
 
     torch.manual_seed(0)
     cfg = tiny_config()
@@ -277,7 +276,7 @@ DDP_SCRIPT = r'''
 import json, os, sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from worldmodel import train as T
+from worldmodel.training import train as T
 from test_model import tiny_config
 from test_train import synthetic_latents, quick
 cfg = tiny_config()
@@ -319,7 +318,7 @@ TINY_SET = ["--set", "frame_size=32,32", "--set", "latent_channels=4", "--set", 
 
 def make_dataset(root: Path, maps=("MAP01", "MAP02", "MAP21"), frames=48, seed=0) -> Path:
     """A dataset in the `worldmodel collect` format: one episode per map of a blob moving with the actions."""
-    from worldmodel import dataset as D
+    from worldmodel.data import dataset as D
     rng = np.random.default_rng(seed)
     manifest = D.new_manifest((32, 32))
     yy, xx = np.mgrid[0:32, 0:32]
@@ -372,13 +371,13 @@ def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
     assert any("psnr_tf" in m and "psnr_copy_last" in m for m in metrics)
     assert (run / "cache" / "train_latents.safetensors").is_file()
     # the export plays
-    from worldmodel.engine import WorldModel
-    from worldmodel.action import Action
+    from worldmodel.inference.engine import WorldModel
+    from worldmodel.game.action import Action
     wm = WorldModel.from_pretrained(run / "export", device="cpu")
     training = wm.info["training"]
     assert training["steps"] == 4 and training["maps"] == ["MAP01", "MAP02"] and training["hardware"]
     assert training["validation_maps"] == ["MAP21"]
-    from worldmodel import dataset as D
+    from worldmodel.data import dataset as D
     ds = D.ClipDataset(data, clip_len=3, maps=["MAP21"])
     clip = ds[0]
     wm.reset(clip["frames"].numpy(), [Action.from_vector(a) for a in clip["actions"]])
@@ -427,9 +426,9 @@ def _active_model(cfg, seed=0):
 def test_self_forced_rollout_is_the_engines_rollout(prev_frame):
     """The self-made context of Self Forcing comes from the engine's own sampling path: for the same seed,
     context and actions, `self_forced_clip` holds exactly the latents `WorldModel.step` generates."""
-    from worldmodel.action import Action, decode_actions
-    from worldmodel.autoencoder import Autoencoder
-    from worldmodel.engine import WorldModel
+    from worldmodel.game.action import Action, decode_actions
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.inference.engine import WorldModel
 
     cfg = tiny_config(prev_frame=prev_frame, sample_steps=2)
     model = _active_model(cfg).eval()

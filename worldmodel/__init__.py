@@ -5,16 +5,16 @@ import os
 # shares the cores (measured here: about 2 s a frame instead of 29 ms on a busy 2-core machine).
 # Passive waiting costs nothing when the machine is idle. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from worldmodel.action import ACTION_DIM, Action, load_actions, save_actions
+from worldmodel.game.action import ACTION_DIM, Action, load_actions, save_actions
 
 __all__ = ["Action", "ACTION_DIM", "load_actions", "save_actions", "WorldModel", "DreamEnv"]
 
 
 def __getattr__(name):  # the engine pulls in the model; import it only when asked for
     if name == "WorldModel":
-        from worldmodel.engine import WorldModel
+        from worldmodel.inference.engine import WorldModel
         return WorldModel
     if name == "DreamEnv":
-        from worldmodel.dream_env import DreamEnv
+        from worldmodel.inference.dream_env import DreamEnv
         return DreamEnv
     raise AttributeError(f"module 'worldmodel' has no attribute {name!r}")

@@ -10,14 +10,14 @@ from worldmodel.errors import UserError, sigterm_unwinds
 
 # name -> (module, one-line help). `data verify` and `train autoencoder|model` have sub-subcommands.
 COMMANDS = {
-    "collect": ("worldmodel.collect", "record gameplay from the training maps into a dataset"),
-    "data": ("worldmodel.dataset", "dataset tools (`data verify DIR`)"),
-    "train": ("worldmodel.train", "train the autoencoder or the diffusion transformer"),
-    "distill": ("worldmodel.distill", "distil a trained model to 1-4 sampling steps"),
-    "play": ("play.app", "play inside the dream in a window"),
-    "record": ("worldmodel.record", "record rollouts headless from an action script or a policy"),
-    "bench": ("worldmodel.bench", "benchmark the engine's frames/s and latency"),
-    "eval": ("worldmodel.evaluate", "compare generated frames against the real game"),
+    "collect": ("worldmodel.data.collect", "record gameplay from the training maps into a dataset"),
+    "data": ("worldmodel.data.dataset", "dataset tools (`data verify DIR`)"),
+    "train": ("worldmodel.training.train", "train the autoencoder or the diffusion transformer"),
+    "distill": ("worldmodel.training.distill", "distil a trained model to 1-4 sampling steps"),
+    "play": ("worldmodel.play.app", "play inside the dream in a window"),
+    "record": ("worldmodel.evaluation.record", "record rollouts headless from an action script or a policy"),
+    "bench": ("worldmodel.evaluation.bench", "benchmark the engine's frames/s and latency"),
+    "eval": ("worldmodel.evaluation.evaluate", "compare generated frames against the real game"),
 }
 
 

@@ -1,8 +1,11 @@
-"""Frame metrics for `worldmodel eval`: fidelity (PSNR, SSIM), motion from optical flow, frame statistics.
+"""Frame metrics, one home for training, eval and the benchmarks: fidelity (PSNR, SSIM), motion from
+optical flow, frame statistics.
 
 All take uint8 RGB frames (H, W, 3) (or float arrays in 0..255).
 
 - `psnr(a, b)`: dB over all pixels and channels; +inf for identical frames.
+- `psnr_frames(a, b)`, `psnr_pooled(a, b)`: the same on torch batches (training's validation): per frame
+  (capped at 100 dB), and of the mean squared error over all frames.
 - `ssim(a, b)`: Wang et al. 2004 (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03), mean over the
   channels; 1.0 for identical frames.
 - `optical_flow(prev, next)`: dense Farneback flow (cv2.calcOpticalFlowFarneback) on grey levels,
@@ -20,6 +23,7 @@ import math
 
 import cv2
 import numpy as np
+import torch
 
 # which rows feed the motion estimates: Doom draws the weapon sprite over the bottom of the screen, and it
 # bobs and fires regardless of where the player looks, so the bottom part of the frame is left out
@@ -44,6 +48,19 @@ def psnr(a, b, max_value: float = 255.0) -> float:
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(max_value ** 2 / mse)
+
+
+def psnr_frames(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-frame PSNR in dB of uint8 frames (..., H, W, 3) against (..., H, W, 3); peak 255, capped at 100."""
+    mse = (a.float() - b.float()).pow(2).flatten(-3).mean(-1)
+    return (10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).clamp(max=100.0)
+
+
+def psnr_pooled(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of the mean squared error over all frames (torchmetrics' default reduction): unlike
+    the mean of per-frame PSNRs it is not dominated by a few (near-)identical frames."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
 
 
 def ssim(a, b, max_value: float = 255.0) -> float:

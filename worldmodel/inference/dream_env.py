@@ -36,8 +36,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from worldmodel.action import TURN_MAX, Action
-from worldmodel.engine import WorldModel
+from worldmodel.game.action import TURN_MAX, Action
+from worldmodel.inference.engine import WorldModel
 
 ENV_ID = "worldmodel/Dream-v0"
 
@@ -113,8 +113,8 @@ class DreamEnv(gym.Env):
 
     # -- start scenes --------------------------------------------------------------------------------
     def _from_game(self, seed: int) -> tuple[np.ndarray, list[Action]]:
-        from worldmodel.game import DoomEnv
-        from worldmodel.policy import ExplorerPolicy
+        from worldmodel.game.doom import DoomEnv
+        from worldmodel.game.policy import ExplorerPolicy
 
         if self._game is None:
             self._game = DoomEnv(wad=self.wad, map=self.map, seed=seed, frame_size=self.model.frame_size)
@@ -163,4 +163,4 @@ class DreamEnv(gym.Env):
 
 
 if ENV_ID not in gym.registry:
-    gym.register(id=ENV_ID, entry_point="worldmodel.dream_env:DreamEnv")
+    gym.register(id=ENV_ID, entry_point="worldmodel.inference.dream_env:DreamEnv")

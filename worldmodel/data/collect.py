@@ -5,7 +5,7 @@ is completed by re-running the same command, with no duplicate and no missing fr
 - unit k is one episode: map `maps[k % len(maps)]`, seed `unit_seed(seed, k)` (for the engine, the
   policy and the warm-up), `episode_frames` frames (the last unit fewer, so that the total is --frames);
 - with `--starts level` (a level model's data: one map, covered everywhere) the player is first warped
-  to a start cell of the level drawn by the unit's seed (`worldmodel.level`: never one of the level's
+  to a start cell of the level drawn by the unit's seed (`worldmodel.game.level`: never one of the level's
   evaluation start places) and turned to a random heading, and the engine seed is a training seed
   (even); with `--split val` as well, the units are the level's held-out episodes instead: its
   evaluation start places in turn, evaluation seeds (odd);
@@ -44,10 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel import dataset as ds
-from worldmodel.cli_common import check_output_path
+from worldmodel.data import dataset as ds
+from worldmodel.files import atomic_write_json, check_output_path
 from worldmodel.errors import UserError, sigterm_unwinds
-from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, add_wad_argument, check_map, parse_maps, split_of
+from worldmodel.game.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, add_wad_argument, check_map, parse_maps, split_of
 
 SEGMENT_STRIDE = 1_000_000_000
 CONFIG = "collect.json"
@@ -75,7 +75,7 @@ class CollectConfig:
     format: int = 1
 
     def __post_init__(self):
-        from worldmodel.policy import POLICY_VERSION
+        from worldmodel.game.policy import POLICY_VERSION
 
         self.policy = self.policy or POLICY_VERSION
         self.frame_size = [int(v) for v in self.frame_size]
@@ -141,7 +141,7 @@ def plan(cfg: CollectConfig) -> list[Unit]:
     n_units = math.ceil(cfg.frames / cfg.episode_frames)
     cells = None
     if cfg.starts == "level":
-        from worldmodel.level import episode_seed, load_level
+        from worldmodel.game.level import episode_seed, load_level
 
         split = "train" if cfg.split == "train" else "eval"
         level = load_level(cfg.wad, cfg.maps[0])
@@ -170,7 +170,7 @@ _PARENT = None  # the main process's pid
 
 def _init_worker(q, parent: int):
     global _QUEUE, _TMPDIR, _PARENT
-    from worldmodel.game import private_tmpdir
+    from worldmodel.game.doom import private_tmpdir
 
     _QUEUE, _PARENT = q, parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
@@ -227,9 +227,9 @@ def run_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict]:
 
 
 def _play_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict]:
-    from worldmodel.action import NOOP
-    from worldmodel.game import DoomEnv
-    from worldmodel.policy import ExplorerPolicy
+    from worldmodel.game.action import NOOP
+    from worldmodel.game.doom import DoomEnv
+    from worldmodel.game.policy import ExplorerPolicy
 
     needed = set(needed)
     last = max(needed)
@@ -378,7 +378,7 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
                 done[name] = entry
     manifest["shards"] = list(done.values())
     manifest = ds.write_manifest(root, manifest)
-    ds.atomic_write_json(root / CONFIG, conf)
+    atomic_write_json(root / CONFIG, conf)
 
     tasks = []
     for u in units:
@@ -526,7 +526,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> CollectConfig:
-    from worldmodel.game import parse_frame_size
+    from worldmodel.game.doom import parse_frame_size
 
     try:
         maps = parse_maps(args.maps) if args.maps else list(TRAIN_MAPS if args.split == "train" else VAL_MAPS)
@@ -554,7 +554,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m worldmodel.collect ...`: the same as `worldmodel collect ...`."""
+    """`python -m worldmodel.data.collect ...`: the same as `worldmodel collect ...`."""
     parser = argparse.ArgumentParser(prog="worldmodel collect", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

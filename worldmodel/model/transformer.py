@@ -1,7 +1,7 @@
 """The world model's diffusion transformer, top to bottom: config and presets, rotary positions over
 (time, row, column), the static KV cache, the model, its blocks.
 
-Frames enter as latent grids from the autoencoder (worldmodel/autoencoder.py), are cut into tokens,
+Frames enter as latent grids from the autoencoder (worldmodel/model/autoencoder.py), are cut into tokens,
 and every frame carries its own noise level and its own action (the action that produced it), which
 modulate every block through adaLN-Zero. Attention is block-causal: bidirectional inside a frame,
 causal across frames (Next-Frame Diffusion). It runs through `kernels/`.
@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from worldmodel.action import ACTION_DIM
-from worldmodel.autoencoder import AutoencoderConfig
+from worldmodel import kernels
+from worldmodel.game.action import ACTION_DIM
+from worldmodel.model.autoencoder import AutoencoderConfig
 
 # --------------------------------------------------------------------------------------------------
 # Config and presets
@@ -65,7 +65,7 @@ class ModelConfig:
     window_frames: int = 7  # most recent clean frames
     max_draft: int = 8  # most frames generated in one pass (speculative sampling)
     context_noise: float = 0.05  # noise level of committed context frames (GameNGen augmentation)
-    # sampling defaults (runtime settings; see worldmodel/sampler.py)
+    # sampling defaults (runtime settings; see worldmodel/inference/sampler.py)
     sample_steps: int = 4
     sample_shift: float = 1.0
 

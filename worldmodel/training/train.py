@@ -50,17 +50,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from worldmodel import diffusion
-from worldmodel.autoencoder import (Autoencoder, AutoencoderConfig, PatchDiscriminator, psnr, psnr_pooled,
-                                    reconstruction_loss)
-from worldmodel.checkpoint import (CONFIG_FILE, FORMAT_VERSION, WEIGHT_FILES, CheckpointError, atomic_write_json,
+from worldmodel.model import diffusion
+from worldmodel.metrics import psnr_frames, psnr_pooled
+from worldmodel.model.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscriminator, reconstruction_loss
+from worldmodel.model.checkpoint import (CONFIG_FILE, FORMAT_VERSION, WEIGHT_FILES, CheckpointError,
                                    check_state_dict, load_tensors, read_config, save_pretrained, save_tensors)
-from worldmodel.cli_common import check_output_path
-from worldmodel.engine import native_bf16, parse_device, resolve_device
+from worldmodel.files import atomic_write_json, check_output_path
+from worldmodel.parsing import parse_hw
+from worldmodel.device import native_bf16, parse_device, resolve_device
 from worldmodel.errors import UserError
-from worldmodel.model import ModelConfig, WorldTransformer, preset
+from worldmodel.model.transformer import ModelConfig, WorldTransformer, preset
 from worldmodel.progress import progress_bar
-from worldmodel.sampler import FrameSampler
+from worldmodel.inference.sampler import FrameSampler
 
 STATE_FORMAT = 1
 READ_SPREAD = 4  # read_frames with max_frames: read this many times more frames than kept, from spread shards
@@ -335,7 +336,7 @@ class LatentClips:
 
 def _dataset_module():
     try:
-        from worldmodel import dataset
+        from worldmodel.data import dataset
     except ModuleNotFoundError as e:
         raise UserError(f"the dataset loader is not available ({e})") from None
     return dataset
@@ -346,7 +347,7 @@ def split_maps(split: str, maps: list[str] | None = None, path: str | Path | Non
     `maps` if given; a held-out map (or a training map for "val") is refused. A level's dataset
     (`collect --starts level`, at `path`) holds one map, either the level's training episodes or its
     held-out ones (its collect.json says which, by construction): it serves its own split only."""
-    from worldmodel.maps import TRAIN_MAPS, VAL_MAPS, check_map, split_of
+    from worldmodel.game.maps import TRAIN_MAPS, VAL_MAPS, check_map, split_of
     level = level_dataset(path) if path is not None else None
     if level is not None:
         if level["split"] != split:
@@ -371,7 +372,7 @@ def split_maps(split: str, maps: list[str] | None = None, path: str | Path | Non
 def level_dataset(path: str | Path) -> dict | None:
     """{"wad", "map", "split"} of a level's dataset (`collect --starts level`, read from its collect.json),
     None for any other dataset."""
-    from worldmodel.collect import CONFIG
+    from worldmodel.data.collect import CONFIG
 
     try:
         conf = json.loads((Path(path) / CONFIG).read_text())
@@ -746,7 +747,7 @@ def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> No
     exactly). The model configs must agree except for the sampling defaults and the context noise, and
     `prev_frame` may be switched on: the previous frame's input weights start at zero, so the new model
     computes exactly what the checkpoint's did and learns to use the previous frame from there."""
-    from worldmodel.checkpoint import load_pretrained
+    from worldmodel.model.checkpoint import load_pretrained
 
     icfg, _, transformer, _, _ = load_pretrained(path)
     free = ("sample_steps", "sample_shift", "context_noise")
@@ -849,8 +850,8 @@ def teacher_forced(model: WorldTransformer, autoencoder: Autoencoder, cfg: Model
     pred = autoencoder.decode_uint8(latent).cpu()
     real = frames[:, k]
     recon = autoencoder.reconstruct(real.to(device)).cpu()
-    return {"psnr": psnr(pred, real).mean().item(), "psnr_copy_last": psnr(frames[:, k - 1], real).mean().item(),
-            "psnr_ae": psnr(recon, real).mean().item(), "psnr_pooled": psnr_pooled(pred, real),
+    return {"psnr": psnr_frames(pred, real).mean().item(), "psnr_copy_last": psnr_frames(frames[:, k - 1], real).mean().item(),
+            "psnr_ae": psnr_frames(recon, real).mean().item(), "psnr_pooled": psnr_pooled(pred, real),
             "psnr_pooled_copy_last": psnr_pooled(frames[:, k - 1], real), "clips": B, "context": k}
 
 
@@ -880,8 +881,8 @@ def sample_strip(model: WorldTransformer, autoencoder: Autoencoder, cfg: ModelCo
     tf, ar, real = torch.stack(tf, 1), torch.stack(ar, 1), frames[:, k:]  # (B, R, H, W, 3)
     rows = torch.stack((real, tf, ar), 1).flatten(0, 1)  # (3B, R, H, W, 3)
     image = rows.permute(0, 2, 1, 3, 4).reshape(rows.shape[0] * H, rows.shape[1] * W, 3)
-    stats = {"psnr_rollout": psnr(ar, real).mean().item(),
-             "psnr_rollout_copy": psnr(frames[:, k - 1:k].expand_as(real), real).mean().item(),
+    stats = {"psnr_rollout": psnr_frames(ar, real).mean().item(),
+             "psnr_rollout_copy": psnr_frames(frames[:, k - 1:k].expand_as(real), real).mean().item(),
              "rollout_frames": Fr - k}
     return image, stats
 
@@ -1039,7 +1040,7 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
         H, W = v.shape[1:3]
         strip = torch.stack((v[pick], rec[pick])).permute(0, 2, 1, 3, 4).reshape(2 * H, len(pick) * W, 3)
         save_png(out / "samples" / "autoencoder_latest.png", strip)
-        return {"val_psnr": psnr(rec, v).mean().item(), "val_frames": len(v),
+        return {"val_psnr": psnr_frames(rec, v).mean().item(), "val_frames": len(v),
                 "val_sharpness": median_sharpness(rec), "val_sharpness_real": median_sharpness(v)}
 
     bar = _progress(tcfg, dist, start, "autoencoder")
@@ -1646,7 +1647,7 @@ def run(args) -> int:
 def _maps(args) -> list[str] | None:
     if not args.maps:
         return None
-    from worldmodel.maps import parse_maps
+    from worldmodel.game.maps import parse_maps
     return parse_maps(args.maps)
 
 
@@ -1654,20 +1655,12 @@ def _val_source(args) -> str:
     return args.val_data or args.data
 
 
-def _parse_hw(spec: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in spec.lower().split("x"))
-    except ValueError:
-        raise UserError(f"bad size {spec!r}; expected HxW, e.g. 48x64") from None
-    return h, w
-
-
 def run_autoencoder(args) -> int:
     cfg = resolve_config(args.preset, parse_overrides(args.set))
     tcfg = AutoencoderTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
                                   val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                                   val_frames=args.val_frames, device=args.device, progress=not args.no_progress,
-                                  crop=_parse_hw(args.crop) if args.crop else None, adv_weight=args.adv_weight,
+                                  crop=parse_hw(args.crop, "48x64") if args.crop else None, adv_weight=args.adv_weight,
                                   adv_start=args.adv_start, init=args.init, decoder_only=args.decoder_only)
     if tcfg.adv_weight < 0 or tcfg.adv_start < 0:
         raise UserError("--adv-weight and --adv-start must not be negative")

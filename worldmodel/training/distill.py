@@ -67,14 +67,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from worldmodel.autoencoder import Autoencoder, psnr
-from worldmodel.checkpoint import atomic_write_json, load_pretrained, save_pretrained
-from worldmodel.cli_common import command_line
-from worldmodel.diffusion import add_noise, predict_x0, timesteps, velocity_target
+from worldmodel.metrics import psnr_frames
+from worldmodel.model.autoencoder import Autoencoder
+from worldmodel.files import atomic_write_json, check_output_path
+from worldmodel.model.checkpoint import load_pretrained, save_pretrained
+from worldmodel.provenance import command_line
+from worldmodel.model.diffusion import add_noise, predict_x0, timesteps, velocity_target
 from worldmodel.errors import UserError
-from worldmodel.model import KVCache, ModelConfig, WorldTransformer
-from worldmodel.sampler import FrameSampler
-from worldmodel.train import add_amp_argument
+from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer
+from worldmodel.inference.sampler import FrameSampler
+from worldmodel.training.train import add_amp_argument
 
 OBJECTIVES = ("regression", "adversarial", "dmd")
 METHODS = {
@@ -413,7 +415,7 @@ def evaluate(model: WorldTransformer, ae: Autoencoder, cfg: ModelConfig, frames:
             gen.append(ae.decode_uint8(sampler.next(ac[:, j:j + 1])[:, 0]).cpu())
         gen = torch.stack(gen, 1)  # (B, R, H, W, 3)
         real = fr[:, context:]
-        p = psnr(gen, real)  # (B, R)
+        p = psnr_frames(gen, real)  # (B, R)
         one.append(p[:, 0])
         roll.append(p.mean(1))
         last.append(p[:, -1])
@@ -440,9 +442,9 @@ def baselines(ae: Autoencoder, frames: torch.Tensor, context: int) -> dict:
     with torch.no_grad():
         device = ae.latent_mean.device
         recon = torch.stack([ae.reconstruct(f.to(device)).cpu() for f in real], 0)
-    return {"copy_last_psnr_1": round(psnr(copy_last[:, 0], real[:, 0]).mean().item(), 3),
-            "copy_last_psnr_rollout": round(psnr(copy_last, real).mean().item(), 3),
-            "autoencoder_psnr": round(psnr(recon, real).mean().item(), 3)}
+    return {"copy_last_psnr_1": round(psnr_frames(copy_last[:, 0], real[:, 0]).mean().item(), 3),
+            "copy_last_psnr_rollout": round(psnr_frames(copy_last, real).mean().item(), 3),
+            "autoencoder_psnr": round(psnr_frames(recon, real).mean().item(), 3)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,9 +544,8 @@ def student_table(report: dict) -> str:
 
 
 def run(args) -> int:
-    from worldmodel.cli_common import check_output_path
-    from worldmodel.engine import resolve_device
-    from worldmodel.train import amp_enabled, check_sizes, encode_dataset, hardware
+    from worldmodel.device import resolve_device
+    from worldmodel.training.train import amp_enabled, check_sizes, encode_dataset, hardware
 
     check_sizes(args, at_least_1=("teacher_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
                 at_least_0=("threads",))
@@ -562,7 +563,7 @@ def run(args) -> int:
     context = cfg.cache_frames  # sinks + window: the context fits the cache without wrapping
     t0 = time.time()
     if args.latents:
-        from worldmodel.train import LatentClips
+        from worldmodel.training.train import LatentClips
         train = LatentClips.load(Path(args.latents), {})
         if train is None:
             raise UserError(f"{args.latents}: not a readable latent cache")

@@ -13,17 +13,16 @@ line that names the file; the CLI prints it as is.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from worldmodel.autoencoder import Autoencoder
+from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.errors import UserError
-from worldmodel.model import ModelConfig, WorldTransformer
+from worldmodel.files import atomic_path, atomic_write_json
+from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -35,48 +34,12 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
-# --------------------------------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors file written atomically (tensors are moved to CPU and made contiguous)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-_save_tensors = save_tensors  # old private name
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -22,8 +22,8 @@ import numbers
 
 import torch
 
-from worldmodel.diffusion import add_noise, timesteps
-from worldmodel.model import KVCache, ModelConfig, WorldTransformer
+from worldmodel.model.diffusion import add_noise, timesteps
+from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer
 
 _DENOISE, _COMMIT = 0, 1  # noise streams of a frame
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from worldmodel.action import TURN_MAX, Action
+from worldmodel.game.action import TURN_MAX, Action
 
 POLICY_VERSION = "explorer-2"  # bump when the behaviour changes: datasets record which policy made them
 STUCK_WINDOW = 20  # tics of history looked at for stuck detection

@@ -7,7 +7,7 @@ A recording is three files side by side, named from one prefix:
                           (`-movflags frag_keyframe+empty_moov+default_base_moof`, one keyframe a second)
                           so a killed process still leaves a playable file.
     PREFIX.actions.jsonl  the action that produced each frame, in the action-script format of
-                          `worldmodel.action` (one JSON object per line, runs of equal actions as one line
+                          `worldmodel.game.action` (one JSON object per line, runs of equal actions as one line
                           with "repeat": n) -- `worldmodel record --actions PREFIX.actions.jsonl` replays it.
                           Written as it goes: a run's line is rewritten in place (padded with spaces) each
                           time it grows, and the file is compacted on close.
@@ -45,8 +45,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from worldmodel.action import Action, load_actions
+from worldmodel.game.action import Action, load_actions
 from worldmodel.errors import UserError, disk_full, writing
+from worldmodel.files import atomic_write_text
+from worldmodel.provenance import git_commit, now
 
 FORMAT = "worldmodel-recording"
 FORMAT_VERSION = 1
@@ -92,22 +94,6 @@ def new_prefix(directory: str | os.PathLike = "recordings", stem: str = "play") 
     return prefix
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with writing(path), os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
 def ffmpeg_exe() -> str | None:
     """The ffmpeg binary: imageio-ffmpeg's bundled one, else one on PATH, else None."""
     try:
@@ -116,22 +102,6 @@ def ffmpeg_exe() -> str | None:
         return imageio_ffmpeg.get_ffmpeg_exe()
     except Exception:
         return shutil.which("ffmpeg")
-
-
-def git_commit(short: bool = False) -> str | None:
-    """The commit of the source tree this package runs from (None outside a git checkout)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
-                             cwd=root, capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            return None
-        sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        return sha + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 _hash_cache: dict[tuple, str] = {}
@@ -216,7 +186,7 @@ class _ActionLog:
         os.close(self.fd)
         self.fd = -1
         # compact: the same lines without padding (what action.save_actions writes), atomically
-        _atomic_write_text(self.path, "".join(self._line(a, c) + "\n" for a, c in self.runs))
+        atomic_write_text(self.path, "".join(self._line(a, c) + "\n" for a, c in self.runs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +293,7 @@ class Recorder:
         self._meta_every = float(meta_every_s)
         self._last_meta = 0.0
         self._timings = None
-        self.started = _now()
+        self.started = now()
         self.interrupted = None  # what cut the recording short, if anything
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self.actions = _ActionLog(self.paths["actions"])  # first: a place that cannot be written fails here
@@ -381,13 +351,13 @@ class Recorder:
                 "frame_size": list(self.frame_size), "frames": self.frames, "complete": complete,
                 "started": self.started}
         if complete:
-            meta["finished"] = _now()
+            meta["finished"] = now()
         elif self.interrupted:
             meta["interrupted"] = self.interrupted
         if self._timings is not None:
             meta["timings"] = self.paths["timings"].name
         meta.update({k: v for k, v in self.meta_in.items() if k not in meta})
-        _atomic_write_text(self.paths["meta"], json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(self.paths["meta"], json.dumps(meta, indent=2) + "\n")
 
     def close(self) -> None:
         """Finish the video, compact the actions file and write the final sidecar: complete: true, unless

@@ -1,5 +1,5 @@
 """`worldmodel record`: headless rollouts of the world model, written in the recording format of
-`worldmodel.recording` (PREFIX.mp4 + PREFIX.actions.jsonl + PREFIX.meta.json + PREFIX.timings.csv).
+`worldmodel.data.recording` (PREFIX.mp4 + PREFIX.actions.jsonl + PREFIX.meta.json + PREFIX.timings.csv).
 
     worldmodel record --actions walk.jsonl --frames 350 --out runs/walk
     worldmodel record --preset tiny --policy explorer --frames 700 --seed 0,1,2 --out runs/ --side-by-side
@@ -24,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel.action import MAX_SCRIPT_FRAMES, NOOP, ActionScript
-from worldmodel.cli_common import add_model_arguments, check_output_path, command_line, load_model, parse_int_list
+from worldmodel.game.action import MAX_SCRIPT_FRAMES, NOOP, ActionScript
+from worldmodel.files import check_output_path
+from worldmodel.inference.loading import add_model_arguments, load_model
+from worldmodel.parsing import parse_int_list
+from worldmodel.provenance import command_line
 from worldmodel.errors import UserError
-from worldmodel.maps import add_wad_argument
+from worldmodel.game.maps import add_wad_argument
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,7 +38,7 @@ from worldmodel.maps import add_wad_argument
 # --------------------------------------------------------------------------------------------------
 def game_start(wad: str, map_name: str, seed: int, frame_size, context: int, depth: bool = False):
     """(env, frames (context, H, W, 3), actions): the real game reset with `seed`, standing still."""
-    from worldmodel.game import DoomEnv
+    from worldmodel.game.doom import DoomEnv
 
     env = DoomEnv(wad=wad, map=map_name, seed=seed, frame_size=frame_size, depth=depth)
     frames, actions = [env.reset()], [NOOP]
@@ -115,8 +118,8 @@ def _prefixes(out: str, jobs) -> list[Path]:
 def run(args) -> int:
     from worldmodel.progress import progress_bar
 
-    from worldmodel.maps import check_map
-    from worldmodel.recording import Recorder, model_meta, paths
+    from worldmodel.game.maps import check_map
+    from worldmodel.data.recording import Recorder, model_meta, paths
 
     for name in ("frames", "context", "steps", "speculative"):
         v = getattr(args, name)
@@ -153,7 +156,7 @@ def run(args) -> int:
             n = len(script)
         policy, script_actions = None, iter(script) if script is not None else None
         if script is None:
-            from worldmodel.policy import ExplorerPolicy
+            from worldmodel.game.policy import ExplorerPolicy
 
             policy = ExplorerPolicy(seed)
         env = None

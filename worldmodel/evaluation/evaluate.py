@@ -11,7 +11,7 @@ start places (`Level.starts("eval")`, taken in farthest-point order, so that any
 over the level; more episodes than places go round them again), the engine seed is
 `episode_seed("eval", --seed + k)` (odd; training seeds are even) and the player is warped there and
 turned to a heading drawn from that seed. Those places and seeds are never a training episode's
-(worldmodel/level.py), so a level model is evaluated on its own training level. *Validation-map mode*
+(worldmodel/game/level.py), so a level model is evaluated on its own training level. *Validation-map mode*
 (`--maps`, the default otherwise): --episodes per map from the map's player start, seed --seed + episode.
 Held-out maps (freedoom2 MAP25-MAP32, every freedoom1 map) are refused either way.
 
@@ -61,15 +61,17 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel.action import NOOP, Action
-from worldmodel.cli_common import (add_model_arguments, check_output_path, load_model, model_name, parse_int_list,
-                                   provenance)
+from worldmodel.game.action import NOOP, Action
+from worldmodel.files import check_output_path
+from worldmodel.inference.loading import add_model_arguments, load_model, model_name
+from worldmodel.parsing import parse_int_list
+from worldmodel.provenance import provenance
 from worldmodel.errors import UserError
-from worldmodel.maps import add_wad_argument
-from worldmodel.level import EVAL_STARTS
+from worldmodel.game.maps import add_wad_argument
+from worldmodel.game.level import EVAL_STARTS
 from worldmodel.metrics import (PSNR_CAP, STATS, flow_cosine, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
-from worldmodel.policy import POLICY_VERSION
+from worldmodel.game.policy import POLICY_VERSION
 
 # probe name -> (action held, motion field looked at, expected sign)
 PROBES = {
@@ -137,7 +139,7 @@ class Plan:
 
 
 def _check_level(wad: str, map_name: str) -> str:
-    from worldmodel.maps import check_map, split_of
+    from worldmodel.game.maps import check_map, split_of
 
     m = check_map(wad, map_name, "val")  # held-out maps: HeldOutMapError, a clear line
     if split_of(wad, m) not in ("train", "user"):
@@ -151,7 +153,7 @@ def _plan(args, model_level: dict | None = None, loaded: bool = True) -> Plan:
     """The plan the flags ask for; without --level or --maps, `model_level` (a level model's config
     `info.level`) makes it level mode. Every check on the flags is here, so that a call before the model
     is loaded (`loaded` False: its level is not known yet) refuses bad flags (held-out maps) at once."""
-    from worldmodel.maps import check_map, parse_maps
+    from worldmodel.game.maps import check_map, parse_maps
 
     if args.level and args.maps:
         raise UserError("--level and --maps exclude each other (a level model on other maps: --generalisation MAPS)")
@@ -189,7 +191,7 @@ def level_episodes(level, n: int, seed: int = 0) -> list[dict]:
     """The held-out episodes of a level model's eval: episode k starts at the level's evaluation start
     place number k (mod EVAL_STARTS) in farthest-point order, engine (and policy) seed
     `episode_seed("eval", seed + k)`, heading drawn from that seed. Never a training start cell or seed."""
-    from worldmodel.level import episode_seed, farthest_points
+    from worldmodel.game.level import episode_seed, farthest_points
 
     cells = level.starts("eval")
     xy = level.centre(cells)
@@ -221,8 +223,8 @@ class Episode:
     level's start place), or None (the map's player start)."""
 
     def __init__(self, wad, map_name, seed, frame_size, context, warmup, policy_seed, start=None):
-        from worldmodel.game import DoomEnv
-        from worldmodel.policy import ExplorerPolicy
+        from worldmodel.game.doom import DoomEnv
+        from worldmodel.game.policy import ExplorerPolicy
 
         self.seed, self.start = seed, start
         self.env = DoomEnv(wad=wad, map=map_name, seed=seed, frame_size=frame_size, depth=True)
@@ -420,8 +422,8 @@ def score_controllability(probes: list[dict]) -> dict:
 
 def stability(wm, ep: Episode, frames: int, every: int, seed: int, real_stats: dict, progress=None,
               context: int | None = None) -> dict:
-    from worldmodel.bench import memory_mb, synchronize
-    from worldmodel.policy import ExplorerPolicy
+    from worldmodel.device import memory_mb, synchronize
+    from worldmodel.game.policy import ExplorerPolicy
 
     policy = ExplorerPolicy(seed + 7919)  # blind: the dream has no depth buffer
     wm.reset(*ep.context(context))
@@ -536,7 +538,7 @@ class Entry:
 
 def _load_models(args) -> list[Entry]:
     """--checkpoint/--preset first, then each --compare; every one with the same sampling settings."""
-    from worldmodel.recording import model_meta
+    from worldmodel.data.recording import model_meta
 
     settings = {"steps": args.steps, "speculative": args.speculative, "attention": args.attention}
     wms = [(model_name(args, wm), wm) for wm in [load_model(args, **settings)]]
@@ -598,7 +600,7 @@ def evaluate_episodes(entries: list[Entry], specs: list[dict], wad: str, warmup:
 
 def _video(prefix: Path, entries: list[Entry], generated: list[list], real: dict, spec: dict) -> None:
     """[model | ... | real game] side by side, one frame per tic of the fidelity rollout."""
-    from worldmodel.recording import Recorder, model_meta
+    from worldmodel.data.recording import Recorder, model_meta
 
     H, W = entries[0].wm.frame_size
     meta = {**model_meta(entries[0].wm), "compared": [model_meta(e.wm) for e in entries[1:]],
@@ -797,7 +799,7 @@ def _clean(o):
 
 def _write(res: dict, out: Path) -> None:
     """eval.json, atomically: an interrupted run keeps the stages it finished ("complete": false)."""
-    from worldmodel.checkpoint import atomic_write_bytes
+    from worldmodel.files import atomic_write_bytes
 
     res["comparison"] = comparison(_all_sections(res))
     if res.get("generalisation"):
@@ -806,7 +808,7 @@ def _write(res: dict, out: Path) -> None:
 
 
 def run(args) -> int:
-    from worldmodel.bench import device_info
+    from worldmodel.device import device_info
     from worldmodel.progress import progress_bar
 
     _plan(args, loaded=False)  # bad flags and held-out maps fail here, before anything loads
@@ -822,7 +824,7 @@ def run(args) -> int:
 
     level = None
     if plan.mode == "level":
-        from worldmodel.level import load_level
+        from worldmodel.game.level import load_level
 
         level = load_level(plan.wad, plan.maps[0])
         specs = level_episodes(level, plan.episodes, args.seed)
@@ -843,7 +845,7 @@ def run(args) -> int:
         "mode": plan.mode, "wad": plan.wad, "maps": plan.maps, "episodes": plan.episodes,
         "level": None if level is None else {**level.to_dict(), "eval_starts": level.starts("eval").tolist(),
                                              "about": "held-out episodes: evaluation start places and seeds "
-                                                      "that training never uses (worldmodel/level.py)"},
+                                                      "that training never uses (worldmodel/game/level.py)"},
         "episode_list": episodes, "policy": POLICY_VERSION, "horizons": plan.horizons, "fps": primary.fps,
         "psnr_cap_db": PSNR_CAP, **secs[0], "stability": None, "compared": secs[1:], "real_frame_stats": real,
         "generalisation": None,

@@ -7,7 +7,7 @@ Layout of a dataset directory:
 
 A shard is a zip of .npy arrays (`np.load(path, allow_pickle=False)` reads it; deflate level 1, about
 2.3x smaller than raw frames; no pickle anywhere), all with the same first dimension N:
-    frames       uint8   [N, H, W, 3]   RGB, rendered and resized as `worldmodel.game` does
+    frames       uint8   [N, H, W, 3]   RGB, rendered and resized as `worldmodel.game.doom` does
     actions      float32 [N, 5]         `Action.to_vector()`: move, strafe, turn / TURN_MAX, attack, use
     episode      int64   [N]            episode id, unique within the dataset
     frame_index  int32   [N]            index of the frame within its episode (0, 1, 2, ...)
@@ -36,8 +36,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import secrets
 import sys
 import zipfile
 from collections import OrderedDict
@@ -46,8 +44,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from worldmodel.action import ACTION_DIM, FIELDS, TURN_MAX
-from worldmodel.errors import UserError, writing
+from worldmodel.game.action import ACTION_DIM, FIELDS, TURN_MAX
+from worldmodel.errors import UserError
+from worldmodel.files import atomic_write_bytes, atomic_write_json, check_output_path, is_temp_file
 
 FORMAT = "worldmodel-dataset"
 VERSION = 1
@@ -66,46 +65,6 @@ class DatasetError(UserError):
 
 
 # -- atomic writes ------------------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def is_temp_file(name: str) -> bool:
-    """A temporary file of an atomic write (left behind if the writer was killed)."""
-    return name.startswith(".") and ".tmp-" in name
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` holds either the old content or all of the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with writing(path), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def remove_temp_files(root: str | Path) -> int:
     """Delete temporary files left by killed writers under root (and root/shards); returns how many."""
     n = 0
@@ -297,7 +256,7 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
     ... without a gap or a duplicate and starts with the no-op action. Raises DatasetError naming the
     first bad shard; returns a summary dict (frames, episodes, maps, bytes, shards, frame_size,
     action_mix: share of frames per kind of action (see `action_counts`), coverage: per map, how much of
-    its reachable area the player positions visit (`worldmodel.level.Level.coverage`), unlisted: files in
+    its reachable area the player positions visit (`worldmodel.game.level.Level.coverage`), unlisted: files in
     shards/ that the manifest does not list, ignored)."""
     root = Path(root)
     manifest = load_manifest(root)
@@ -370,7 +329,7 @@ def verify_dataset(root: str | Path, checksums: bool = True, progress: bool = Fa
 
 def _coverage(wad: str | None, positions: dict[str, list[np.ndarray]]) -> dict[str, dict]:
     """Per map: the coverage of its reachable area by the frames' player positions (level.py)."""
-    from worldmodel.level import load_level
+    from worldmodel.game.level import load_level
 
     out = {}
     for m, chunks in sorted(positions.items()):
@@ -776,7 +735,7 @@ def _save_coverage_maps(summary: dict, path: str | Path) -> None:
     """One picture per map side by side: frames per 64-unit cell (`level.coverage_map`), enlarged."""
     import cv2
 
-    from worldmodel.level import coverage_map, load_level
+    from worldmodel.game.level import coverage_map, load_level
 
     tiles = []
     for m, c in summary["coverage"].items():
@@ -833,7 +792,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.data_command == "verify":
         if args.coverage_map:
-            from worldmodel.cli_common import check_output_path
 
             check_output_path(args.coverage_map, "--coverage-map")  # before the whole dataset is read
         summary = verify_dataset(args.dir, checksums=not args.no_checksum, progress=sys.stderr.isatty())
@@ -870,7 +828,6 @@ def run(args) -> int:
     if args.data_command == "preview":
         import cv2
 
-        from worldmodel.cli_common import check_output_path
 
         check_output_path(args.out)
         grid = preview_grid(args.dir, n=args.n, cols=args.cols, seed=args.seed)
@@ -882,8 +839,7 @@ def run(args) -> int:
         print(f"wrote {args.out}")
         return 0
     if args.data_command == "start-clips":
-        from worldmodel.cli_common import check_output_path
-        from worldmodel.maps import parse_maps
+        from worldmodel.game.maps import parse_maps
 
         check_output_path(args.out, folder=True)
         paths = export_start_clips(args.dir, args.out, args.count, args.frames,

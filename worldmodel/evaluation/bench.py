@@ -37,9 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel.action import Action, ActionScript, save_actions
-from worldmodel.cli_common import (add_model_arguments, check_output_path, load_model, model_name, parse_int_list,
-                                   provenance)
+from worldmodel.game.action import Action, ActionScript, save_actions
+from worldmodel.device import (device_info, device_tag, memory_kind, memory_mb, reset_peak_memory,
+                               synchronize)
+from worldmodel.files import check_output_path
+from worldmodel.inference.loading import add_model_arguments, load_model, model_name
+from worldmodel.parsing import parse_int_list
+from worldmodel.provenance import provenance
 from worldmodel.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -50,93 +54,6 @@ DEFAULT_TRACE = "explorer_MAP01_seed0.jsonl"
 # --------------------------------------------------------------------------------------------------
 # device, memory, timers
 # --------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_info(device) -> dict:
-    import torch
-
-    device = torch.device(device)
-    info = {"type": device.type, "device": str(device), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        p = torch.cuda.get_device_properties(idx)
-        info.update(name=torch.cuda.get_device_name(idx), memory_gb=round(p.total_memory / 2**30, 1),
-                    capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda)
-    else:
-        info["name"] = info["cpu"] if device.type == "cpu" else device.type
-    return info
-
-
-def device_tag(info: dict) -> str:
-    """A short name for file names: cpu, h100, a100, rtx4090, ..."""
-    if info["type"] != "cuda":
-        return info["type"]
-    name = info.get("name", "cuda").lower().replace("nvidia", "").replace("geforce", "")
-    for tok in name.replace("-", " ").split():
-        if any(c.isdigit() for c in tok):
-            return "".join(c for c in tok if c.isalnum())
-    return "cuda"
-
-
-def _read_status(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB -> MiB
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def reset_peak_memory(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-
-def memory_mb(device, peak: bool = False) -> float | None:
-    """CUDA memory allocated (peak: max allocated since the last reset), or the process's RSS (peak: VmHWM)."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        f = torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated
-        return f(device) / 2**20
-    v = _read_status("VmHWM" if peak else "VmRSS")
-    if v is None and peak:
-        import resource
-
-        v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return v
-
-
-def memory_kind(device) -> str:
-    import torch
-
-    return "cuda_max_allocated" if torch.device(device).type == "cuda" else "process_peak_rss"
-
-
-def synchronize(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def percentiles(values_ms) -> dict:
@@ -166,8 +83,8 @@ def rollout_bins(latencies_ms, cache_frames: int) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 def game_trace(n: int, map_name: str = "MAP01", seed: int = 0, wad: str = "freedoom2") -> list[Action]:
     """n actions of the explorer policy playing the real game (it sees depth and position): human-like."""
-    from worldmodel.game import DoomEnv
-    from worldmodel.policy import ExplorerPolicy
+    from worldmodel.game.doom import DoomEnv
+    from worldmodel.game.policy import ExplorerPolicy
 
     policy = ExplorerPolicy(seed)
     out = []
@@ -192,7 +109,7 @@ def load_trace(spec: str | None, n: int, seed: int = 0) -> tuple[list[Action], s
     if spec == "game":
         return game_trace(n, seed=seed), f"explorer policy playing freedoom2 MAP01, seed {seed} (recorded now)"
     if spec == "blind":
-        from worldmodel.policy import explorer_actions
+        from worldmodel.game.policy import explorer_actions
 
         return explorer_actions(n, seed), f"explorer policy without eyes, seed {seed}"
     actions = list(itertools.islice(ActionScript(spec), n))  # a script longer than the run is read no further
@@ -214,7 +131,7 @@ def trace_summary(actions: list[Action], tolerance: float | None = None) -> dict
            "mean_run_length": len(actions) / max(1, runs),
            "turning_fraction": sum(1 for a in actions if a.turn != 0) / max(1, len(actions))}
     if tolerance is not None:
-        from worldmodel.engine import speculative_match
+        from worldmodel.inference.engine import speculative_match
 
         out["speculative_tolerance"] = tolerance
         out["draftable_fraction"] = sum(1 for a, b in pairs if speculative_match(a, b, tolerance)) / max(1, len(pairs))
@@ -259,7 +176,7 @@ def measure(wm, trace: list[Action], frames: int, warmup: int, progress=None) ->
     `wm.pipeline` each frame is decoded on a second thread while the next is generated (latency = from
     the action to its decoded frame; frames/s = frames / the time until the last one is decoded),
     otherwise one `WorldModel.step` after another. Returns the raw result."""
-    from worldmodel.pipeline import FramePipeline
+    from worldmodel.inference.pipeline import FramePipeline
 
     dev = wm.device
     ctx_f, ctx_a = context_frames(wm, 1)
@@ -459,7 +376,7 @@ def _variants(args, base: dict) -> list[tuple[str, object]]:
     if args.threads:
         out += [("threads", v) for v in parse_int_list(args.threads, "threads")]
     if args.compile:
-        from worldmodel.engine import COMPILE_MODES
+        from worldmodel.inference.engine import COMPILE_MODES
 
         for v in args.compile.split(","):
             v = v.strip().lower()

@@ -9,7 +9,7 @@ together, a sampler over a static KV cache, uint8 frames in and out.
 A frame is two stages: `step_latent(action)` (the transformer's passes: denoise and commit) and
 `decode(latent)` (the autoencoder's decoder, to uint8 pixels); `step` is both. The next frame's
 stage 1 needs the KV cache, not the pixels, so on a CPU with two or more cores the engine runs
-stage 2 of frame t on another core while stage 1 of frame t+1 runs (`pipeline`, worldmodel/pipeline.py;
+stage 2 of frame t on another core while stage 1 of frame t+1 runs (`pipeline`, worldmodel/inference/pipeline.py;
 `worldmodel play` and `worldmodel bench` use it), each stage with `threads` intra-op threads (auto:
 half the cores, so the two stages never fight over a core; one each on 2 cores).
 
@@ -40,10 +40,8 @@ GEMMs vs oneDNN) and is off by default.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import numbers
-import os
 from collections import deque
 from pathlib import Path
 
@@ -51,86 +49,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import kernels
-from worldmodel.action import ACTION_DIM, Action, decode_actions, encode_actions
-from worldmodel.autoencoder import Autoencoder
-from worldmodel.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from worldmodel.model import KVCache, ModelConfig, WorldTransformer, pack_linears, preset
-from worldmodel.sampler import FrameSampler
+from worldmodel import device as devices
+from worldmodel import kernels
+from worldmodel.game.action import ACTION_DIM, Action, decode_actions, encode_actions
+from worldmodel.model.autoencoder import Autoencoder
+from worldmodel.model.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer, pack_linears, preset
+from worldmodel.inference.sampler import FrameSampler
 
 # `WorldModel.compile` settings: "off" (eager); "on" (inductor, with CUDA graphs on CUDA: torch.compile
 # mode "reduce-overhead"); "inductor" (inductor, no CUDA graphs); "graphs" (CUDA graphs of the traced
 # passes, no inductor code generation: dynamo's "cudagraphs" backend; CUDA only)
 COMPILE_MODES = ("off", "on", "inductor", "graphs")
 DEFAULT_TOLERANCE = 0.5  # degrees of turn: < 1 pixel of yaw at the tiny tier's 128 px width (~90 deg FOV)
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """torch.device(device), or a one-line ValueError for a name torch does not know (e.g. "gpu")."""
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {str(device)!r}: use auto, cpu, cuda, cuda:N or mps") from None
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto": cuda, then mps, then cpu; anything else as torch.device, checked to be usable."""
-    if str(device) != "auto":
-        d = parse_device(device)
-        if d.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but CUDA is not available")
-        if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError("device 'mps' was asked for but MPS is not available")
-        return d
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-@functools.lru_cache(maxsize=1)
-def native_bf16() -> bool:
-    """Does this CPU do bfloat16 arithmetic natively (AVX512-BF16 or AMX-BF16), and does oneDNN use
-    it? torch's own check (cpuinfo) misses the flag on some AMD CPUs, so /proc/cpuinfo is asked too."""
-    try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return True
-    except (AttributeError, RuntimeError):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 on CUDA and on CPUs with native bf16 (`native_bf16`), float32 elsewhere."""
-    if dtype in (None, "auto"):
-        if device.type == "cuda" or (device.type == "cpu" and native_bf16()):
-            return torch.bfloat16
-        return torch.float32
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}.get(dtype, dtype)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be 'auto', float32, bfloat16, float16 or float64, got {dtype!r}")
-    return dtype
 
 
 def compile_options(mode: str, device: torch.device) -> dict:
@@ -214,8 +145,8 @@ class WorldModel:
                  pipeline: bool | str = "auto", name: str = "", info: dict | None = None,
                  folder: Path | None = None):
         self.cfg, self.name, self.info, self.folder = cfg, name, dict(info or {}), folder
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = devices.resolve_device(device)
+        self.dtype = devices.resolve_dtype(dtype, self.device)
         self.autoencoder = autoencoder.to(self.device).eval()  # float32: small, and its input is float32
         if self.device.type == "cpu":  # oneDNN convs are ~2x faster in channels_last here
             self.autoencoder.to(memory_format=torch.channels_last)
@@ -345,7 +276,7 @@ class WorldModel:
     @threads.setter
     def threads(self, n: int | str) -> None:
         if n in (None, "auto"):
-            n = max(1, cpu_cores() // 2)
+            n = max(1, devices.cpu_cores() // 2)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"threads must be a positive integer or 'auto', got {n!r}")
         if self.device.type == "cpu":
@@ -358,7 +289,7 @@ class WorldModel:
     @pipeline.setter
     def pipeline(self, on: bool | str) -> None:
         if on in (None, "auto"):
-            on = self.device.type == "cpu" and cpu_cores() >= 2
+            on = self.device.type == "cpu" and devices.cpu_cores() >= 2
         if not isinstance(on, (bool, np.bool_)):
             raise ValueError(f"pipeline must be True, False or 'auto', got {on!r}")
         self._pipeline = bool(on)

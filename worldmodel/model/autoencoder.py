@@ -7,7 +7,6 @@ the diffusion model sees roughly unit-variance inputs.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -187,16 +186,3 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-frame PSNR in dB of uint8 frames (..., H, W, 3) against (..., H, W, 3); peak 255, capped at 100."""
-    mse = (a.float() - b.float()).pow(2).flatten(-3).mean(-1)
-    return (10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))).clamp(max=100.0)
-
-
-def psnr_pooled(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of the mean squared error over all frames (torchmetrics' default reduction): unlike
-    the mean of per-frame PSNRs it is not dominated by a few (near-)identical frames."""
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))

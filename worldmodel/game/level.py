@@ -212,7 +212,7 @@ def read_sectors(wad: str, map_name: str) -> tuple[list[dict], tuple[float, floa
     player start (x, y), from a short-lived headless ViZDoom."""
     import vizdoom as vzd
 
-    from worldmodel.game import private_tmpdir, use_wad
+    from worldmodel.game.doom import private_tmpdir, use_wad
 
     g = vzd.DoomGame()
     tmp = private_tmpdir("worldmodel-level-")

@@ -9,7 +9,7 @@ messages (the rare mid-screen text "... key needed for this door" still shows: V
 the weapon sprite is drawn (it is what a player sees and it shows attacking); screen flashes, decals
 and particles are left as the game draws them.
 
-Actions (`worldmodel.action.Action`) map onto ViZDoom's delta buttons with Doom's *running* speeds
+Actions (`worldmodel.game.action.Action`) map onto ViZDoom's delta buttons with Doom's *running* speeds
 (most players play with always-run; the values are Doom's own `forwardmove`/`sidemove` units, which
 ViZDoom passes through unchanged — measured: terminal speed about 16 map units per tic forward):
     move   -> MOVE_FORWARD_BACKWARD_DELTA  = move * FORWARD_SPEED  (50; walking would be 25)
@@ -40,9 +40,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from worldmodel.action import NOOP, Action
+from worldmodel.game.action import NOOP, Action
 from worldmodel.errors import UserError
-from worldmodel.maps import is_user_wad, split_of
+from worldmodel.parsing import parse_hw
+from worldmodel.game.maps import is_user_wad, split_of
 
 FPS = 35  # Doom's tic rate: one frame per tic
 FORWARD_SPEED = 50  # Doom forwardmove units when running (walking: 25)
@@ -145,11 +146,7 @@ def wad_path(wad: str) -> str:
 def parse_frame_size(spec: str | Sequence[int]) -> tuple[int, int]:
     """'96x128' (HxW) or (H, W) -> (H, W); a UserError for anything else."""
     if isinstance(spec, str):
-        parts = spec.lower().replace("*", "x").split("x")
-        try:
-            h, w = (int(p) for p in parts)
-        except ValueError:
-            raise UserError(f"bad frame size {spec!r}; expected HxW, e.g. 96x128") from None
+        h, w = parse_hw(spec)
     else:
         h, w = (int(v) for v in spec)
     if not (8 <= h <= _RES_4_3[-1][1] and 8 <= w <= _RES_4_3[-1][0]):

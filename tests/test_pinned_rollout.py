@@ -1,0 +1,71 @@
+"""A short rollout of the shipped model pinned by hash: moving code around must not change what a player
+sees. The hash is exact on the kind of CPU it was pinned on (the same torch CPU capability: float
+reductions differ between instruction sets); everywhere, the frames must match pinned 8x8-block means
+within a level of uint8 (a real change of behaviour moves them by far more)."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.game.action import Action
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "checkpoints" / "doom-tiny"
+PINNED = Path(__file__).parent / "data" / "pinned_rollout.npz"
+# forward, a turn while walking, strafing, backing up: each changes what the model draws
+ACTIONS = ([Action(move=1)] * 3 + [Action(move=1, turn=4.0)] * 3 + [Action(strafe=1)] * 2
+           + [Action(move=-1)] * 2)
+BLOCK = 8
+
+
+def rollout(speculative: int = 1) -> np.ndarray:
+    from worldmodel.inference.engine import WorldModel
+
+    wm = WorldModel.from_pretrained(CHECKPOINT, device="cpu", seed=0, speculative=speculative)
+    frames, actions = wm.start_clips()[0]
+    wm.reset(frames, actions)
+    return np.stack([wm.step(a) for a in ACTIONS])  # (F, H, W, 3) uint8
+
+
+def block_means(frames: np.ndarray) -> np.ndarray:
+    f, h, w, c = frames.shape
+    return frames.reshape(f, h // BLOCK, BLOCK, w // BLOCK, BLOCK, c).astype(np.float64).mean(axis=(2, 4))
+
+
+def digest(frames: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
+
+
+@pytest.mark.skipif(not CHECKPOINT.exists(), reason="the shipped checkpoint is not in this tree")
+def test_the_shipped_models_rollout_is_pinned():
+    frames = rollout()
+    pinned = np.load(PINNED)
+    means = block_means(frames)
+    assert means.shape == pinned["block_means"].shape
+    diff = np.abs(means - pinned["block_means"])
+    assert diff.max() < 1.0, f"frames moved: block means differ by up to {diff.max():.2f} levels"
+    if str(pinned["capability"]) == torch.backends.cpu.get_cpu_capability() \
+            and str(pinned["torch"]) == torch.__version__:
+        assert digest(frames) == str(pinned["sha256"])
+
+
+@pytest.mark.skipif(not CHECKPOINT.exists(), reason="the shipped checkpoint is not in this tree")
+def test_the_pin_catches_a_changed_rollout():
+    """The tolerance is tight enough to see a real change: a different action sequence fails it."""
+    from worldmodel.inference.engine import WorldModel
+
+    wm = WorldModel.from_pretrained(CHECKPOINT, device="cpu", seed=0)
+    frames, actions = wm.start_clips()[0]
+    wm.reset(frames, actions)
+    other = np.stack([wm.step(Action(turn=-8.0)) for _ in ACTIONS])
+    assert np.abs(block_means(other) - np.load(PINNED)["block_means"]).max() >= 1.0
+
+
+if __name__ == "__main__":  # re-pin (only when a change of the frames is intended): python tests/test_pinned_rollout.py
+    torch.set_num_threads(1)
+    frames = rollout()
+    np.savez_compressed(PINNED, block_means=block_means(frames), sha256=digest(frames),
+                        capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__)
+    print(f"pinned {len(frames)} frames: {digest(frames)}")

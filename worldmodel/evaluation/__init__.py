@@ -1,0 +1,1 @@
+"""Measuring the engine: eval against the real game, bench, record, and the metrics they share."""

@@ -1,0 +1,1 @@
+"""The model: the autoencoder, the diffusion transformer, the noise schedule, the checkpoint format."""

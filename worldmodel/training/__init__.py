@@ -1,0 +1,1 @@
+"""Training: the autoencoder, the diffusion transformer, distillation to few steps."""
