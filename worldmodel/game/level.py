@@ -15,8 +15,8 @@ Coverage (`Level.coverage(positions)`) is measured from the game's own player po
 `position` array of every dataset shard): the share of reachable cells visited, and how evenly the
 frames are spread over them.
 
-Start places. A level model is evaluated on episodes that training never used (DESIGN.md, "Level
-models"). Both come from here: `Level.starts("eval")` is a fixed set of `EVAL_STARTS` cells spread
+Start places. A level model is evaluated on episodes that training never used (docs/architecture.md, "Map
+split"). Both come from here: `Level.starts("eval")` is a fixed set of `EVAL_STARTS` cells spread
 over the whole level (farthest-point sampling, deterministic); `Level.starts("train")` is every other
 start cell that is not next to one of them. Episode seeds are apart too: `episode_seed` gives training
 episodes even engine seeds and evaluation episodes odd ones.

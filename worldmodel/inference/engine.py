@@ -1,4 +1,4 @@
-"""`WorldModel`: the public API of the engine (DESIGN.md). The autoencoder and the transformer
+"""`WorldModel`: the public API of the engine (docs/architecture.md). The autoencoder and the transformer
 together, a sampler over a static KV cache, uint8 frames in and out.
 
     wm = WorldModel.from_pretrained("checkpoints/doom-tiny")   # device="auto": cuda, then mps, then cpu
