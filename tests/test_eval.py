@@ -204,7 +204,7 @@ def test_level_episodes_are_never_training_episodes():
     """By construction: every level-eval episode starts at one of the level's evaluation start places
     with an evaluation (odd) seed, whatever --seed and --episodes; training (collect --starts level)
     never starts there nor uses such a seed."""
-    from worldmodel.data import collect as C
+    from worldmodel.data import units as C
     from worldmodel.game.level import episode_seed, load_level
 
     lv = load_level("freedoom2", "MAP01")

@@ -47,6 +47,9 @@ own: generalisation, reported and not tuned for.
 Writes DIR/eval.json (rewritten after each stage, "complete": true once all are done) and PNGs:
 fidelity.png (PSNR, SSIM and sharpness against horizon), controllability.png, stability.png, and
 generalisation_fidelity.png, generalisation_controllability.png with --generalisation.
+
+Code: the episodes' start scenes in worldmodel/game/scenes.py, the rollouts (1-4) in rollouts.py, the scores,
+the comparison, the plots and the table in eval_report.py; this module plans the run and writes eval.json.
 """
 from __future__ import annotations
 
