@@ -18,7 +18,7 @@ Sections (--only / --skip pick them):
   then the new default with two intra-op threads, at one step fewer, and with speculative drafts (N = 2, 4; acceptance on the explorer
   trace, benchmarks/traces/); then old and new again with one core kept busy by another process
   (`python -c "while True: pass"`) for the whole measurement;
-- profile: where a frame's time goes at the defaults (bench.profile_frames: transformer passes, the
+- profile: where a frame's time goes at the defaults (timing.profile_frames: transformer passes, the
   fused commit, decode, colour conversion), plus the display stages from the play runs;
 - play: `worldmodel play --autoplay play/demo_actions.jsonl --max-frames N --report` (SDL dummy
   driver): old defaults (--threads 2 --pipeline off --speculative 1), the new arrangement without
@@ -123,7 +123,7 @@ def apply(models: dict, row: dict):
 
 
 def measure_rows(models, rows, trace, frames, warmup, rounds, progress) -> list[dict]:
-    from worldmodel.evaluation.bench import combine_rounds, measure
+    from worldmodel.evaluation.timing import combine_rounds, measure
 
     runs: list[list[dict]] = [[] for _ in rows]
     for rnd in range(rounds):
@@ -205,7 +205,8 @@ def play_section(args, progress) -> dict:
 def compile_job(spec: dict) -> dict:
     import torch
 
-    from worldmodel.evaluation.bench import context_frames, load_trace, measure
+    from worldmodel.evaluation.timing import context_frames, measure
+    from worldmodel.evaluation.traces import load_trace
     from worldmodel.inference.loading import load_model
 
     if spec["freezing"]:
@@ -258,6 +259,7 @@ def compile_section(args, progress) -> dict:
 # --------------------------------------------------------------------------------------------------
 def quality_section(args, models, progress) -> dict:
     from worldmodel.evaluation import evaluate
+    from worldmodel.evaluation.rollouts import Episode
     from worldmodel.game.maps import parse_maps
     from worldmodel.metrics import frame_stats, mean_psnr, psnr
 
@@ -282,7 +284,7 @@ def quality_section(args, models, progress) -> dict:
         for e in range(episodes):
             seed = ev.seed + e
             progress(f"quality: {m} episode {e + 1}/{episodes}")
-            ep = evaluate.Episode(ev.wad, m, seed, wm.frame_size, context, ev.warmup, policy_seed=seed * 100 + mi)
+            ep = Episode(ev.wad, m, seed, wm.frame_size, context, ev.warmup, policy_seed=seed * 100 + mi)
             try:
                 actions, real = [], []
                 for _ in range(hmax):
@@ -472,7 +474,7 @@ def main(argv=None) -> int:
 
     if args.priority is not None:
         own_autogroup(args.priority)
-    from worldmodel.evaluation.bench import load_trace
+    from worldmodel.evaluation.traces import load_trace
     from worldmodel.device import device_info
     from worldmodel.inference.loading import load_model, model_name
     from worldmodel.device import native_bf16
@@ -509,7 +511,7 @@ def main(argv=None) -> int:
     if "engine" in only:
         res["engine"] = engine_section(args, models, trace, progress)
     if "profile" in only:
-        from worldmodel.evaluation.bench import profile_frames
+        from worldmodel.evaluation.timing import profile_frames
 
         progress("profile")
         wm = apply(models, new_default(models["float32"].steps, "bfloat16" in models)[1])

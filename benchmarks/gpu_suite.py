@@ -20,7 +20,7 @@ stopped at its limit keeps what it measured and is marked `timed_out`:
              frames against the KV cache: one frame, or one plus speculative drafts) and at their training
              shapes: Triton vs SDPA (the kernel PyTorch picked is recorded) vs FlexAttention; ms from CUDA
              graph replays, TFLOP/s and GB/s against the peaks.
-  engine     WorldModel.step of nfd-310m with random weights (worldmodel.evaluation.bench.measure): eager, then
+  engine     WorldModel.step of nfd-310m with random weights (worldmodel.evaluation.timing.measure): eager, then
              compiled (inductor + CUDA graphs), a 2,000-frame rollout (latency against rollout length),
              1-3 steps, speculative 2 and 4, CUDA graphs without inductor, inductor without CUDA graphs,
              the other attention backends; frames/s, p50/p99 latency, torch.compile's counters.
@@ -488,7 +488,7 @@ def stage_attention(args, dev, out: Path) -> None:
 def stage_engine(w: StageWriter, args, dev) -> None:
     from worldmodel import kernels
     from worldmodel.device import memory_kind
-    from worldmodel.evaluation import bench
+    from worldmodel.evaluation import timing, traces
     from worldmodel.inference.engine import WorldModel
 
     raise_dynamo_limits()
@@ -499,14 +499,14 @@ def stage_engine(w: StageWriter, args, dev) -> None:
     shrink = dict(dim=64, depth=2, heads=2, ae_channels=(8, 16, 32, 64), ae_res_blocks=(0, 0, 0, 0), window_frames=3,
                   max_draft=4) if smoke else None
     wm = WorldModel.from_preset(preset, device=dev, cfg_overrides=shrink)
-    trace, trace_src = bench.load_trace(None, rollout + 200)
+    trace, trace_src = traces.load_trace(None, rollout + 200)
     attention = wm.attention
     w.data.update(model={"preset": preset, "random_weights": True, "frame_size": list(wm.cfg.frame_size),
                          "tokens_per_frame": wm.cfg.tokens_per_frame, "dim": wm.cfg.dim, "depth": wm.cfg.depth,
                          "heads": wm.cfg.heads, "cache_frames": wm.cfg.cache_frames,
                          "transformer_params": sum(p.numel() for p in wm.transformer.parameters())},
-                  trace={"source": trace_src, **bench.trace_summary(trace[:rollout], wm.speculative_tolerance)},
-                  engine_settings=bench.extra_settings(wm), smoke_overrides=shrink, frames=frames, rollout_frames=rollout,
+                  trace={"source": trace_src, **traces.trace_summary(trace[:rollout], wm.speculative_tolerance)},
+                  engine_settings=timing.extra_settings(wm), smoke_overrides=shrink, frames=frames, rollout_frames=rollout,
                   warmup_frames=warmup, memory=memory_kind(dev))
     w.save()
     per_frame_s: dict = {}  # (compile mode, attention) -> seconds a frame at 4 steps, as measured
@@ -546,12 +546,12 @@ def stage_engine(w: StageWriter, args, dev) -> None:
         before = dynamo_counters()
         try:
             try:
-                bench.apply_settings(wm, settings)
+                timing.apply_settings(wm, settings)
             except Exception as e:  # a setting this engine or device does not offer
                 raise RuntimeError(f"unavailable: {first_line(e)}") from None
             # a full warm-up where new shapes compile (a new mode; drafts), a short one where they are compiled
             warm = warmup if mode not in compile_s or settings["speculative"] > 1 else max(5, warmup // 4)
-            r = bench.measure(wm, trace, n, warm)
+            r = timing.measure(wm, trace, n, warm)
         except Exception as e:  # recorded; the next item still runs
             w.row("results", {**row, "status": f"failed: {first_line(e)}", "dynamo": counters_delta(before)},
                   f"{label}: FAILED {first_line(e)}")
@@ -566,7 +566,7 @@ def stage_engine(w: StageWriter, args, dev) -> None:
             per_frame_s.setdefault((mode, settings["attention"]), r["total_s"] / n)
             if mode is True and not fast["compile"]:
                 fast.update(compile=True, attention=settings["attention"])
-        r["by_rollout_length"] = bench.rollout_bins(r["latency_ms_per_frame"], wm.cfg.cache_frames)
+        r["by_rollout_length"] = timing.rollout_bins(r["latency_ms_per_frame"], wm.cfg.cache_frames)
         lat = r["latency_ms"]
         w.row("results", {**row, **r, "dynamo": counters_delta(before)},
               f"{label}: {r['fps']:.1f} frames/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, warm-up "

@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from worldmodel.game.action import NOOP, TURN_MAX, Action
+from worldmodel.game.action import Action
 from worldmodel.errors import UserError
 
 
@@ -57,18 +57,6 @@ class StartScene:
     env: Any = None  # the DoomEnv left in the state of frames[-1], when the scene came from the real game
 
 
-def warmup_actions(n: int, rng: random.Random | None) -> list[Action]:
-    """n warm-up actions: standing still (rng None, the first start) or a short random walk."""
-    if rng is None:
-        return [NOOP] * n
-    out: list[Action] = []
-    while len(out) < n:
-        turn = rng.choice((-1, 1)) * rng.uniform(3.0, TURN_MAX * 0.6)
-        out += [Action(turn=round(turn, 3))] * rng.randint(2, 12)
-        out += [Action(move=1, strafe=rng.choice((-1, 0, 0, 1)))] * rng.randint(4, 20)
-    return out[:n]
-
-
 class RealStarts:
     """Start scenes from the real game: a DoomEnv on `map`, reset with a new seed each time, a warm-up,
     and the last `context` frames with their actions. The first start stands still (deterministic);
@@ -89,20 +77,17 @@ class RealStarts:
         return self.env
 
     def next(self) -> StartScene:
+        from worldmodel.game.scenes import scripted, start_scene, warmup_actions
+
         env = self._env()
         n = self.count
         self.count += 1
         rng = None if n == 0 else random.Random(self.seed * 1000003 + n)
         walk = 0 if rng is None else rng.randint(0, self.max_walk)
-        frames = [env.reset(seed=self.seed + n)]
-        actions = [NOOP]
-        for a in warmup_actions(walk + self.context - 1, rng):
-            frames.append(env.step(a))
-            actions.append(a)
-            if env.restarted:  # left the level during the walk: start the context over
-                frames, actions = [frames[-1]], [NOOP]
-        frames, actions = frames[-self.context:], actions[-self.context:]
-        return StartScene(np.stack(frames), actions, f"{self.wad} {self.map} start {n}", env=env)
+        steps = walk + self.context - 1
+        scene = start_scene(env, self.seed + n, steps, scripted(warmup_actions(steps, rng)), on_exit="cut")
+        frames, actions = scene.context(self.context)
+        return StartScene(frames, actions, f"{self.wad} {self.map} start {n}", env=env)
 
     def close(self) -> None:
         if self.env is not None:

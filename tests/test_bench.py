@@ -7,7 +7,8 @@ import pytest
 from worldmodel import kernels
 import torch
 
-from worldmodel.evaluation.bench import percentiles, rollout_bins, trace_summary
+from worldmodel.evaluation.timing import percentiles, rollout_bins
+from worldmodel.evaluation.traces import trace_summary
 from worldmodel.game.action import Action
 from worldmodel.cli import main
 from helpers import make_checkpoint
@@ -107,7 +108,7 @@ def test_speed_benchmark_runs_the_ladder_old_to_new_in_one_run(tmp_path, capsys,
     measured, ratios to the old arrangement, the profile, and the Markdown tables for the README."""
     import importlib.util
 
-    from worldmodel.evaluation.bench import combine_rounds  # noqa: F401  (the script builds on bench's measurement)
+    from worldmodel.evaluation.timing import combine_rounds  # noqa: F401  (the script builds on bench's measurement)
 
     spec = importlib.util.spec_from_file_location("bench_speed", "benchmarks/bench_speed.py")
     bs = importlib.util.module_from_spec(spec)
@@ -132,3 +133,12 @@ def test_speed_benchmark_runs_the_ladder_old_to_new_in_one_run(tmp_path, capsys,
     bs.main(["--markdown", str(out)])
     md = capsys.readouterr().out
     assert "| + pipeline |" in md and "| pass_1 |" in md
+
+
+def test_the_shipped_trace_is_the_default():
+    """benchmarks/traces/ is found from worldmodel/evaluation/ (not recorded anew: the numbers of a run compare)."""
+    from worldmodel.evaluation.traces import DEFAULT_TRACE, TRACE_DIR, load_trace
+
+    assert (TRACE_DIR / DEFAULT_TRACE).is_file()
+    actions, source = load_trace(None, 5)
+    assert len(actions) == 5 and source.endswith(DEFAULT_TRACE) and "recorded now" not in source

@@ -12,8 +12,10 @@ import pytest
 
 from worldmodel import cli
 from worldmodel.data import dataset as ds
+from worldmodel.data import verify
 from worldmodel.files import atomic_write_json
-from worldmodel.data.collect import CollectConfig, collect, plan
+from worldmodel.data.collect import collect
+from worldmodel.data.units import CollectConfig, plan
 from worldmodel.errors import UserError
 
 TINY = dict(frames=150, episode_frames=60, shard_frames=25, frame_size=[24, 32], warmup_frames=30,
@@ -61,7 +63,7 @@ def reference(tmp_path_factory):
 
 
 def test_collection_is_valid(reference):
-    s = ds.verify_dataset(reference)
+    s = verify.verify_dataset(reference)
     assert s["frames"] == 150 and s["shards"] == 8 and s["maps"] == {"MAP01": 90, "MAP02": 60}
     conf = json.loads((reference / "collect.json").read_text())
     assert conf["frames"] == 150 and conf["seed"] == 3 and conf["frame_size"] == [24, 32]
@@ -86,7 +88,7 @@ def test_resume_repairs_missing_unlisted_and_temp_files(reference, tmp_path):
     collect(CollectConfig(**TINY), root, workers=0, progress=False)
     assert shard_table(root) == shard_table(reference)
     assert not stale.exists()
-    ds.verify_dataset(root)
+    verify.verify_dataset(root)
 
 
 def test_refuses_to_mix_settings(reference):
@@ -104,13 +106,13 @@ def test_growing_a_dataset_equals_collecting_it_at_once(reference, tmp_path):
     collect(CollectConfig(**dict(TINY, frames=170)), grown, workers=0, progress=False)
     collect(CollectConfig(**dict(TINY, frames=170)), fresh, workers=0, progress=False)
     assert shard_table(grown) == shard_table(fresh)
-    ds.verify_dataset(grown)
+    verify.verify_dataset(grown)
 
 
 def test_validation_split(tmp_path):
     root = tmp_path / "val"
     collect(CollectConfig(**dict(TINY, frames=30, maps=["MAP22"], split="val")), root, workers=0, progress=False)
-    assert ds.verify_dataset(root)["maps"] == {"MAP22": 30}
+    assert verify.verify_dataset(root)["maps"] == {"MAP22": 30}
 
 
 def test_killed_collection_completes_exactly(reference, tmp_path):
@@ -140,7 +142,7 @@ def test_killed_collection_completes_exactly(reference, tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # the same command again
     assert r.returncode == 0, r.stderr[-2000:]
     assert shard_table(root) == shard_table(uninterrupted)  # nothing missing, nothing twice, same bytes
-    s = ds.verify_dataset(root)
+    s = verify.verify_dataset(root)
     assert s["frames"] == 600 and s["episodes"] == 3
 
 
@@ -166,7 +168,7 @@ def test_a_game_that_cannot_start_in_the_workers_is_one_clear_error(tmp_path):
 def test_level_exit_starts_a_new_episode(tmp_path, monkeypatch):
     """if the player leaves the level, the rest of the unit is a new episode (k + segment * stride)"""
     from worldmodel.game import doom as game
-    from worldmodel.data.collect import SEGMENT_STRIDE
+    from worldmodel.data.units import SEGMENT_STRIDE
 
     real_step = game.DoomEnv.step
     calls = {"n": 0}
@@ -182,7 +184,7 @@ def test_level_exit_starts_a_new_episode(tmp_path, monkeypatch):
     monkeypatch.setattr(game.DoomEnv, "step", step)
     root = tmp_path / "exit"
     collect(CollectConfig(**dict(TINY, frames=60, warmup_frames=0)), root, workers=0, progress=False)
-    s = ds.verify_dataset(root)
+    s = verify.verify_dataset(root)
     assert s["frames"] == 60 and s["episodes"] == 2
     full = {k: np.concatenate([ds.load_shard(root, f"shards/ep000000-000{p}.npz")[k] for p in range(3)])
             for k in ("frames", "actions", "episode", "frame_index")}

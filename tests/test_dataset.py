@@ -7,6 +7,7 @@ import pytest
 
 from worldmodel import cli
 from worldmodel.data import dataset as ds
+from worldmodel.data import tools, verify, writer
 from worldmodel.files import is_temp_file
 from worldmodel.game.action import NOOP, Action
 
@@ -34,18 +35,18 @@ def concat(parts):
 
 def make_dataset(root, episodes=((0, 50, "MAP01"), (1, 37, "MAP02"), (2, 64, "MAP03")), shard=16):
     """each episode written as shards of `shard` frames, like collect does"""
-    manifest = ds.new_manifest((H, W))
+    manifest = writer.new_manifest((H, W))
     for ep, n, m in episodes:
         for p, a in enumerate(range(0, n, shard)):
             arrays = episode_arrays(ep, min(shard, n - a), m, start=a)
-            manifest["shards"].append(ds.write_shard(root, f"shards/ep{ep:06d}-{p:04d}.npz", arrays))
-    return ds.write_manifest(root, manifest)
+            manifest["shards"].append(writer.write_shard(root, f"shards/ep{ep:06d}-{p:04d}.npz", arrays))
+    return writer.write_manifest(root, manifest)
 
 
 def test_write_and_verify(tmp_path):
     m = make_dataset(tmp_path)
     assert m["frames"] == 151 and m["episodes"] == 3 and len(m["shards"]) == 4 + 3 + 4
-    s = ds.verify_dataset(tmp_path)
+    s = verify.verify_dataset(tmp_path)
     assert s["frames"] == 151 and s["episodes"] == 3 and s["maps"] == {"MAP01": 50, "MAP02": 37, "MAP03": 64}
     # no pickle: plain np.load with allow_pickle=False reads a shard
     with np.load(tmp_path / m["shards"][0]["name"], allow_pickle=False) as z:
@@ -53,13 +54,13 @@ def test_write_and_verify(tmp_path):
         assert z["frames"].dtype == np.uint8 and z["actions"].dtype == np.float32
     # the same arrays give the same bytes (deterministic shards)
     a = episode_arrays(0, 10, "MAP01")
-    assert ds.encode_shard(a) == ds.encode_shard(a)
+    assert writer.encode_shard(a) == writer.encode_shard(a)
 
 
 def test_verify_reports_the_action_mix(tmp_path):
     make_dataset(tmp_path)
     acts = concat([episode_arrays(ep, n, m) for ep, n, m in ((0, 50, "MAP01"), (1, 37, "MAP02"), (2, 64, "MAP03"))])["actions"]
-    mix = ds.verify_dataset(tmp_path)["action_mix"]
+    mix = verify.verify_dataset(tmp_path)["action_mix"]
     move = acts[:, 0]
     assert mix["forward"] == pytest.approx((move == 1).mean()) and mix["backward"] == pytest.approx((move == -1).mean())
     assert mix["forward"] + mix["still"] + mix["backward"] == pytest.approx(1.0)
@@ -70,7 +71,7 @@ def test_object_arrays_are_refused(tmp_path):
     a = episode_arrays(0, 4, "MAP01")
     a["map"] = np.array(["MAP01"] * 4, dtype=object)
     with pytest.raises(ds.DatasetError):
-        ds.write_shard(tmp_path, "shards/x.npz", a)
+        writer.write_shard(tmp_path, "shards/x.npz", a)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "edit", "delete", "garbage_same_size"])
@@ -89,7 +90,7 @@ def test_verify_names_the_corrupt_shard(tmp_path, damage):
     else:
         path.write_bytes(b"\0" * len(data))
     with pytest.raises(ds.DatasetError, match=name):
-        ds.verify_dataset(tmp_path)
+        verify.verify_dataset(tmp_path)
 
 
 def test_verify_catches_inconsistent_content(tmp_path):
@@ -98,11 +99,11 @@ def test_verify_catches_inconsistent_content(tmp_path):
     victim = m["shards"][1]
     arrays = ds.load_shard(tmp_path, victim["name"])
     arrays["frame_index"] = arrays["frame_index"] + 1  # a gap / overlap with its neighbour
-    entry = ds.write_shard(tmp_path, victim["name"], arrays)
+    entry = writer.write_shard(tmp_path, victim["name"], arrays)
     m["shards"][1] = entry
-    ds.write_manifest(tmp_path, m)
+    writer.write_manifest(tmp_path, m)
     with pytest.raises(ds.DatasetError, match="episode 0"):
-        ds.verify_dataset(tmp_path)
+        verify.verify_dataset(tmp_path)
 
 
 def test_verify_without_checksum_still_catches_truncation(tmp_path):
@@ -110,7 +111,7 @@ def test_verify_without_checksum_still_catches_truncation(tmp_path):
     name = m["shards"][-1]["name"]
     (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:-10])
     with pytest.raises(ds.DatasetError, match=name):
-        ds.verify_dataset(tmp_path, checksums=False)
+        verify.verify_dataset(tmp_path, checksums=False)
 
 
 def test_cli_verify(tmp_path, capsys):
@@ -143,9 +144,9 @@ def test_temp_files_are_ignored_and_atomic_write_leaves_no_partial(tmp_path, mon
     m = make_dataset(tmp_path)
     (tmp_path / "shards" / ".ep000000-0009.npz.tmp-123-abcd").write_bytes(b"half a shard")
     (tmp_path / ".manifest.json.tmp-123-abcd").write_text("{")
-    assert ds.verify_dataset(tmp_path)["unlisted"] == []
+    assert verify.verify_dataset(tmp_path)["unlisted"] == []
     assert len(ds.ClipDataset(tmp_path, 8)) > 0
-    assert ds.remove_temp_files(tmp_path) == 2
+    assert writer.remove_temp_files(tmp_path) == 2
     # a writer that dies before the rename leaves the old file and no temporary file
     before = (tmp_path / ds.MANIFEST).read_bytes()
 
@@ -154,7 +155,7 @@ def test_temp_files_are_ignored_and_atomic_write_leaves_no_partial(tmp_path, mon
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        ds.write_manifest(tmp_path, dict(m, shards=m["shards"][:1]))
+        writer.write_manifest(tmp_path, dict(m, shards=m["shards"][:1]))
     monkeypatch.undo()
     assert (tmp_path / ds.MANIFEST).read_bytes() == before
     assert [p for p in tmp_path.iterdir() if is_temp_file(p.name)] == []
@@ -190,12 +191,12 @@ def test_clips_stay_in_episodes_and_cross_shards(tmp_path):
 def test_clips_in_shards_holding_several_episodes(tmp_path):
     # a shard layout that is a plain stream: episodes end and begin inside shards
     stream = concat([episode_arrays(0, 30, "MAP01"), episode_arrays(1, 25, "MAP21"), episode_arrays(2, 30, "MAP02")])
-    manifest = ds.new_manifest((H, W))
+    manifest = writer.new_manifest((H, W))
     for j, a in enumerate(range(0, 85, 20)):
-        manifest["shards"].append(ds.write_shard(tmp_path, f"shards/s{j:03d}.npz",
+        manifest["shards"].append(writer.write_shard(tmp_path, f"shards/s{j:03d}.npz",
                                                  {k: v[a:a + 20] for k, v in stream.items()}))
-    ds.write_manifest(tmp_path, manifest)
-    assert ds.verify_dataset(tmp_path)["episodes"] == 3
+    writer.write_manifest(tmp_path, manifest)
+    assert verify.verify_dataset(tmp_path)["episodes"] == 3
     d = ds.ClipDataset(tmp_path, 10, stride=1)
     assert len(d) == 21 + 16 + 21
     for i in range(len(d)):
@@ -259,7 +260,7 @@ def test_iter_frames(tmp_path):
 
 def test_preview_grid(tmp_path):
     make_dataset(tmp_path)
-    g = ds.preview_grid(tmp_path, n=16, cols=4)
+    g = tools.preview_grid(tmp_path, n=16, cols=4)
     assert g.shape == (4 * H, 4 * W, 3)
     out = tmp_path / "g.png"
     assert cli.main(["data", "preview", str(tmp_path), "--out", str(out), "-n", "8"]) == 0 and out.exists()
@@ -278,7 +279,7 @@ def test_start_clips_export_loads_as_checkpoint_start_scenes(tmp_path):
     from worldmodel.inference.engine import load_start_clips
 
     make_dataset(tmp_path / "d")
-    paths = ds.export_start_clips(tmp_path / "d", tmp_path / "ckpt" / "start_clips", count=3, frames=8, skip=5)
+    paths = tools.export_start_clips(tmp_path / "d", tmp_path / "ckpt" / "start_clips", count=3, frames=8, skip=5)
     assert len(paths) == 3
     clips = load_start_clips(tmp_path / "ckpt", (H, W))
     episodes = [int(frames[0, 0, 0, 2]) for frames, _ in clips]  # channel 2 encodes the episode id
@@ -288,7 +289,7 @@ def test_start_clips_export_loads_as_checkpoint_start_scenes(tmp_path):
         assert frames.shape == (8, H, W, 3) and len(actions) == 8
         assert actions == [Action.from_vector(v) for v in episode_arrays(ep, 13, "MAP01")["actions"][5:13]]
     with pytest.raises(ds.DatasetError, match="only 3 episodes"):
-        ds.export_start_clips(tmp_path / "d", tmp_path / "x", count=4, frames=8, skip=5)
+        tools.export_start_clips(tmp_path / "d", tmp_path / "x", count=4, frames=8, skip=5)
 
 
 def test_start_clips_are_spread_over_the_places_the_data_went(tmp_path):
@@ -296,12 +297,12 @@ def test_start_clips_are_spread_over_the_places_the_data_went(tmp_path):
     the data first, then each time the one farthest from those chosen."""
     from worldmodel.inference.engine import load_start_clips
 
-    manifest = ds.new_manifest((H, W))
+    manifest = writer.new_manifest((H, W))
     for ep, x in enumerate((0.0, 10.0, 20.0, 1000.0, 2000.0, 3000.0)):
         arrays = episode_arrays(ep, 16, "MAP01")
         arrays["position"][:, 0] = x
-        manifest["shards"].append(ds.write_shard(tmp_path / "d", f"shards/ep{ep:06d}-0000.npz", arrays))
-    ds.write_manifest(tmp_path / "d", manifest)
-    ds.export_start_clips(tmp_path / "d", tmp_path / "ckpt" / "start_clips", count=3, frames=4, skip=2)
+        manifest["shards"].append(writer.write_shard(tmp_path / "d", f"shards/ep{ep:06d}-0000.npz", arrays))
+    writer.write_manifest(tmp_path / "d", manifest)
+    tools.export_start_clips(tmp_path / "d", tmp_path / "ckpt" / "start_clips", count=3, frames=4, skip=2)
     episodes = [int(frames[0, 0, 0, 2]) for frames, _ in load_start_clips(tmp_path / "ckpt", (H, W))]
     assert episodes == [2, 5, 4]  # x = 20 (nearest the median 510), then 3000, then 2000

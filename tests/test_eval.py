@@ -1,15 +1,17 @@
-"""`worldmodel eval` and worldmodel/evaluation/metrics.py: metrics right on known cases, the pipeline end to end
-(validation maps; a level model's held-out episodes, several models on the same real frames), held-out
-maps refused."""
+"""`worldmodel eval` (worldmodel/evaluation: evaluate.py, rollouts.py, eval_report.py) and worldmodel/metrics.py:
+metrics right on known cases, the pipeline end to end (validation maps; a level model's held-out episodes,
+several models on the same real frames), every number of the result finite, held-out maps refused."""
 import json
 import math
+import re
 
 import cv2
 import numpy as np
 import pytest
 
-from worldmodel.evaluation import evaluate
+from worldmodel.evaluation import eval_report, evaluate, rollouts
 from worldmodel.cli import main
+from worldmodel.game.level import EVAL_STARTS
 from helpers import make_checkpoint
 from worldmodel.metrics import (flow_cosine, frame_motion, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
@@ -68,9 +70,9 @@ class CopyLastModel:
 
 
 def test_copy_last_model_scores_the_baseline():
-    ep = evaluate.Episode("freedoom2", "MAP21", 0, (96, 128), context=4, warmup=40, policy_seed=0)
+    ep = rollouts.Episode("freedoom2", "MAP21", 0, (96, 128), context=4, warmup=40, policy_seed=0)
     try:
-        out = evaluate.fidelity(CopyLastModel(), ep, horizon=12)
+        out = rollouts.fidelity(CopyLastModel(), ep, horizon=12)
     finally:
         ep.close()
     assert len(out["psnr"]) == 12
@@ -110,36 +112,36 @@ def test_frame_stats():
 def test_controllability_scoring():
     def probe(tx_model, tx_real, zoom_model, zoom_real):
         out = {}
-        for name, (_, field, sign) in evaluate.PROBES.items():
+        for name, (_, field, sign) in rollouts.PROBES.items():
             m = {"tx": sign * tx_model, "zoom": sign * zoom_model, "ty": 0, "magnitude": 1}
             r = {"tx": sign * tx_real, "zoom": sign * zoom_real, "ty": 0, "magnitude": 1}
             out[name] = {"field": field, "expected_sign": sign, "model": m, "real": r, "flow_cosine": 0.5}
         return out
 
-    good = evaluate.score_controllability([probe(3.0, 4.0, 0.03, 0.05)] * 2)
+    good = eval_report.score_controllability([probe(3.0, 4.0, 0.03, 0.05)] * 2)
     assert good["overall"]["model_direction_correct"] == 1.0 and good["overall"]["agreement_with_real"] == 1.0
     assert good["probes"]["turn_right"]["magnitude_ratio"] == pytest.approx(0.75)
-    backwards = evaluate.score_controllability([probe(-3.0, 4.0, -0.03, 0.05)])
+    backwards = eval_report.score_controllability([probe(-3.0, 4.0, -0.03, 0.05)])
     assert backwards["overall"]["model_direction_correct"] == 0.0 and backwards["overall"]["agreement_with_real"] == 0.0
-    still = evaluate.score_controllability([probe(0.01, 4.0, 0.0001, 0.05)])  # below the noise floor: no motion
+    still = eval_report.score_controllability([probe(0.01, 4.0, 0.0001, 0.05)])  # below the noise floor: no motion
     assert still["overall"]["model_direction_correct"] == 0.0
     # a probe where the real game did not move (blocked) counts in model_direction_correct but not in
     # model_correct_where_real_moved, which only scores the probes the game itself moved as expected
-    mixed = evaluate.score_controllability([probe(3.0, 4.0, 0.03, 0.05), probe(3.0, 0.0, 0.03, 0.0),
+    mixed = eval_report.score_controllability([probe(3.0, 4.0, 0.03, 0.05), probe(3.0, 0.0, 0.03, 0.0),
                                             probe(-3.0, 0.0, -0.03, 0.0)])
     fwd = mixed["probes"]["forward"]
     assert fwd["model_direction_correct"] == pytest.approx(2 / 3) and fwd["n_real_moved"] == 1
     assert fwd["model_correct_where_real_moved"] == 1.0 and mixed["overall"]["model_correct_where_real_moved"] == 1.0
-    blocked = evaluate.score_controllability([probe(3.0, 0.0, 0.03, 0.0)])
+    blocked = eval_report.score_controllability([probe(3.0, 0.0, 0.03, 0.0)])
     assert blocked["probes"]["forward"]["model_correct_where_real_moved"] is None
     assert blocked["overall"]["model_correct_where_real_moved"] is None
 
 
 def test_real_game_probes_move_the_right_way():
     """The probes themselves, on the real game (model = the real game's copy-last, i.e. no motion)."""
-    ep = evaluate.Episode("freedoom2", "MAP21", 0, (96, 128), context=4, warmup=0, policy_seed=0)
+    ep = rollouts.Episode("freedoom2", "MAP21", 0, (96, 128), context=4, warmup=0, policy_seed=0)
     try:
-        probes = evaluate.probe(CopyLastModel(), ep, frames=8)
+        probes = rollouts.probe(CopyLastModel(), ep, frames=8)
     finally:
         ep.close()
     assert probes["turn_right"]["real"]["tx"] < -1 and probes["turn_left"]["real"]["tx"] > 1
@@ -170,14 +172,14 @@ def test_eval_end_to_end(tmp_path, capsys):
             assert isinstance(row[k], float)
     assert len(r["fidelity"]["curve"]["psnr"]) == 6
     c = r["controllability"]
-    assert set(c["probes"]) == set(evaluate.PROBES) and c["overall"]["real_direction_correct"] is not None
+    assert set(c["probes"]) == set(rollouts.PROBES) and c["overall"]["real_direction_correct"] is not None
     st = r["stability"]
     assert st["frames"] == 12 and st["samples"]["frame"] == [4, 8, 12]
     assert set(st["in_real_range"]) == {"brightness", "contrast", "sharpness"}
     assert st["memory_flat"]["ratio_last_first"] > 0 and st["latency_flat"] is not None
     assert r["real_frame_stats"]["frames"] > 20
-    for png in ("fidelity.png", "controllability.png", "stability.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert r["complete"] and not_finite(r) == []
+    plots_written(r, out, {"fidelity.png", "controllability.png", "stability.png"})
     assert (out / "MAP21_ep0.mp4").exists() and (out / "MAP22_ep0.actions.jsonl").exists()
 
 
@@ -202,7 +204,7 @@ def test_level_episodes_are_never_training_episodes():
     """By construction: every level-eval episode starts at one of the level's evaluation start places
     with an evaluation (odd) seed, whatever --seed and --episodes; training (collect --starts level)
     never starts there nor uses such a seed."""
-    from worldmodel.data import collect as C
+    from worldmodel.data import units as C
     from worldmodel.game.level import episode_seed, load_level
 
     lv = load_level("freedoom2", "MAP01")
@@ -229,21 +231,37 @@ def test_level_episodes_are_never_training_episodes():
     assert spread(xy(evaluate.level_episodes(lv, 4))) > 3 * spread(xy(evaluate.level_episodes(lv, EVAL_STARTS)))
 
 
-EVAL_STARTS = evaluate.EVAL_STARTS
+RAW_PSNR = re.compile(r"\.per_episode\[\d+\]\.psnr(_copy)?\[\d+\]$")  # one frame's PSNR, before the cap
 
 
-def _numbers_finite(o, path=""):
-    """Every number in a result is finite (None = not measured is allowed); returns the paths that are not."""
+def not_finite(o, path=""):
+    """The paths of the numbers in an eval result that are not finite: every number must be finite or null
+    (not measured), except a raw per-frame PSNR of identical frames, which JSON holds as "inf"."""
     bad = []
     if isinstance(o, dict):
         for k, v in o.items():
-            bad += _numbers_finite(v, f"{path}.{k}")
+            bad += not_finite(v, f"{path}.{k}")
     elif isinstance(o, list):
         for i, v in enumerate(o):
-            bad += _numbers_finite(v, f"{path}[{i}]")
+            bad += not_finite(v, f"{path}[{i}]")
     elif isinstance(o, float) and not math.isfinite(o) or o in ("inf", "-inf", "nan"):
-        bad.append(path)
+        if not (o == "inf" and RAW_PSNR.search(path)):
+            bad.append(path)
     return bad
+
+
+def test_not_finite_finds_what_json_cannot_hold():
+    ok = {"a": [1.0, None, 2], "fidelity": {"per_episode": [{"psnr": [30.0, "inf"], "psnr_copy": ["inf"]}]}}
+    assert not_finite(ok) == []
+    assert not_finite({"x": {"y": [1.0, "nan"]}, "z": "inf", "w": float("inf")}) == [".x.y[1]", ".z", ".w"]
+    assert not_finite({"fidelity": {"per_episode": [{"ssim": ["inf"]}]}}) == [".fidelity.per_episode[0].ssim[0]"]
+
+
+def plots_written(r: dict, out, expected: set) -> None:
+    """The plots the result lists are the expected ones, and each is a PNG on disk."""
+    assert set(r["plots"]) == expected
+    for png in expected:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_level_eval_end_to_end_with_two_models(tmp_path, capsys):
@@ -282,7 +300,7 @@ def test_level_eval_end_to_end_with_two_models(tmp_path, capsys):
             assert row["n"] == 2 and row["sharpness"] >= 0 and row["sharpness_real"] > 0
             assert isinstance(row["sharpness_in_real_range"], bool) and isinstance(row["psnr_copy_mean_1_to_h"], float)
         probes = m["controllability"]["probes"]
-        assert set(probes) == set(evaluate.PROBES)
+        assert set(probes) == set(rollouts.PROBES)
         for name in ("strafe_right", "strafe_left"):
             assert probes[name]["n"] == 2 and probes[name]["field"] == "tx"
             assert isinstance(probes[name]["model_direction_correct"], float)
@@ -294,16 +312,10 @@ def test_level_eval_end_to_end_with_two_models(tmp_path, capsys):
     g = r["generalisation"]
     assert g["maps"] == ["MAP21"] and "generalis" in g["about"] and len(g["episode_list"]) == 1
     assert [row["model"] for row in g["comparison"]] == ["level", "other"]
-    assert set(g["controllability"]["probes"]) == set(evaluate.PROBES) and g["compared"][0]["fidelity"]["episodes"] == 1
-    summaries = {k: v for k, v in r.items() if k not in ("compared", "generalisation")}
-    for part in [summaries, *r["compared"], g]:
-        for m in [part] + part.get("compared", []):
-            m = {k: v for k, v in m.items() if k in ("fidelity", "controllability", "stability", "comparison")}
-            m.get("fidelity", {}).pop("per_episode", None)  # raw PSNRs: identical frames give "inf"
-            assert _numbers_finite(m) == []
-    for png in ("fidelity.png", "controllability.png", "stability.png", "generalisation_fidelity.png",
-                "generalisation_controllability.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert set(g["controllability"]["probes"]) == set(rollouts.PROBES) and g["compared"][0]["fidelity"]["episodes"] == 1
+    assert not_finite(r) == []
+    plots_written(r, out, {"fidelity.png", "controllability.png", "stability.png", "generalisation_fidelity.png",
+                           "generalisation_controllability.png"})
 
 
 def test_models_in_one_run_share_the_real_frames(tmp_path, monkeypatch):
@@ -334,6 +346,7 @@ def test_models_in_one_run_share_the_real_frames(tmp_path, monkeypatch):
     assert [e["real_sha256"] for e in one["episode_list"]] == [e["real_sha256"] for e in two["episode_list"]]
     assert one["fidelity"]["per_episode"] == two["fidelity"]["per_episode"]
     assert one["controllability"]["raw"] == two["controllability"]["raw"]
+    assert not_finite(one) == not_finite(two) == []  # no stability run: null, not a number
     ours, theirs = two["fidelity"]["per_episode"][0], two["compared"][0]["fidelity"]["per_episode"][0]
     assert ours["psnr_copy"] == theirs["psnr_copy"] and ours["sharpness_real"] == theirs["sharpness_real"]
     assert ours["psnr"] != theirs["psnr"]

@@ -338,7 +338,7 @@ def fails_after(n: int, real, counted=lambda *args: True):
 
 
 def test_a_full_disk_in_collect_names_the_file_and_keeps_the_shards(tmp_path, capsys, monkeypatch):
-    from worldmodel.data import dataset as ds
+    from worldmodel.data import verify
     root = tmp_path / "d"
     argv = ["collect", "--frames", "100", "--out", str(root), "--maps", "MAP01", "--frame-size", "24x32",
             "--episode-frames", "100", "--shard-frames", "25", "--warmup-frames", "0", "--workers", "0",
@@ -352,7 +352,7 @@ def test_a_full_disk_in_collect_names_the_file_and_keeps_the_shards(tmp_path, ca
     assert sorted(p.name for p in (root / "shards").iterdir()) == ["ep000000-0000.npz", "ep000000-0001.npz"]
     assert main(argv) == 0  # space again: the same command finishes it, keeping what was written
     assert "resuming: 50 frames" in capsys.readouterr().err
-    assert ds.verify_dataset(root)["frames"] == 100
+    assert verify.verify_dataset(root)["frames"] == 100
 
 
 def test_a_full_disk_in_record_names_the_file_and_keeps_the_recording(tmp_path, ckpt, capsys, monkeypatch):
@@ -479,9 +479,9 @@ def test_an_interrupted_recording_says_it_is_not_complete(tmp_path, ckpt):
 
 
 def test_data_verify_refuses_an_empty_dataset_and_flags_an_incomplete_one(tmp_path, capsys):
-    from worldmodel.data import dataset as ds
+    from worldmodel.data import writer
     empty = tmp_path / "empty"
-    ds.write_manifest(empty, ds.new_manifest((24, 32)))
+    writer.write_manifest(empty, writer.new_manifest((24, 32)))
     assert main(["data", "verify", str(empty)]) == 2
     one_line_error(capsys, empty, "no frames")
     part = make_dataset(tmp_path / "part")  # 144 frames of a collection that asked for 20,000

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from worldmodel.data import collect as C
+from worldmodel.data.units import CollectConfig, plan
 from worldmodel.data import dataset as ds
+from worldmodel.data import verify
 from worldmodel.game.level import EVAL_STARTS, Level, episode_seed, load_level
 
 
@@ -77,22 +79,22 @@ def test_warp_puts_the_player_at_a_start_place_facing_the_heading(map01):
 
 
 def test_level_collection_keeps_evaluation_episodes_out_of_training(map01, tmp_path):
-    cfg = C.CollectConfig(frames=64 * 50, maps=["MAP01"], starts="level", episode_frames=64, shard_frames=64,
-                          warmup_frames=0)
-    units = C.plan(cfg)
+    cfg = CollectConfig(frames=64 * 50, maps=["MAP01"], starts="level", episode_frames=64, shard_frames=64,
+                        warmup_frames=0)
+    units = plan(cfg)
     ev_cells = {tuple(c) for c in map01.starts("eval")}
     train_cells = {tuple(c) for c in map01.starts("train")}
     for u in units:
         cell = tuple(map01.cell_of(np.array([u.start[:2]]))[0])
         assert cell in train_cells and cell not in ev_cells and u.seed % 2 == 0
-    val = C.plan(C.CollectConfig(frames=64 * EVAL_STARTS, maps=["MAP01"], starts="level", split="val",
-                                 episode_frames=64, shard_frames=64, warmup_frames=0))
+    val = plan(CollectConfig(frames=64 * EVAL_STARTS, maps=["MAP01"], starts="level", split="val",
+                             episode_frames=64, shard_frames=64, warmup_frames=0))
     assert {tuple(map01.cell_of(np.array([u.start[:2]]))[0]) for u in val} == ev_cells
     assert all(u.seed % 2 == 1 for u in val) and not {u.seed for u in val} & {u.seed for u in units}
     # a real collection: every episode starts where the plan says, in a training start cell
     out = tmp_path / "lvl"
-    C.collect(C.CollectConfig(frames=2 * 16, maps=["MAP01"], starts="level", episode_frames=16, shard_frames=16,
-                              warmup_frames=0), out, workers=0, progress=False)
+    C.collect(CollectConfig(frames=2 * 16, maps=["MAP01"], starts="level", episode_frames=16, shard_frames=16,
+                            warmup_frames=0), out, workers=0, progress=False)
     firsts = [s["position"][0] for s in ds.iter_shards(out)]
     assert len(firsts) == 2
     for p in firsts:
@@ -102,8 +104,8 @@ def test_level_collection_keeps_evaluation_episodes_out_of_training(map01, tmp_p
     from worldmodel.errors import UserError
 
     val_out = tmp_path / "lvl-val"
-    C.collect(C.CollectConfig(frames=16, maps=["MAP01"], starts="level", split="val", episode_frames=16,
-                              shard_frames=16, warmup_frames=0), val_out, workers=0, progress=False)
+    C.collect(CollectConfig(frames=16, maps=["MAP01"], starts="level", split="val", episode_frames=16,
+                            shard_frames=16, warmup_frames=0), val_out, workers=0, progress=False)
     assert len(T.read_frames(out, "train", progress=False)[0]) == 32
     assert len(T.read_frames(val_out, "val", progress=False)[0]) == 16
     with pytest.raises(UserError, match="training episodes"):
@@ -111,7 +113,7 @@ def test_level_collection_keeps_evaluation_episodes_out_of_training(map01, tmp_p
     with pytest.raises(UserError, match="held-out episodes"):
         T.read_frames(val_out, "train", progress=False)
     # `data verify` reports the coverage of the level from the shards' positions
-    cov = ds.verify_dataset(out)["coverage"]["MAP01"]
+    cov = verify.verify_dataset(out)["coverage"]["MAP01"]
     positions = np.concatenate([s["position"] for s in ds.iter_shards(out)])
     want = map01.coverage(positions)
     assert {k: cov[k] for k in want} == want and 0 < cov["visited"] < 0.05
@@ -121,9 +123,9 @@ def test_level_collection_refuses_several_maps():
     from worldmodel.errors import UserError
 
     with pytest.raises(UserError, match="one map"):
-        C.CollectConfig(frames=10, maps=["MAP01", "MAP02"], starts="level")
+        CollectConfig(frames=10, maps=["MAP01", "MAP02"], starts="level")
     with pytest.raises(UserError, match="held-out|validation|training"):
-        C.CollectConfig(frames=10, maps=["MAP21"], starts="level")
+        CollectConfig(frames=10, maps=["MAP21"], starts="level")
 
 
 def _user_wad(path, source_map="MAP01", name="MAP33"):
@@ -160,6 +162,6 @@ def test_a_users_own_wad_is_a_level_to_collect(map01, tmp_path):
     with DoomEnv(wad=wad, map="MAP33", frame_size=(48, 64)) as env, DoomEnv(map="MAP01", frame_size=(48, 64)) as ref:
         assert np.array_equal(env.reset(), ref.reset())
     out = tmp_path / "mine"
-    C.collect(C.CollectConfig(frames=16, maps=["MAP33"], wad=wad, starts="level", episode_frames=16,
-                              shard_frames=16, warmup_frames=0), out, workers=0, progress=False)
-    assert ds.verify_dataset(out)["coverage"]["MAP33"]["visited"] > 0
+    C.collect(CollectConfig(frames=16, maps=["MAP33"], wad=wad, starts="level", episode_frames=16,
+                            shard_frames=16, warmup_frames=0), out, workers=0, progress=False)
+    assert verify.verify_dataset(out)["coverage"]["MAP33"]["visited"] > 0

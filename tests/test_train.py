@@ -318,9 +318,9 @@ TINY_SET = ["--set", "frame_size=32,32", "--set", "latent_channels=4", "--set", 
 
 def make_dataset(root: Path, maps=("MAP01", "MAP02", "MAP21"), frames=48, seed=0) -> Path:
     """A dataset in the `worldmodel collect` format: one episode per map of a blob moving with the actions."""
-    from worldmodel.data import dataset as D
+    from worldmodel.data import dataset as D, writer
     rng = np.random.default_rng(seed)
-    manifest = D.new_manifest((32, 32))
+    manifest = writer.new_manifest((32, 32))
     yy, xx = np.mgrid[0:32, 0:32]
     for e, m in enumerate(maps):
         actions = np.zeros((frames, 5), np.float32)
@@ -335,8 +335,8 @@ def make_dataset(root: Path, maps=("MAP01", "MAP02", "MAP21"), frames=48, seed=0
             img[i, ..., 2] = (yy * 4).astype(np.uint8)
         arrays = {"frames": img, "actions": actions, "episode": np.full(frames, e, np.int64),
                   "frame_index": np.arange(frames, dtype=np.int32), "map": np.array([m] * frames, D.MAP_DTYPE)}
-        manifest["shards"].append(D.write_shard(root, f"shards/ep{e:06d}-000.npz", arrays))
-    D.write_manifest(root, manifest)
+        manifest["shards"].append(writer.write_shard(root, f"shards/ep{e:06d}-000.npz", arrays))
+    writer.write_manifest(root, manifest)
     return root
 
 

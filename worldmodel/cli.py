@@ -11,7 +11,7 @@ from worldmodel.errors import UserError, sigterm_unwinds
 # name -> (module, one-line help). `data verify` and `train autoencoder|model` have sub-subcommands.
 COMMANDS = {
     "collect": ("worldmodel.data.collect", "record gameplay from the training maps into a dataset"),
-    "data": ("worldmodel.data.dataset", "dataset tools (`data verify DIR`)"),
+    "data": ("worldmodel.data.tools", "dataset tools (`data verify DIR`)"),
     "train": ("worldmodel.training.train", "train the autoencoder or the diffusion transformer"),
     "distill": ("worldmodel.training.distill", "distil a trained model to 1-4 sampling steps"),
     "play": ("worldmodel.play.app", "play inside the dream in a window"),

@@ -29,264 +29,29 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import multiprocessing as mp
-import multiprocessing.util
 import os
 import queue as queue_mod
-import shutil
-import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from worldmodel.data import dataset as ds
+from worldmodel.data import writer
+from worldmodel.data.units import SEGMENT_STRIDE, STARTS, CollectConfig, Unit, init_worker, plan, run_unit
 from worldmodel.files import atomic_write_json, check_output_path
 from worldmodel.errors import UserError, sigterm_unwinds
-from worldmodel.game.maps import TRAIN_MAPS, VAL_MAPS, HeldOutMapError, add_wad_argument, check_map, parse_maps, split_of
+from worldmodel.game.maps import TRAIN_MAPS, VAL_MAPS, add_wad_argument, parse_maps
 
-SEGMENT_STRIDE = 1_000_000_000
 CONFIG = "collect.json"
 LOCK = ".collect.lock"
 # settings that must be the same to add to an existing dataset (frames may grow, workers may change)
 FIXED_KEYS = ("format", "wad", "split", "maps", "frame_size", "seed", "episode_frames", "shard_frames",
               "warmup_frames", "skill", "policy", "starts")
-STARTS = ("map", "level")  # where episodes start: the map's player start, or start cells all over the level
-
-
-@dataclass
-class CollectConfig:
-    frames: int
-    maps: list = field(default_factory=lambda: list(TRAIN_MAPS))
-    split: str = "train"
-    wad: str = "freedoom2"
-    frame_size: list = field(default_factory=lambda: [96, 128])
-    seed: int = 0
-    episode_frames: int = 1024
-    shard_frames: int = 256
-    warmup_frames: int = 512
-    skill: int = 3
-    starts: str = "map"
-    policy: str = ""
-    format: int = 1
-
-    def __post_init__(self):
-        from worldmodel.game.policy import POLICY_VERSION
-
-        self.policy = self.policy or POLICY_VERSION
-        self.frame_size = [int(v) for v in self.frame_size]
-        for name in ("frames", "episode_frames", "shard_frames"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.warmup_frames < 0:
-            raise UserError("--warmup-frames must be >= 0")
-        if self.starts not in STARTS:
-            raise UserError(f"--starts must be one of {', '.join(STARTS)}, got {self.starts!r}")
-        if self.starts == "level" and len(self.maps) != 1:
-            raise UserError("--starts level collects one map (a level model's level), e.g. --maps MAP01")
-        # a level model's validation data are held-out episodes of its own (training) level
-        check_maps(self.wad, self.maps, "train" if self.starts == "level" else self.split)
-
-
-def check_maps(wad: str, maps: list[str], split: str) -> None:
-    """Training collection: training maps only. Validation (split 'val'): validation maps only.
-    Held-out maps: never. A UserError (HeldOutMapError) that names the map."""
-    if split not in ("train", "val"):
-        raise UserError(f"--split must be train or val, got {split!r}")
-    if not maps:
-        raise UserError("no map to collect from")
-    for m in maps:
-        try:
-            check_map(wad, m, split)
-            kind = split_of(wad, m)
-        except HeldOutMapError as e:
-            raise UserError(f"refusing to collect: {e}") from None
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if split == "val" and kind != "val":
-            raise UserError(f"--split val collects validation maps only ({VAL_MAPS[0]}-{VAL_MAPS[-1]}); "
-                            f"{m} is a {kind} map")
-
-
-def unit_seed(seed: int, k: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(k), 0xC0]).generate_state(1)[0] >> 1)
-
-
-def episode_id(k: int, segment: int) -> int:
-    return int(k) + int(segment) * SEGMENT_STRIDE
-
-
-def shard_name(k: int, part: int) -> str:
-    return f"{ds.SHARD_DIR}/ep{k:06d}-{part:04d}.npz"
-
-
-@dataclass
-class Unit:
-    k: int
-    map: str
-    seed: int  # the engine's and the policy's
-    frames: int
-    warmup: int
-    parts: list  # [(part, start, count, name)]
-    start: tuple | None = None  # (x, y, heading in degrees) to warp to first; None: the map's player start
-
-
-def plan(cfg: CollectConfig) -> list[Unit]:
-    """The deterministic units of a collection."""
-    units = []
-    n_units = math.ceil(cfg.frames / cfg.episode_frames)
-    cells = None
-    if cfg.starts == "level":
-        from worldmodel.game.level import episode_seed, load_level
-
-        split = "train" if cfg.split == "train" else "eval"
-        level = load_level(cfg.wad, cfg.maps[0])
-        cells = level.centre(level.starts(split))
-    for k in range(n_units):
-        n = min(cfg.episode_frames, cfg.frames - k * cfg.episode_frames)
-        s = unit_seed(cfg.seed, k)
-        rng = np.random.default_rng(s)
-        warm = int(rng.integers(0, cfg.warmup_frames + 1)) if cfg.warmup_frames else 0
-        parts = [(p, a, min(cfg.shard_frames, n - a), shard_name(k, p))
-                 for p, a in enumerate(range(0, n, cfg.shard_frames))]
-        start = None
-        if cells is not None:  # training: a random start cell; held-out episodes: each start place in turn
-            x, y = cells[rng.integers(len(cells)) if split == "train" else k % len(cells)]
-            start, s = (float(x), float(y), float(rng.uniform(0.0, 360.0))), episode_seed(split, s)
-        units.append(Unit(k, cfg.maps[k % len(cfg.maps)], s, n, warm, parts, start))
-    return units
-
-
-# -- the worker: play one unit ---------------------------------------------------------------------------
-_QUEUE = None
-_PLAYING = False  # a unit is being played (a game engine is open)
-_TMPDIR = None
-_PARENT = None  # the main process's pid
-
-
-def _init_worker(q, parent: int):
-    global _QUEUE, _TMPDIR, _PARENT
-    from worldmodel.game.doom import private_tmpdir
-
-    _QUEUE, _PARENT = q, parent
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
-    # the main process stops workers with SIGTERM (pool.terminate)
-    signal.signal(signal.SIGTERM, _worker_sigterm)
-    _die_with_parent()
-    # ViZDoom makes a `_vizdoom` directory in the working directory: give each worker its own
-    _TMPDIR = d = private_tmpdir("worldmodel-collect-")
-    os.chdir(d)
-    multiprocessing.util.Finalize(None, shutil.rmtree, args=(d,), kwargs={"ignore_errors": True}, exitpriority=0)
-
-
-def _worker_sigterm(signum, frame):
-    signal.signal(signum, signal.SIG_DFL)  # once: a second signal ends the process outright
-    if _PLAYING:  # unwind, so that the game engine (a child process of ViZDoom's) is closed, not left behind
-        raise SystemExit(128 + signum)
-    # idle, or already exiting (an exception raised inside exit handlers only prints tracebacks)
-    shutil.rmtree(_TMPDIR, ignore_errors=True)
-    os._exit(128 + signum)
-
-
-def _die_with_parent() -> None:
-    """A killed main process (kill -9: it cannot stop its pool) makes its workers stop as if it had, with
-    SIGTERM, quietly, instead of finishing their units and dying on a broken pipe: Linux sends the signal
-    (PR_SET_PDEATHSIG); elsewhere `_send` notices the new parent."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        pass
-    _parent_check()  # it died before that
-
-
-def _parent_check() -> None:
-    if _PARENT is not None and os.getppid() != _PARENT:
-        _worker_sigterm(signal.SIGTERM, None)
-
-
-def _send(msg):
-    if _QUEUE is not None:
-        _parent_check()
-        _QUEUE.put(msg)
-
-
-def run_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict]:
-    """Play unit `unit` from its start and write the parts listed in `needed`; returns their entries."""
-    global _PLAYING
-    _PLAYING = True
-    try:
-        return _play_unit(cfg, unit, needed, root)
-    finally:
-        _PLAYING = False
-
-
-def _play_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict]:
-    from worldmodel.game.action import NOOP
-    from worldmodel.game.doom import DoomEnv
-    from worldmodel.game.policy import ExplorerPolicy
-
-    needed = set(needed)
-    last = max(needed)
-    end = unit.parts[last][1] + unit.parts[last][2]
-    part_of = {}
-    for p, a, c, _ in unit.parts:
-        part_of.update({i: p for i in range(a, a + c)})
-    noop = np.asarray(NOOP.to_vector(), np.float32)
-    entries = []
-    buf: dict[str, list] = {k: [] for k in ("frames", "actions", "episode", "frame_index", "map", "position")}
-    pending_progress = 0
-    with DoomEnv(cfg["wad"], unit.map, seed=unit.seed, frame_size=cfg["frame_size"], skill=cfg["skill"],
-                 depth=True) as env:
-        policy = ExplorerPolicy(unit.seed)
-        frame = env.reset()
-        if unit.start is not None:
-            frame = env.warp(*unit.start)
-        for _ in range(unit.warmup):
-            env.step(policy.act(env.position, env.depth))
-        if unit.warmup or unit.start is not None:
-            frame = env.step(NOOP)
-        segment, fi, action = 0, 0, noop
-        for i in range(end):
-            if i > 0:
-                a = policy.act(env.position, env.depth)
-                frame = env.step(a)
-                action = np.asarray(a.to_vector(), np.float32)
-                fi += 1
-                if env.restarted:  # left the level: the map restarted, a new episode begins here
-                    segment, fi, action = segment + 1, 0, noop
-            p = part_of[i]
-            if p in needed:
-                buf["frames"].append(frame)
-                buf["actions"].append(action)
-                buf["episode"].append(episode_id(unit.k, segment))
-                buf["frame_index"].append(fi)
-                buf["map"].append(unit.map)
-                buf["position"].append(env.position)
-                pending_progress += 1
-                if pending_progress >= 64:
-                    _send(("frames", pending_progress))
-                    pending_progress = 0
-                _, start, count, name = unit.parts[p]
-                if i == start + count - 1:  # the part is complete: write its shard
-                    arrays = {"frames": np.stack(buf["frames"]), "actions": np.stack(buf["actions"]),
-                              "episode": np.asarray(buf["episode"], np.int64),
-                              "frame_index": np.asarray(buf["frame_index"], np.int32),
-                              "map": np.asarray(buf["map"], ds.MAP_DTYPE),
-                              "position": np.asarray(buf["position"], np.float32)}
-                    entry = ds.write_shard(root, name, arrays)
-                    entries.append(entry)
-                    _send(("shard", entry))
-                    for v in buf.values():
-                        v.clear()
-    if pending_progress:
-        _send(("frames", pending_progress))
-    return entries
 
 
 # -- the main process --------------------------------------------------------------------------------------
@@ -296,11 +61,11 @@ def _adopt(root: Path, unit: Unit, part: int) -> dict | None:
     _, start, count, name = unit.parts[part]
     path = root / name
     try:
-        arrays = ds._check_arrays(ds.load_shard(root, name), name)
+        arrays = ds.check_arrays(ds.load_shard(root, name), name)
         ok = (len(arrays["frames"]) == count and np.all(arrays["map"] == unit.map)
               and np.all(arrays["episode"] % SEGMENT_STRIDE == unit.k))
         if ok:
-            return ds.shard_entry(name, path.read_bytes(), arrays)
+            return writer.shard_entry(name, path.read_bytes(), arrays)
     except ds.DatasetError:
         pass
     path.unlink(missing_ok=True)
@@ -350,9 +115,9 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
             raise UserError(f"{root} was collected with other settings ({what}); use a new --out directory")
     elif manifest_path.exists():
         raise UserError(f"{root} holds a dataset that `worldmodel collect` did not make ({CONFIG} is missing)")
-    removed = ds.remove_temp_files(root)
+    removed = writer.remove_temp_files(root)
 
-    manifest = ds.load_manifest(root) if manifest_path.exists() else ds.new_manifest(cfg.frame_size, cfg.wad)
+    manifest = ds.load_manifest(root) if manifest_path.exists() else writer.new_manifest(cfg.frame_size, cfg.wad)
     if list(manifest["frame_size"]) != list(cfg.frame_size):
         raise UserError(f"{root} holds {manifest['frame_size']} frames, not {cfg.frame_size}")
     units = plan(cfg)
@@ -377,7 +142,7 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
             else:
                 done[name] = entry
     manifest["shards"] = list(done.values())
-    manifest = ds.write_manifest(root, manifest)
+    manifest = writer.write_manifest(root, manifest)
     atomic_write_json(root / CONFIG, conf)
 
     tasks = []
@@ -396,7 +161,7 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
         workers = min(workers, len(tasks))
         _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress)
     elapsed = time.time() - t0
-    manifest = ds.write_manifest(root, dict(manifest, shards=list(done.values())))
+    manifest = writer.write_manifest(root, dict(manifest, shards=list(done.values())))
     return {"frames": manifest["frames"], "new_frames": todo, "seconds": elapsed,
             "fps": todo / elapsed if elapsed > 0 and todo else 0.0, "shards": len(manifest["shards"]),
             "episodes": manifest["episodes"], "dir": str(root)}
@@ -412,7 +177,7 @@ def _stop_pool(pool, wait: float = 5.0) -> None:
     for signal_them in ("terminate", "kill"):
         if not stopper.is_alive():
             return
-        for p in multiprocessing.active_children():
+        for p in mp.active_children():
             getattr(p, signal_them)()
         stopper.join(wait)
 
@@ -452,7 +217,7 @@ def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
 
     def save_manifest(failing: bool = False) -> None:
         try:
-            ds.write_manifest(root, dict(manifest, shards=list(done.values())))
+            writer.write_manifest(root, dict(manifest, shards=list(done.values())))
         except (OSError, UserError):
             if not failing:  # on the way out of an error (a full disk) that error is the one to tell: the
                 raise        # shards on disk that the manifest misses are adopted by the next run
@@ -465,13 +230,13 @@ def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
                 for entry in run_unit(conf, u, needed, str(root)):
                     add(entry)
                     bar.update(entry["frames"])
-                ds.write_manifest(root, dict(manifest, shards=list(done.values())))
+                writer.write_manifest(root, dict(manifest, shards=list(done.values())))
         except BaseException:
             save_manifest(failing=True)
             raise
         save_manifest()
         return
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(q, os.getpid()))
+    pool = ctx.Pool(workers, initializer=init_worker, initargs=(q, os.getpid()))
     try:
         pending = [pool.apply_async(run_unit, (conf, u, needed, str(root))) for u, needed in tasks]
         while pending:
@@ -485,7 +250,7 @@ def _run_tasks(cfg, root, tasks, workers, todo, manifest, done, progress):
                     still.append(r)
             pending = still
             if dirty and time.time() - last_write > 1.0:
-                ds.write_manifest(root, dict(manifest, shards=list(done.values())))
+                writer.write_manifest(root, dict(manifest, shards=list(done.values())))
                 last_write, dirty = time.time(), False
         drain(0.05)
         pool.close()
@@ -551,22 +316,3 @@ def run(args) -> int:
     else:
         print(f"{s['dir']} is complete: {s['frames']} frames, {s['episodes']} episodes, {s['shards']} shards")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m worldmodel.data.collect ...`: the same as `worldmodel collect ...`."""
-    parser = argparse.ArgumentParser(prog="worldmodel collect", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("\nworldmodel collect: interrupted", file=sys.stderr)
-        return 130
-    except (UserError, ValueError, OSError) as e:
-        print(f"worldmodel collect: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,8 @@
     worldmodel record --actions walk.jsonl --frames 350 --out runs/walk
     worldmodel record --preset tiny --policy explorer --frames 700 --seed 0,1,2 --out runs/ --side-by-side
 
-Start scene: the real game (`DoomEnv`) on --map, reset with the seed, standing still for --context frames;
+Start scene: the real game (`DoomEnv`) on --map, reset with the seed, standing still for --context frames
+(`worldmodel.game.scenes`);
 or, with --start-clip, a start clip shipped in the checkpoint folder (start_clips/*.npz).
 Actions: one or more action scripts (JSON Lines; a recording's PREFIX.actions.jsonl replays it), or the
 built-in explorer policy, which looks through the real game's eyes (depth, position) while the real game
@@ -24,28 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from worldmodel.game.action import MAX_SCRIPT_FRAMES, NOOP, ActionScript
+from worldmodel.game.action import MAX_SCRIPT_FRAMES, ActionScript
 from worldmodel.files import check_output_path
 from worldmodel.inference.loading import add_model_arguments, load_model
 from worldmodel.parsing import parse_int_list
 from worldmodel.provenance import command_line
 from worldmodel.errors import UserError
 from worldmodel.game.maps import add_wad_argument
-
-
-# --------------------------------------------------------------------------------------------------
-# start scenes
-# --------------------------------------------------------------------------------------------------
-def game_start(wad: str, map_name: str, seed: int, frame_size, context: int, depth: bool = False):
-    """(env, frames (context, H, W, 3), actions): the real game reset with `seed`, standing still."""
-    from worldmodel.game.doom import DoomEnv
-
-    env = DoomEnv(wad=wad, map=map_name, seed=seed, frame_size=frame_size, depth=depth)
-    frames, actions = [env.reset()], [NOOP]
-    while len(frames) < context:
-        frames.append(env.step(NOOP))
-        actions.append(NOOP)
-    return env, np.stack(frames), actions
 
 
 def write_strip(path: Path, frames: list[np.ndarray], rows: int = 1) -> None:
@@ -165,7 +151,11 @@ def run(args) -> int:
             frames, actions = frames[-context:], actions[-context:]
             start = {"source": "start_clip", "index": args.start_clip, "frames": len(frames)}
         else:
-            env, frames, actions = game_start(args.wad, map_name, seed, (H, W), context, depth=policy is not None)
+            from worldmodel.game.doom import DoomEnv
+            from worldmodel.game.scenes import start_scene
+
+            env = DoomEnv(wad=args.wad, map=map_name, seed=seed, frame_size=(H, W), depth=policy is not None)
+            frames, actions = start_scene(env, seed, context - 1).context()  # standing still
             start = {"source": "game", "wad": args.wad, "map": map_name, "seed": seed, "frames": len(frames),
                      "actions": "stand still"}
         wm.seed = seed

@@ -40,7 +40,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from worldmodel.game.action import NOOP, Action
+from worldmodel.game.action import Action
 from worldmodel.errors import UserError
 from worldmodel.parsing import parse_hw
 from worldmodel.game.maps import is_user_wad, split_of

@@ -19,7 +19,8 @@ becomes True after `max_episode_steps` steps (None: never).
 
 Start scenes (`start=`): "clips" -- the start clips shipped in the checkpoint folder
 (`start_clips/*.npz`, see `engine.load_start_clips`) or the `clips` passed in; "game" -- the real
-game (`DoomEnv` on `wad`/`map`), played for `context` frames by the built-in exploration policy;
+game (`DoomEnv` on `wad`/`map`), played for `context` frames by the built-in exploration policy, blind
+(`worldmodel.game.scenes`);
 "auto" (default) -- clips if there are any, else the game. Each reset picks a clip (or seeds the
 game and the policy) and the model's sampling seed from the env's seeded RNG, so `reset(seed=s)`
 followed by the same actions gives the same frames. `options={"frames": ..., "actions": [...]}`
@@ -115,16 +116,11 @@ class DreamEnv(gym.Env):
     def _from_game(self, seed: int) -> tuple[np.ndarray, list[Action]]:
         from worldmodel.game.doom import DoomEnv
         from worldmodel.game.policy import ExplorerPolicy
+        from worldmodel.game.scenes import explorer, start_scene
 
         if self._game is None:
             self._game = DoomEnv(wad=self.wad, map=self.map, seed=seed, frame_size=self.model.frame_size)
-        policy = ExplorerPolicy(seed)
-        frames, actions = [self._game.reset(seed=seed)], [Action()]
-        while len(frames) < self.context:
-            a = policy.act()
-            frames.append(self._game.step(a))
-            actions.append(a)
-        return np.stack(frames), actions
+        return start_scene(self._game, seed, self.context - 1, explorer(ExplorerPolicy(seed), sees=False)).context()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
