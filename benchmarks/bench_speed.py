@@ -260,13 +260,13 @@ def compile_section(args, progress) -> dict:
 def quality_section(args, models, progress) -> dict:
     from worldmodel.evaluation import evaluate
     from worldmodel.evaluation.rollouts import Episode
-    from worldmodel.game.maps import parse_maps
+    from worldmodel.game.maps import VAL_MAPS, parse_maps
     from worldmodel.metrics import frame_stats, mean_psnr, psnr
 
     p = argparse.ArgumentParser()
     evaluate.add_arguments(p)
     ev = p.parse_args(["--out", "-"])  # the eval's own defaults: its maps, episodes, warm-up, seed
-    maps = parse_maps(ev.maps)
+    maps = parse_maps(ev.maps) if ev.maps else list(VAL_MAPS)  # the eval's validation maps
     episodes = args.quality_episodes or ev.episodes
     wm = models["float32"]
     steps = wm.steps
@@ -284,7 +284,7 @@ def quality_section(args, models, progress) -> dict:
         for e in range(episodes):
             seed = ev.seed + e
             progress(f"quality: {m} episode {e + 1}/{episodes}")
-            ep = Episode(ev.wad, m, seed, wm.frame_size, context, ev.warmup, policy_seed=seed * 100 + mi)
+            ep = Episode(ev.wad or "freedoom2", m, seed, wm.frame_size, context, ev.warmup, policy_seed=seed * 100 + mi)
             try:
                 actions, real = [], []
                 for _ in range(hmax):
