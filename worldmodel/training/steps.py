@@ -1,6 +1,7 @@
 """What every training loop (the autoencoder's, the transformer's, distillation) steps with: one
 process or a torchrun process group (`Dist`), bf16 autocast and the hardware's name, the order of
-data and noise, the learning-rate schedule, the EMA of the weights and the progress bar.
+data and noise, the learning-rate schedule, the EMA of the weights, what a loop records of its steps
+(losses, time, rate: `StepRecord`) and the progress bar.
 
 Determinism and resuming. Everything random in a step -- which clips, which noise levels, which noise
 -- is drawn from generators seeded by (seed, step) (`step_generator`, `batch_indices`), for the
@@ -13,14 +14,13 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from worldmodel.device import native_bf16, parse_device
+from worldmodel.device import cpu_name, native_bf16, parse_device
 from worldmodel.errors import UserError
 from worldmodel.progress import progress_bar
 
@@ -98,15 +98,7 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 # --------------------------------------------------------------------------------------------------
