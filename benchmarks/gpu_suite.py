@@ -24,7 +24,7 @@ stopped at its limit keeps what it measured and is marked `timed_out`:
              compiled (inductor + CUDA graphs), a 2,000-frame rollout (latency against rollout length),
              1-3 steps, speculative 2 and 4, CUDA graphs without inductor, inductor without CUDA graphs,
              the other attention backends; frames/s, p50/p99 latency, torch.compile's counters.
-  training   training throughput (worldmodel.training.train.measure_throughput) of tiny and small with bf16
+  training   training throughput (worldmodel.training.train_cli.measure_throughput) of tiny and small with bf16
              autocast and torch.compile at the largest batch that fits (descending batches, out-of-memory
              caught): clips/s and MFU, then eager, the device's work alone, and a profile of a step.
 
@@ -638,7 +638,7 @@ def profile_step(cfg, batch: int, dev, compile: bool, frames: int) -> dict:
     kernels by device time, the host ops by CPU time, and how busy the device was."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from worldmodel.training.train import measure_throughput
+    from worldmodel.training.train_cli import measure_throughput
 
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -666,7 +666,8 @@ def profile_step(cfg, batch: int, dev, compile: bool, frames: int) -> dict:
 def stage_training(w: StageWriter, args, dev) -> None:
     import torch
 
-    from worldmodel.training.train import measure_throughput, resolve_config
+    from worldmodel.training.config import resolve_config
+    from worldmodel.training.train_cli import measure_throughput
 
     smoke, cuda = args.smoke, dev.type == "cuda"
     raise_dynamo_limits()

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.training import distill as D
+from worldmodel.training.distill import OBJECTIVES, Distillation
+from worldmodel.training.distill_objectives import (Clip, commit_context, schedule, student_sample, teacher_targets,
+                                                    velocity)
 from worldmodel.model.transformer import WorldTransformer
 
 from test_model import tiny_config
@@ -42,15 +44,15 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("objective", D.OBJECTIVES)
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_each_update_moves_only_its_own_model(objective):
     """The student's step leaves the teacher and the critic (the adversarial critic with its spectral-norm
     state, or DMD's fake score) bit-identical; the critic's step leaves the student and the teacher."""
     cfg = tiny_config(prev_frame=True, sample_steps=2)
-    d = D.Distillation(active_teacher(cfg), cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
+    d = Distillation(active_teacher(cfg), cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
     x0, a = batch(cfg)
     g = torch.Generator().manual_seed(1)
-    clip = D.Clip.of(cfg, x0, a, g)
+    clip = Clip.of(cfg, x0, a, g)
     teacher, student = state(d.teacher), state(d.student)
     critic = None if d.critic is None else state(d.critic)
     losses, sample = d.student_step(clip, g)
@@ -79,13 +81,13 @@ def test_the_critics_say_reaches_the_student_through_its_sample(objective):
     after = []
     for weight in (0.0, 1.0):
         torch.manual_seed(2)  # the same critic in both
-        d = D.Distillation(teacher, cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
+        d = Distillation(teacher, cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
         if objective == "dmd":
             with torch.no_grad():
                 for p in d.critic.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         g = torch.Generator().manual_seed(1)
-        losses, _ = d.student_step(D.Clip.of(cfg, x0, a, g), g, extra_weight=weight)
+        losses, _ = d.student_step(Clip.of(cfg, x0, a, g), g, extra_weight=weight)
         assert losses[objective] != 0.0
         after.append(state(d.student))
     assert not same(*after)
@@ -100,22 +102,39 @@ def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     cfg = tiny_config(prev_frame=prev_frame, sample_steps=2)
     model = active_teacher(cfg, seed=3)
     x0, a = batch(cfg, seed=4)
-    clip = D.Clip.of(cfg, x0, a, torch.Generator().manual_seed(5))
+    clip = Clip.of(cfg, x0, a, torch.Generator().manual_seed(5))
     x = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(6))
     t_a, t_b = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.4, 0.1, 0.0])
-    secant = D.teacher_targets(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1], x, a[:, -1:], t_a, t_b, 1)
+    secant = teacher_targets(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1], x, a[:, -1:], t_a, t_b, 1)
     with torch.no_grad():
-        v = D.velocity(model, clip, x, t_a)
+        v = velocity(model, clip, x, t_a)
     assert v.abs().mean() > 0.05
     torch.testing.assert_close(v, secant, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        sample = D.student_sample(model, cfg, clip, 2, torch.Generator().manual_seed(7))
+        sample = student_sample(model, cfg, clip, 2, torch.Generator().manual_seed(7))
         z = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(7))
-        cache = D.commit_context(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1])
-        ts = D.schedule(cfg, 2).tolist()
+        cache = commit_context(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1])
+        ts = schedule(cfg, 2).tolist()
         for i in range(2):
             z = z + (ts[i + 1] - ts[i]) * model.forward_cached(z, torch.full((3, 1), ts[i]), a[:, -1:], cache)
     torch.testing.assert_close(sample, z, atol=1e-5, rtol=1e-4)
+
+
+def test_one_ema_serves_training_and_distillation():
+    """`steps.ema_update`, the one EMA: without a step (distillation's average) d is the decay as given,
+    bit for bit the per-parameter lerp distillation had; with a step (the transformer's EMA) d warms up
+    as (1 + step) / (10 + step) up to the decay; decay 0 copies the model."""
+    from worldmodel.training.steps import ema_update
+
+    cfg = tiny_config()
+    model, avg = active_teacher(cfg, seed=1), active_teacher(cfg, seed=2)
+    for decay, step, d in ((0.99, None, 0.99), (0.999, 0, 0.1), (0.999, 5, 6 / 15), (0.5, 1000, 0.5)):
+        want = [pa.clone().lerp_(pm, 1 - d) for pa, pm in zip(avg.parameters(), model.parameters())]
+        got = active_teacher(cfg, seed=2)
+        ema_update(got, model, decay, step)
+        assert all(torch.equal(g, w) for g, w in zip(got.parameters(), want)), (decay, step)
+    ema_update(avg, model, 0.0)
+    assert same(state(avg), state(model))
 
 
 @pytest.mark.parametrize("flag, value", [

@@ -328,7 +328,8 @@ def test_distillation_brings_a_one_step_student_to_the_teachers_many_step_result
     """The machinery of `worldmodel distill` on a tiny random teacher and random clips: the 1-step
     student's sample lands ~10x closer to the teacher's 16-step sample than the teacher's own 1 step."""
     from worldmodel.model.diffusion import add_noise
-    from worldmodel.training.distill import commit_context, distill_student, teacher_targets
+    from worldmodel.training.distill import distill_student
+    from worldmodel.training.distill_objectives import commit_context, teacher_targets
     from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
     cfg = ModelConfig(**{**SMALL, "window_frames": 3})
@@ -339,7 +340,7 @@ def test_distillation_brings_a_one_step_student_to_the_teachers_many_step_result
             p.copy_(torch.randn_like(p) * (1 / math.sqrt(p.shape[-1]) if p.ndim > 1 else 0.1))
     K, shape = cfg.cache_frames, (cfg.latent_channels, *cfg.latent_size)
 
-    class Clips:  # train.LatentClips' interface
+    class Clips:  # clips.LatentClips' interface
         def batch(self, step, b, lo, hi, seed):
             g = torch.Generator().manual_seed(step % 16)
             return torch.randn(b, K + 1, *shape, generator=g), torch.randn(b, K + 1, 5, generator=g).clamp(-1, 1)

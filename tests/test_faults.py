@@ -421,16 +421,19 @@ def test_numpy_numbers_make_actions():
 
 
 def test_a_bad_shard_names_its_dataset_folder(tmp_path, capsys):
-    from worldmodel.training import train
+    from worldmodel.errors import UserError
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.training.clips import encode_dataset
+    from worldmodel.training.config import parse_overrides, resolve_config
     data = make_dataset(tmp_path / "data")
     shard = data / "shards" / "ep000001-000.npz"
     shard.write_bytes(shard.read_bytes()[:200])
     assert main(["train", "autoencoder", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress",
                  *TINY_SET]) == 2
     one_line_error(capsys, shard)
-    cfg = train.resolve_config("tiny", train.parse_overrides(TINY_SET[1::2]))
-    with pytest.raises(train.UserError, match=re.escape(str(shard))):  # what distill reads its clips with
-        train.encode_dataset(train.Autoencoder(cfg.autoencoder), data, "train", 3, progress=False)
+    cfg = resolve_config("tiny", parse_overrides(TINY_SET[1::2]))
+    with pytest.raises(UserError, match=re.escape(str(shard))):  # what distill reads its clips with
+        encode_dataset(Autoencoder(cfg.autoencoder), data, "train", 3, progress=False)
 
 
 def test_replaying_a_garbage_file_is_one_line(tmp_path, capsys, monkeypatch):

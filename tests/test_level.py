@@ -100,18 +100,18 @@ def test_level_collection_keeps_evaluation_episodes_out_of_training(map01, tmp_p
     for p in firsts:
         assert tuple(map01.cell_of(p[None])[0]) in train_cells
     # a level's datasets serve their own split only: training episodes never as validation, and back
-    from worldmodel.training import train as T
+    from worldmodel.training.clips import read_frames
     from worldmodel.errors import UserError
 
     val_out = tmp_path / "lvl-val"
     C.collect(CollectConfig(frames=16, maps=["MAP01"], starts="level", split="val", episode_frames=16,
                             shard_frames=16, warmup_frames=0), val_out, workers=0, progress=False)
-    assert len(T.read_frames(out, "train", progress=False)[0]) == 32
-    assert len(T.read_frames(val_out, "val", progress=False)[0]) == 16
+    assert len(read_frames(out, "train", progress=False)[0]) == 32
+    assert len(read_frames(val_out, "val", progress=False)[0]) == 16
     with pytest.raises(UserError, match="training episodes"):
-        T.read_frames(out, "val", progress=False)
+        read_frames(out, "val", progress=False)
     with pytest.raises(UserError, match="held-out episodes"):
-        T.read_frames(val_out, "train", progress=False)
+        read_frames(val_out, "train", progress=False)
     # `data verify` reports the coverage of the level from the shards' positions
     cov = verify.verify_dataset(out)["coverage"]["MAP01"]
     positions = np.concatenate([s["position"] for s in ds.iter_shards(out)])

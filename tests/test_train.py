@@ -12,13 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.training import train as T
+from worldmodel.model.autoencoder import reconstruction_loss
+from worldmodel.model.checkpoint import load_tensors
+from worldmodel.model.transformer import ModelConfig, WorldTransformer
+from worldmodel.training.autoencoder import AutoencoderLoss, load_autoencoder, train_autoencoder
+from worldmodel.training.clips import LatentClips, clip_starts, spread_shards
+from worldmodel.training.config import AutoencoderTrainConfig, ModelTrainConfig
+from worldmodel.training.runs import AE_FILE, checkpoint_dirs
+from worldmodel.training.steps import amp_enabled, batch_indices
+from worldmodel.training.transformer import self_forced_clip, self_forcing_layout, train_model
 from test_model import tiny_config
 
 HERE = Path(__file__).resolve().parent
 
 
-def synthetic_latents(cfg, frames_per_episode=40, episodes=4, seed=0) -> T.LatentClips:
+def synthetic_latents(cfg, frames_per_episode=40, episodes=4, seed=0) -> LatentClips:
     g = torch.Generator().manual_seed(seed)
     n = frames_per_episode * episodes
     # smooth in time, so that there is something to predict
@@ -28,30 +36,30 @@ def synthetic_latents(cfg, frames_per_episode=40, episodes=4, seed=0) -> T.Laten
     actions = torch.randn(n, cfg.action_dim, generator=g)
     episode = torch.arange(episodes).repeat_interleave(frames_per_episode)
     frame_index = torch.arange(frames_per_episode).repeat(episodes)
-    starts = T.clip_starts(episode, frame_index, cfg.clip_frames)
-    return T.LatentClips(latents, actions, starts, cfg.clip_frames, ["MAP01"])
+    starts = clip_starts(episode, frame_index, cfg.clip_frames)
+    return LatentClips(latents, actions, starts, cfg.clip_frames, ["MAP01"])
 
 
-def quick(**kw) -> T.ModelTrainConfig:
+def quick(**kw) -> ModelTrainConfig:
     d = dict(steps=8, batch=4, lr=1e-3, warmup=2, log_every=1, val_every=1000, ckpt_every=3, device="cpu",
              progress=False, seed=3)
     d.update(kw)
-    return T.ModelTrainConfig(**d)
+    return ModelTrainConfig(**d)
 
 
 def test_batch_indices_are_a_function_of_the_step():
     n, b = 10, 4
-    seq = torch.cat([T.batch_indices(s, b, n, seed=1) for s in range(5)])  # 20 = two epochs
+    seq = torch.cat([batch_indices(s, b, n, seed=1) for s in range(5)])  # 20 = two epochs
     assert sorted(seq[:10].tolist()) == list(range(10)) and sorted(seq[10:20].tolist()) == list(range(10))
-    assert torch.equal(T.batch_indices(3, b, n, seed=1), seq[12:16])  # no state: step 3 alone
-    assert not torch.equal(T.batch_indices(0, b, n, seed=2), T.batch_indices(0, b, n, seed=1))
+    assert torch.equal(batch_indices(3, b, n, seed=1), seq[12:16])  # no state: step 3 alone
+    assert not torch.equal(batch_indices(0, b, n, seed=2), batch_indices(0, b, n, seed=1))
 
 
 def test_clip_starts_stay_inside_episodes():
     episode = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
     frame_index = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 3, 4, 5])  # a gap in episode 2
-    assert T.clip_starts(episode, frame_index, 3).tolist() == [0, 1, 4, 9]
-    assert T.clip_starts(episode, frame_index, 3, stride=2).tolist() == [0, 4, 9]
+    assert clip_starts(episode, frame_index, 3).tolist() == [0, 1, 4, 9]
+    assert clip_starts(episode, frame_index, 3, stride=2).tolist() == [0, 4, 9]
 
 
 def _state(module):
@@ -62,7 +70,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config()
     data = synthetic_latents(cfg)
-    full = T.train_model(data, tmp_path / "full", cfg, quick())
+    full = train_model(data, tmp_path / "full", cfg, quick())
     assert full["start_step"] == 0 and len(full["losses"]) == 8
 
     class Killed(Exception):
@@ -73,19 +81,19 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        T.train_model(data, tmp_path / "run", cfg, quick(), on_step=kill_at_7)
-    assert [p.name for p in T.checkpoint_dirs(tmp_path / "run")] == ["step_00000003", "step_00000006"]
+        train_model(data, tmp_path / "run", cfg, quick(), on_step=kill_at_7)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_00000003", "step_00000006"]
     # a leftover temporary folder from a checkpoint killed while being written is ignored
     (tmp_path / "run" / "checkpoints" / ".step_00000009.tmp").mkdir()
-    resumed = T.train_model(data, tmp_path / "run", cfg, quick(), resume=True)
+    resumed = train_model(data, tmp_path / "run", cfg, quick(), resume=True)
     assert resumed["start_step"] == 6
     assert resumed["losses"] == full["losses"][6:]  # exactly, step for step
     for name in ("model", "ema"):
         a, b = _state(full[name]), _state(resumed[name])
         assert all(torch.equal(a[k], b[k]) for k in a), name
     # the optimizer state too (compare the written checkpoints)
-    fa = T.load_tensors(tmp_path / "full" / "checkpoints" / "step_00000008" / "optimizer.safetensors")
-    fb = T.load_tensors(tmp_path / "run" / "checkpoints" / "step_00000008" / "optimizer.safetensors")
+    fa = load_tensors(tmp_path / "full" / "checkpoints" / "step_00000008" / "optimizer.safetensors")
+    fb = load_tensors(tmp_path / "run" / "checkpoints" / "step_00000008" / "optimizer.safetensors")
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
     # metrics: one line per step, the replayed steps not duplicated
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -93,18 +101,18 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000008" / "state.json").read_text())
     assert state["step"] == 8 and state["data_position"]["clips_seen"] == 32
     # a run resumed with nothing left to do is a no-op
-    again = T.train_model(data, tmp_path / "run", cfg, quick(), resume=True)
+    again = train_model(data, tmp_path / "run", cfg, quick(), resume=True)
     assert again["losses"] == [] and again["start_step"] == 8
 
 
 def test_max_time_stops_with_a_checkpoint_that_resume_continues(tmp_path):
     cfg = tiny_config()
     data = synthetic_latents(cfg)
-    full = T.train_model(data, tmp_path / "full", cfg, quick())
-    first = T.train_model(data, tmp_path / "run", cfg, quick(max_time=1e-9))  # out of time after one step
+    full = train_model(data, tmp_path / "full", cfg, quick())
+    first = train_model(data, tmp_path / "run", cfg, quick(max_time=1e-9))  # out of time after one step
     assert first["steps"] == 1 and len(first["losses"]) == 1
-    assert [p.name for p in T.checkpoint_dirs(tmp_path / "run")] == ["step_00000001"]
-    rest = T.train_model(data, tmp_path / "run", cfg, quick(), resume=True)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_00000001"]
+    rest = train_model(data, tmp_path / "run", cfg, quick(), resume=True)
     assert rest["start_step"] == 1 and first["losses"] + rest["losses"] == full["losses"]
 
 
@@ -113,7 +121,7 @@ def test_a_level_models_export_names_its_level_where_play_and_eval_read_it(tmp_p
 
     cfg = tiny_config()
     level = {"wad": "freedoom2", "map": "MAP01"}
-    T.train_model(synthetic_latents(cfg), tmp_path / "run", cfg, quick(steps=1), Autoencoder(cfg.autoencoder),
+    train_model(synthetic_latents(cfg), tmp_path / "run", cfg, quick(steps=1), Autoencoder(cfg.autoencoder),
                   info={"data": "data/map01", "level": level})
     info = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["info"]
     assert info["level"] == level and "level" not in info["training"]
@@ -128,19 +136,19 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config()
     data = synthetic_latents(cfg)
-    trained = T.train_model(data, tmp_path / "first", cfg, quick(steps=4))
-    save_pretrained(tmp_path / "ckpt", T.ModelConfig.from_dict({**cfg.to_dict(), "sample_steps": 2}),
+    trained = train_model(data, tmp_path / "first", cfg, quick(steps=4))
+    save_pretrained(tmp_path / "ckpt", ModelConfig.from_dict({**cfg.to_dict(), "sample_steps": 2}),
                     Autoencoder(cfg.autoencoder), trained["ema"])
     # learning rate 0: the new run's weights (model and EMA) stay exactly the checkpoint's
-    cont = T.train_model(data, tmp_path / "cont", cfg, quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))
+    cont = train_model(data, tmp_path / "cont", cfg, quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))
     want = _state(trained["ema"])
     for name in ("model", "ema"):
         got = _state(cont[name])
         assert all(torch.equal(want[k], got[k]) for k in want), name
-    fresh = _state(T.train_model(data, tmp_path / "fresh", cfg, quick(steps=1, lr=0.0, warmup=0))["model"])
+    fresh = _state(train_model(data, tmp_path / "fresh", cfg, quick(steps=1, lr=0.0, warmup=0))["model"])
     assert not all(torch.equal(want[k], fresh[k]) for k in want)
     with pytest.raises(UserError, match="depth"):
-        T.train_model(data, tmp_path / "bad", tiny_config(depth=3), quick(steps=1, init=str(tmp_path / "ckpt")))
+        train_model(data, tmp_path / "bad", tiny_config(depth=3), quick(steps=1, init=str(tmp_path / "ckpt")))
 
 
 def test_init_switches_on_the_previous_frame_input_without_changing_what_the_model_computes(tmp_path):
@@ -152,11 +160,11 @@ def test_init_switches_on_the_previous_frame_input_without_changing_what_the_mod
     torch.manual_seed(0)
     cfg = tiny_config()
     data = synthetic_latents(cfg)
-    trained = T.train_model(data, tmp_path / "first", cfg, quick(steps=4))
+    trained = train_model(data, tmp_path / "first", cfg, quick(steps=4))
     save_pretrained(tmp_path / "ckpt", cfg, Autoencoder(cfg.autoencoder), trained["ema"])
     pcfg = tiny_config(prev_frame=True)
     pdata = synthetic_latents(pcfg)
-    cont = T.train_model(pdata, tmp_path / "cont", pcfg, quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))
+    cont = train_model(pdata, tmp_path / "cont", pcfg, quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))
     x, a = pdata.clip(torch.arange(2))
     t = torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -165,7 +173,7 @@ def test_init_switches_on_the_previous_frame_input_without_changing_what_the_mod
     assert torch.equal(want, got)
     w = cont["model"].patch_embed.weight
     assert w.shape[1] == 2 * cfg.latent_channels and torch.count_nonzero(w[:, cfg.latent_channels:]) == 0
-    moved = T.train_model(pdata, tmp_path / "moved", pcfg, quick(steps=3, init=str(tmp_path / "ckpt")))
+    moved = train_model(pdata, tmp_path / "moved", pcfg, quick(steps=3, init=str(tmp_path / "ckpt")))
     assert torch.count_nonzero(moved["model"].patch_embed.weight[:, cfg.latent_channels:]) > 0
 
 
@@ -177,7 +185,7 @@ def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
 
     cfg = tiny_config(prev_frame=True)
     torch.manual_seed(0)
-    model = T.WorldTransformer(cfg)
+    model = WorldTransformer(cfg)
     for p in model.parameters():  # adaLN-Zero would make the blocks identities
         torch.nn.init.normal_(p, std=0.05)
     data = synthetic_latents(cfg)
@@ -190,8 +198,8 @@ def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = diffusion.flow_matching_loss(model, x0.float(), a, t, noise).item()
     assert abs(bf16 - fp32) <= 0.02 * fp32, (bf16, fp32)
-    assert T.amp_enabled(True, torch.device("cpu")) == native_bf16()
-    assert not T.amp_enabled(False, torch.device("cpu"))
+    assert amp_enabled(True, torch.device("cpu")) == native_bf16()
+    assert not amp_enabled(False, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("adv_weight", [0.0, 0.5])
@@ -201,20 +209,20 @@ def test_autoencoder_training_resumes_exactly(tmp_path, adv_weight):
     frames = torch.randint(0, 256, (64, 32, 32, 3), generator=g, dtype=torch.uint8)
     tc = dict(steps=6, batch=8, warmup=1, log_every=1, val_every=3, ckpt_every=2, device="cpu", progress=False,
               val_frames=16, calibrate_frames=32, crop=(16, 16), adv_weight=adv_weight, adv_start=3)
-    full = T.train_autoencoder(frames, tmp_path / "full", cfg, T.AutoencoderTrainConfig(**tc), frames[:16])
+    full = train_autoencoder(frames, tmp_path / "full", cfg, AutoencoderTrainConfig(**tc), frames[:16])
 
     def kill(step, loss):
         if step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        T.train_autoencoder(frames, tmp_path / "run", cfg, T.AutoencoderTrainConfig(**tc), frames[:16], on_step=kill)
-    resumed = T.train_autoencoder(frames, tmp_path / "run", cfg, T.AutoencoderTrainConfig(**tc), frames[:16],
+        train_autoencoder(frames, tmp_path / "run", cfg, AutoencoderTrainConfig(**tc), frames[:16], on_step=kill)
+    resumed = train_autoencoder(frames, tmp_path / "run", cfg, AutoencoderTrainConfig(**tc), frames[:16],
                                   resume=True)
     assert resumed["start_step"] == 4 and resumed["losses"] == full["losses"][4:]
-    a = (tmp_path / "full" / T.AE_FILE).read_bytes()
-    assert a == (tmp_path / "run" / T.AE_FILE).read_bytes()
-    ae, config = T.load_autoencoder(tmp_path / "run")
+    a = (tmp_path / "full" / AE_FILE).read_bytes()
+    assert a == (tmp_path / "run" / AE_FILE).read_bytes()
+    ae, config = load_autoencoder(tmp_path / "run")
     assert config["kind"] == "autoencoder" and np.isfinite(config["info"]["val_psnr"])
     assert not torch.equal(ae.latent_std, torch.ones_like(ae.latent_std))  # calibrated
 
@@ -230,17 +238,17 @@ def test_decoder_only_fine_tune_moves_only_the_decoder(tmp_path):
     frames = torch.randint(0, 256, (32, 32, 32, 3), generator=g, dtype=torch.uint8)
     tc = dict(steps=2, batch=8, warmup=1, log_every=1, val_every=100, ckpt_every=100, device="cpu", progress=False,
               val_frames=8, calibrate_frames=32)
-    T.train_autoencoder(frames, tmp_path / "ae", cfg, T.AutoencoderTrainConfig(**tc))
-    before, _ = T.load_autoencoder(tmp_path / "ae")
-    T.train_autoencoder(frames, tmp_path / "dec", cfg, T.AutoencoderTrainConfig(
+    train_autoencoder(frames, tmp_path / "ae", cfg, AutoencoderTrainConfig(**tc))
+    before, _ = load_autoencoder(tmp_path / "ae")
+    train_autoencoder(frames, tmp_path / "dec", cfg, AutoencoderTrainConfig(
         **{**tc, "steps": 3, "adv_weight": 0.5, "init": str(tmp_path / "ae"), "decoder_only": True}), frames[:8])
-    after, _ = T.load_autoencoder(tmp_path / "dec")
+    after, _ = load_autoencoder(tmp_path / "dec")
     b, a = before.state_dict(), after.state_dict()
     fixed = [k for k in b if not k.startswith("decoder.")]
     assert fixed and all(torch.equal(b[k], a[k]) for k in fixed)  # encoder and latent_mean / latent_std
     assert any(not torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))
     with pytest.raises(UserError, match="--init"):
-        T.train_autoencoder(frames, tmp_path / "bad", cfg, T.AutoencoderTrainConfig(**{**tc, "decoder_only": True}))
+        train_autoencoder(frames, tmp_path / "bad", cfg, AutoencoderTrainConfig(**{**tc, "decoder_only": True}))
 
 
 def test_adversarial_losses_each_train_only_their_own_side():
@@ -252,7 +260,7 @@ def test_adversarial_losses_each_train_only_their_own_side():
     cfg = tiny_config()
     ae, critic = Autoencoder(cfg.autoencoder), PatchDiscriminator()
     frames = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
-    net = T.AutoencoderLoss(ae, critic)
+    net = AutoencoderLoss(ae, critic)
 
     def grads(module):
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
@@ -263,7 +271,7 @@ def test_adversarial_losses_each_train_only_their_own_side():
     for m in (ae, critic):
         m.zero_grad()
     x, recon = ae.reconstruct_noisy(frames, torch.Generator().manual_seed(1))
-    (T.reconstruction_loss(recon, x) + 0.3 * -critic(recon).mean()).backward(inputs=list(ae.parameters()))
+    (reconstruction_loss(recon, x) + 0.3 * -critic(recon).mean()).backward(inputs=list(ae.parameters()))
     critic_loss = torch.relu(1 - critic(x)).mean() + torch.relu(1 + critic(recon.detach())).mean()
     critic_loss.backward(inputs=list(critic.parameters()))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ae, grads(ae)))
@@ -276,12 +284,12 @@ DDP_SCRIPT = r'''
 import json, os, sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from worldmodel.training import train as T
+from worldmodel.training.transformer import train_model
 from test_model import tiny_config
 from test_train import synthetic_latents, quick
 cfg = tiny_config()
 out = sys.argv[1]
-s = T.train_model(synthetic_latents(cfg), out, cfg, quick(steps=4, ckpt_every=2))
+s = train_model(synthetic_latents(cfg), out, cfg, quick(steps=4, ckpt_every=2))
 if os.environ["RANK"] == "0":
     json.dump({{"losses": s["losses"], "world_size": s["world_size"]}}, open(out + "/result.json", "w"))
 torch.distributed.destroy_process_group()
@@ -297,15 +305,15 @@ def test_torchrun_two_processes_train_and_checkpoint(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert result["world_size"] == 2
-    assert [p.name for p in T.checkpoint_dirs(tmp_path / "ddp")] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "ddp")] == ["step_00000002", "step_00000004"]
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2
     # the same global batches as one process: the same losses (up to float reduction order)
     cfg = tiny_config()
-    single = T.train_model(synthetic_latents(cfg), tmp_path / "single", cfg, quick(steps=4, ckpt_every=2))
+    single = train_model(synthetic_latents(cfg), tmp_path / "single", cfg, quick(steps=4, ckpt_every=2))
     np.testing.assert_allclose(result["losses"], single["losses"], rtol=2e-4)
     # and the 2-process checkpoint resumes in one process
-    more = T.train_model(synthetic_latents(cfg), tmp_path / "ddp", cfg, quick(steps=5, ckpt_every=2), resume=True)
+    more = train_model(synthetic_latents(cfg), tmp_path / "ddp", cfg, quick(steps=5, ckpt_every=2), resume=True)
     assert more["start_step"] == 4 and len(more["losses"]) == 1
 
 
@@ -415,7 +423,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def _active_model(cfg, seed=0):
     torch.manual_seed(seed)
-    model = T.WorldTransformer(cfg)
+    model = WorldTransformer(cfg)
     with torch.no_grad():
         for p in model.parameters():  # adaLN-Zero would make the blocks identities
             p.normal_(0.0, 0.05)
@@ -441,7 +449,7 @@ def test_self_forced_rollout_is_the_engines_rollout(prev_frame):
     wm = WorldModel(cfg, ae, model, device="cpu", dtype="float32", seed=seed)
     latents = wm.encode(frames)[None].float()  # (1, F, C, h, w): what the engine sees of the frames
     a = torch.stack([x.to_tensor() for x in acts])[None]
-    clip = T.self_forced_clip(model, cfg, latents, a, real, k, steps=2, seed=seed)
+    clip = self_forced_clip(model, cfg, latents, a, real, k, steps=2, seed=seed)
     wm.reset(frames[:real].numpy(), acts[:real])
     engine = []
     for i in range(k):
@@ -454,11 +462,11 @@ def test_self_forced_rollout_is_the_engines_rollout(prev_frame):
 
 def test_self_forcing_layout_and_training_run(tmp_path):
     g = torch.Generator().manual_seed(0)
-    t, w = T.self_forcing_layout(4, 6, real=2, k=3, context_max=0.3, g=g)
+    t, w = self_forcing_layout(4, 6, real=2, k=3, context_max=0.3, g=g)
     assert (t[:, :5] <= 0.3).all() and w[:, 2:5].sum() == 0 and w[:, :2].eq(1).all() and w[:, 5].eq(1).all()
     cfg = tiny_config(prev_frame=True)
     data = synthetic_latents(cfg)
-    s = T.train_model(data, tmp_path / "sf", cfg, quick(steps=3, self_forcing=2, self_forcing_prob=1.0))
+    s = train_model(data, tmp_path / "sf", cfg, quick(steps=3, self_forcing=2, self_forcing_prob=1.0))
     assert len(s["losses"]) == 3 and all(np.isfinite(s["losses"]))
 
 
@@ -475,8 +483,8 @@ def test_self_forcing_flags_refuse_bad_values(tmp_path, capsys):
 def test_spread_shards_takes_whole_shards_evenly():
     manifest = {"shards": [{"name": f"s{i:02d}", "frames": 100, "maps": ["MAP01" if i < 10 else "MAP02"]}
                            for i in range(12)]}
-    names, total = T.spread_shards(manifest, ["MAP01"], 300)
+    names, total = spread_shards(manifest, ["MAP01"], 300)
     assert names == {"s00", "s04", "s09"} and total == 300  # first, middle, last of MAP01's ten
-    everything, n = T.spread_shards(manifest, ["MAP01", "MAP02"], None)
+    everything, n = spread_shards(manifest, ["MAP01", "MAP02"], None)
     assert len(everything) == 12 and n == 1200
-    assert T.spread_shards(manifest, ["MAP01"], 5000) == ({f"s{i:02d}" for i in range(10)}, 1000)
+    assert spread_shards(manifest, ["MAP01"], 5000) == ({f"s{i:02d}" for i in range(10)}, 1000)

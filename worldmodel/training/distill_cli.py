@@ -1,0 +1,209 @@
+"""`worldmodel distill`: few-step distillation of a trained world model into 1-4 step students (the
+method in `training.distill`).
+
+    worldmodel distill --teacher runs/dit/export --data data/train --val-data data/val \\
+        --out runs/distill --steps-student 1,2,4
+
+Reported (in `OUT/distill_report.json` and in each student's config.json `info.distill`): PSNR
+against the real game on validation-map clips -- one frame ahead from real context (teacher-forced),
+and an autoregressive rollout of `--rollout` frames fed the real actions -- for each student at its
+steps, the teacher at its default steps and the undistilled teacher at the student's steps, with a
+sharpness ratio beside each (PSNR alone rewards blur: an undistilled 1-step sample is the blurry mean
+of the futures and can score a higher PSNR than a sharp many-step sample), and the same as a table
+on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from worldmodel.device import resolve_device
+from worldmodel.errors import UserError
+from worldmodel.files import atomic_write_json, check_output_path
+from worldmodel.model.checkpoint import load_pretrained, save_pretrained
+from worldmodel.model.transformer import ModelConfig
+from worldmodel.provenance import command_line
+from worldmodel.training.clips import LatentClips, encode_dataset
+from worldmodel.training.config import check_sizes
+from worldmodel.training.distill import DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, baselines, distill_student, evaluate
+from worldmodel.training.steps import add_amp_argument, amp_enabled, hardware
+
+STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
+
+
+def parse_steps(spec: str) -> list[int]:
+    try:
+        out = sorted({int(s) for s in str(spec).split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"--steps-student: expected integers like 1,2,4, got {spec!r}") from None
+    if not out or any(k not in STUDENT_STEPS for k in out):
+        raise UserError(f"--steps-student: each value must be 1, 2 or 4, got {spec!r}")
+    return out
+
+
+def parse_objectives(spec: str) -> list[str]:
+    out = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
+    bad = [o for o in out if o not in OBJECTIVES]
+    if not out or bad:
+        raise UserError(f"--objective: each value must be one of {', '.join(OBJECTIVES)} (or a list of them, "
+                        f"compared in one run), got {spec!r}")
+    return out
+
+
+def check_arguments(args) -> None:
+    """One clear line for a rate, weight or decay out of range (before anything is loaded); counts are
+    `config.check_sizes`'."""
+    positive = {"--lr": args.lr, "--critic-lr": args.critic_lr, "--adv-weight": args.adv_weight,
+                "--dmd-weight": args.dmd_weight}
+    for name, v in positive.items():
+        if not (math.isfinite(v) and v > 0):
+            raise UserError(f"{name} must be a positive number, got {v:g}")
+    if not 0.0 <= args.ema < 1.0:
+        raise UserError(f"--ema must be within [0, 1), got {args.ema:g}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, help="trained checkpoint folder (or Hub id) to distil")
+    parser.add_argument("--data", required=True, help="dataset folder (its training maps MAP01-MAP20 are used)")
+    parser.add_argument("--val-data", default=None, help="dataset with validation maps MAP21-MAP24 (default: --data)")
+    parser.add_argument("--out", required=True, help="output folder: the student checkpoint (one objective and one "
+                                                     "value of --steps-student), else OUT/OBJECTIVE and/or "
+                                                     "OUT/steps-K for each")
+    parser.add_argument("--steps-student", default="2", help="student sampling steps: 1, 2 or 4, or a list 1,2,4")
+    parser.add_argument("--objective", default=DEFAULT_OBJECTIVE,
+                        help="the student's loss: regression (its velocity regressed onto the teacher's ODE), "
+                             "adversarial (that + a latent critic's hinge loss, --adv-weight), dmd (that + "
+                             "distribution matching against a fake score trained on its samples, --dmd-weight); "
+                             "a list (regression,adversarial) trains and reports each on the same batches "
+                             "(default %(default)s)")
+    parser.add_argument("--adv-weight", type=float, default=0.1,
+                        help="adversarial objective: weight of the critic's loss beside the regression loss "
+                             "(default %(default)s)")
+    parser.add_argument("--dmd-weight", type=float, default=1.0,
+                        help="dmd objective: weight of the distribution-matching loss beside the regression loss "
+                             "(default %(default)s)")
+    parser.add_argument("--critic-lr", type=float, default=1e-4,
+                        help="learning rate of the critic (adversarial) or of the fake-score model (dmd) "
+                             "(default %(default)s)")
+    parser.add_argument("--teacher-steps", type=int, default=8,
+                        help="teacher Euler steps over the whole schedule that one student schedule imitates")
+    parser.add_argument("--iters", type=int, default=300, help="training iterations per student")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--ema", type=float, default=0.99, help="EMA decay of the student weights that are saved")
+    parser.add_argument("--max-clips", type=int, default=4000,
+                        help="training clips (evenly spaced over the data; a large dataset is read from shards "
+                             "spread over it, not whole)")
+    parser.add_argument("--latents", default=None,
+                        help="reuse a `train model` latent cache (RUN/cache/train_latents.safetensors, made with the "
+                             "teacher's autoencoder) instead of encoding --data's training maps")
+    parser.add_argument("--eval-clips", type=int, default=32, help="validation clips for the PSNR report")
+    parser.add_argument("--rollout", type=int, default=8, help="frames of the autoregressive rollout in the report")
+    parser.add_argument("--half", action="store_true",
+                        help="store the student's transformer weights in float16 (half the size; the engine "
+                             "computes in its own dtype)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    add_amp_argument(parser)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def student_table(report: dict) -> str:
+    """The report's evaluations as a text table: the teacher at each steps, then each student."""
+    rows = [("teacher", f"{k}", e) for k, e in report["teacher_eval"].items()]
+    rows += [(e["objective"], f"{e['steps']}", e["eval"]) for e in report["students"].values()]
+    lines = [f"{'model':<12} {'steps':>5} {'PSNR 1 ahead':>12} {'PSNR rollout':>12} {'PSNR last':>9} {'sharpness':>9}"]
+    lines += [f"{name:<12} {k:>5} {e['psnr_1']:>12.2f} {e['psnr_rollout']:>12.2f} {e['psnr_last']:>9.2f} "
+              f"{e['sharpness_ratio']:>9.3f}" for name, k, e in rows]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    check_sizes(args, at_least_1=("teacher_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
+                at_least_0=("threads",))
+    check_arguments(args)
+    ks = parse_steps(args.steps_student)
+    objectives = parse_objectives(args.objective)
+    check_output_path(args.out, folder=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    amp = amp_enabled(not args.no_amp, device)
+    cfg, ae, teacher, config, folder = load_pretrained(args.teacher, device=device)
+    teacher.attention = "sdpa" if device.type != "cuda" else teacher.attention
+    progress = not args.no_progress
+    context = cfg.cache_frames  # sinks + window: the context fits the cache without wrapping
+    t0 = time.time()
+    if args.latents:
+        train = LatentClips.load(Path(args.latents), {})
+        if train is None:
+            raise UserError(f"{args.latents}: not a readable latent cache")
+        if tuple(train.latents.shape[1:]) != (cfg.latent_channels, *cfg.latent_size) or train.clip_frames < context + 1:
+            raise UserError(f"{args.latents}: latents {tuple(train.latents.shape[1:])} in clips of {train.clip_frames} "
+                            f"frames do not fit this teacher ({cfg.latent_channels}, {cfg.latent_size}, {context + 1} frames)")
+        train = train.with_clip_frames(context + 1)
+    else:
+        train, _ = encode_dataset(ae, args.data, "train", context + 1, max_clips=args.max_clips, progress=progress)
+    val_source = args.val_data or args.data
+    _, val = encode_dataset(ae, val_source, "val", context + args.rollout, max_clips=args.eval_clips,
+                            keep_frames=args.eval_clips, progress=progress)
+    vf, va = val.clip(torch.arange(len(val)))
+    print(f"distill: {len(train)} training clips, {len(val)} validation clips ({time.time() - t0:.0f} s to encode)",
+          file=sys.stderr)
+
+    report = {"teacher": str(args.teacher), "objectives": objectives,
+              "methods": {o: METHODS[o] for o in objectives}, "data": str(args.data), "val_data": str(val_source),
+              "train_clips": len(train), "teacher_steps": args.teacher_steps, "iters": args.iters,
+              "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "adv_weight": args.adv_weight,
+              "dmd_weight": args.dmd_weight, "ema": args.ema, "seed": args.seed, "device": str(device),
+              "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "baselines": baselines(ae, vf, context),
+              "teacher_eval": {}, "students": {}}
+    teacher_default = cfg.sample_steps
+    for k in sorted({teacher_default, *ks}):
+        report["teacher_eval"][str(k)] = evaluate(teacher, ae, cfg, vf, va, context, k, seed=args.seed)
+        print(f"teacher at {k} steps: {report['teacher_eval'][str(k)]}", file=sys.stderr)
+    out = Path(args.out)
+    for objective in objectives:
+        for k in ks:
+            t1 = time.time()
+            student, curves = distill_student(teacher, cfg, train, k, objective, teacher_steps=args.teacher_steps,
+                                              iters=args.iters, batch=args.batch, lr=args.lr, critic_lr=args.critic_lr,
+                                              adv_weight=args.adv_weight, dmd_weight=args.dmd_weight, ema=args.ema,
+                                              seed=args.seed, amp=amp, progress=progress)
+            train_s = time.time() - t1
+            res = evaluate(student, ae, cfg, vf, va, context, k, seed=args.seed)
+            n = max(1, args.iters // 10)
+            losses = {name: {"first": round(sum(c[:n]) / n, 5), "last": round(sum(c[-n:]) / n, 5)}
+                      for name, c in curves.items()}
+            entry = {"objective": objective, "steps": k, "eval": res, "losses": losses, "train_s": round(train_s, 1),
+                     "teacher_same_steps": report["teacher_eval"][str(k)],
+                     "teacher_default": report["teacher_eval"][str(teacher_default)]}
+            dest = out / objective if len(objectives) > 1 else out
+            dest = dest / f"steps-{k}" if len(ks) > 1 else dest
+            scfg = ModelConfig.from_dict({**cfg.to_dict(), "sample_steps": k})
+            info = {**(config.get("info") or {}),
+                    "distill": {k_: v for k_, v in report.items() if k_ != "students"}
+                    | {"objective": objective, "method": METHODS[objective], "student_steps": k, "eval": res,
+                       "losses": losses}}
+            save_pretrained(dest, scfg, ae, copy.deepcopy(student).half() if args.half else student, info)
+            if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():
+                shutil.copytree(Path(folder) / "start_clips", dest / "start_clips")
+            entry["checkpoint"] = str(dest)
+            report["students"][f"{objective}-{k}"] = entry
+            print(f"student {objective} {k}-step -> {dest}: {res} (teacher at {k} steps: "
+                  f"{report['teacher_eval'][str(k)]['psnr_1']} dB one ahead)", file=sys.stderr)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "distill_report.json", report)
+    print(student_table(report))
+    return 0

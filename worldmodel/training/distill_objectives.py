@@ -1,0 +1,176 @@
+"""Distillation's objectives (`training.distill`): one batch laid out as the engine sees it (`Clip`),
+the teacher's targets, the regression loss, the student's sample, distribution matching (DMD) with its
+fake score, and the latent critic of the adversarial objective with its hinge loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from worldmodel.model.diffusion import add_noise, predict_x0, timesteps, velocity_target
+from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer
+
+DMD_T_MIN, DMD_T_MAX = 0.02, 0.98  # noise levels DMD scores the student's samples at (DMD2's range)
+
+
+# --------------------------------------------------------------------------------------------------
+# One batch, laid out as the engine sees it
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Clip:
+    """A batch of training clips as the engine sees them: K context frames committed at the context
+    noise level, then the target frame with its action."""
+    ctx: torch.Tensor  # (B, K, C, h, w) context latents, noised to cfg.context_noise
+    t_ctx: torch.Tensor  # (B, K) their noise levels
+    actions: torch.Tensor  # (B, K + 1, A) the context's actions, then the target's
+    target: torch.Tensor  # (B, 1, C, h, w) the real next frame (clean)
+    prev: torch.Tensor  # (B, C, h, w) the real previous frame (clean): what the critic conditions on
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, x0: torch.Tensor, actions: torch.Tensor, g: torch.Generator) -> "Clip":
+        """Latent clips (B, K+1, C, h, w) with their actions (B, K+1, A): the last frame is the target."""
+        B, F_ = x0.shape[:2]
+        t_ctx = torch.full((B, F_ - 1), cfg.context_noise, device=x0.device)
+        ctx = add_noise(x0[:, :-1], torch.randn(x0[:, :-1].shape, generator=g).to(x0), t_ctx)
+        return cls(ctx, t_ctx, actions, x0[:, -1:], x0[:, -2])
+
+    def student_input(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's input for the whole clip with the target frame at x (B, 1, C, h, w), level t (B,)."""
+        return torch.cat((self.ctx, x), 1), torch.cat((self.t_ctx, t[:, None].to(self.t_ctx)), 1), self.actions
+
+
+def velocity(model: WorldTransformer, clip: Clip, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The model's velocity (B, 1, C, h, w) at the target frame x (level t (B,)) after the clip's
+    context: one pass over the whole clip (what autograd goes through; with `prev_frame` the target
+    sees the last context frame as its previous frame, as it does against the KV cache)."""
+    return model(*clip.student_input(x, t))[:, -1:]
+
+
+def commit_context(model: WorldTransformer, cfg: ModelConfig, ctx: torch.Tensor, t_ctx: torch.Tensor,
+                   a_ctx: torch.Tensor) -> KVCache:
+    """A KV cache holding (already noised) context frames (B, K, C, h, w), K <= sink + window."""
+    B, K = ctx.shape[:2]
+    cache = KVCache(cfg, B, device=ctx.device, dtype=ctx.dtype)
+    chunk = min(cfg.window_frames, cfg.max_draft)
+    for i in range(0, K, chunk):
+        model.forward_cached(ctx[:, i:i + chunk], t_ctx[:, i:i + chunk], a_ctx[:, i:i + chunk], cache,
+                             commit=ctx[:, i:i + chunk].shape[1])
+    return cache
+
+
+@torch.inference_mode()
+def teacher_targets(teacher: WorldTransformer, cfg: ModelConfig, ctx, t_ctx, a_ctx, x_a, a_tgt, t_a, t_b,
+                    substeps: int) -> torch.Tensor:
+    """The teacher's secant velocity over [t_a, t_b] (per sample, (B,)) from x_a (B, 1, C, h, w):
+    `substeps` Euler steps of its flow with the context in a KV cache."""
+    cache = commit_context(teacher, cfg, ctx, t_ctx, a_ctx)
+    x = x_a
+    for j in range(substeps):
+        s0 = t_a + (t_b - t_a) * (j / substeps)
+        s1 = t_a + (t_b - t_a) * ((j + 1) / substeps)
+        v = teacher.forward_cached(x, s0[:, None], a_tgt, cache, commit=0)
+        x = x + (s1 - s0).view(-1, 1, 1, 1, 1).to(x.dtype) * v
+    return ((x - x_a) / (t_b - t_a).view(-1, 1, 1, 1, 1).to(x.dtype)).clone()
+
+
+def schedule(cfg: ModelConfig, steps: int) -> torch.Tensor:
+    """The student's Euler schedule: steps + 1 noise levels from 1 to 0 (float32, on the host)."""
+    return torch.tensor(timesteps(steps, cfg.sample_shift).tolist(), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The student's objectives
+# --------------------------------------------------------------------------------------------------
+
+
+def regression_loss(student: WorldTransformer, teacher: WorldTransformer, cfg: ModelConfig, clip: Clip, steps: int,
+                    substeps: int, g: torch.Generator) -> torch.Tensor:
+    """Trajectory distillation: for a random interval [t_i, t_i+1] of the student's schedule, the
+    target frame at x_{t_i} (pure noise for i = 0, the real frame noised to t_i otherwise), the
+    student's velocity MSE against the teacher's `substeps`-step secant over the interval."""
+    B, dev = clip.target.shape[0], clip.target.device
+    ts = schedule(cfg, steps)
+    i = torch.randint(0, steps, (B,), generator=g)
+    t_a, t_b = ts[i].to(dev), ts[i + 1].to(dev)
+    x_a = add_noise(clip.target, torch.randn(clip.target.shape, generator=g).to(clip.target), t_a[:, None])
+    target = teacher_targets(teacher, cfg, clip.ctx, clip.t_ctx, clip.actions[:, :-1], x_a, clip.actions[:, -1:],
+                             t_a, t_b, substeps)
+    return (velocity(student, clip, x_a, t_a).float() - target.float()).pow(2).mean()
+
+
+def student_sample(student: WorldTransformer, cfg: ModelConfig, clip: Clip, steps: int,
+                   g: torch.Generator) -> torch.Tensor:
+    """The student's next frame (B, 1, C, h, w) as the engine samples it: `steps` Euler steps from
+    noise after the clip's context. The gradient goes through the last step (its pass over the whole
+    clip); the steps before it run without gradient against a KV cache (Self Forcing's truncation)."""
+    ts = schedule(cfg, steps).tolist()
+    x = torch.randn(clip.target.shape, generator=g).to(clip.target)
+    B = x.shape[0]
+    if steps > 1:
+        with torch.no_grad():
+            cache = commit_context(student, cfg, clip.ctx, clip.t_ctx, clip.actions[:, :-1])
+            for i in range(steps - 1):
+                v = student.forward_cached(x, x.new_full((B, 1), ts[i]), clip.actions[:, -1:], cache, commit=0)
+                x = x + (ts[i + 1] - ts[i]) * v
+    t = x.new_full((B,), ts[-2])
+    return x - ts[-2] * velocity(student, clip, x, t)  # the last step lands on t = 0
+
+
+def dmd_loss(sample: torch.Tensor, teacher: WorldTransformer, fake: WorldTransformer, clip: Clip,
+             g: torch.Generator) -> torch.Tensor:
+    """Distribution matching (DMD): the student's sample noised to a random level, denoised by the
+    teacher (the real score) and by the fake-score model (trained on the student's samples); the
+    sample is moved along fake - real, normalised per sample as in DMD. As a loss whose gradient
+    with respect to the sample is that difference (divided by its size)."""
+    B = sample.shape[0]
+    t = DMD_T_MIN + (DMD_T_MAX - DMD_T_MIN) * torch.rand(B, generator=g).to(sample.device)
+    with torch.no_grad():
+        x_t = add_noise(sample.detach(), torch.randn(sample.shape, generator=g).to(sample), t[:, None])
+        real = predict_x0(x_t, velocity(teacher, clip, x_t, t), t[:, None])
+        fake_x0 = predict_x0(x_t, velocity(fake, clip, x_t, t), t[:, None])
+        scale = (sample.detach() - real).float().abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+        grad = ((fake_x0 - real).float() / scale).nan_to_num()
+    return 0.5 * F.mse_loss(sample.float(), (sample.detach().float() - grad))
+
+
+def fake_score_loss(fake: WorldTransformer, clip: Clip, sample: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flow matching of the fake-score model on the student's (detached) samples after the clip's
+    context, at noise levels drawn as DMD queries them."""
+    B = sample.shape[0]
+    t = DMD_T_MIN + (DMD_T_MAX - DMD_T_MIN) * torch.rand(B, generator=g).to(sample.device)
+    noise = torch.randn(sample.shape, generator=g).to(sample)
+    x_t = add_noise(sample.detach(), noise, t[:, None])
+    return (velocity(fake, clip, x_t, t).float() - velocity_target(sample.detach(), noise).float()).pow(2).mean()
+
+
+class LatentCritic(nn.Module):
+    """Training only (never shipped): a PatchGAN-style critic on latent frames that judges "a plausible
+    next frame here": it sees the candidate (B, C, h, w) beside the previous frame's latent and the
+    action taken, and scores every patch, logits (B, 1, h/2, w/2). Spectral norm keeps it smooth
+    enough for its hinge-loss gradient to be a useful signal to the student."""
+
+    def __init__(self, cfg: ModelConfig, width: int = 128):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        C = cfg.latent_channels
+        self.stem = sn(nn.Conv2d(2 * C, width, 3, padding=1))  # [candidate, previous frame]
+        self.action = nn.Linear(cfg.action_dim, width)
+        self.body = nn.Sequential(nn.LeakyReLU(0.2), sn(nn.Conv2d(width, width, 3, stride=2, padding=1)),
+                                  nn.LeakyReLU(0.2), sn(nn.Conv2d(width, width, 3, padding=1)), nn.LeakyReLU(0.2),
+                                  sn(nn.Conv2d(width, 1, 1)))
+
+    def forward(self, x: torch.Tensor, prev: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        h = self.stem(torch.cat((x, prev), 1).float()) + self.action(action.float())[:, :, None, None]
+        return self.body(h)
+
+
+def critic_hinge_loss(critic: LatentCritic, clip: Clip, sample: torch.Tensor) -> torch.Tensor:
+    """The critic's hinge loss: the real next frame scored above +1, the student's (detached) below -1."""
+    a = clip.actions[:, -1]
+    return (F.relu(1 - critic(clip.target[:, 0], clip.prev, a)).mean()
+            + F.relu(1 + critic(sample[:, 0].detach(), clip.prev, a)).mean())
+
