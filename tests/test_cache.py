@@ -21,7 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldmodel.model.transformer import ModelConfig, WorldTransformer, apply_rope, modulate
+from worldmodel.model.rope import apply_rope
+from worldmodel.model.transformer import ModelConfig, WorldTransformer, modulate
 
 TOL = 1e-9
 

@@ -392,7 +392,7 @@ def test_packed_linear_weights_give_the_plain_linears_result():
     without, and a weight changed afterwards is used as it is now (the stale copy is ignored)."""
     import copy
 
-    from worldmodel.model.transformer import _PACKED, linear, pack_linears
+    from worldmodel.model.linear import _PACKED, linear, pack_linears
 
     layer = torch.nn.Linear(32, 48)
     x = torch.randn(2, 5, 32)

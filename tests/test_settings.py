@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from worldmodel.cli import build_parser
+from worldmodel.cli import build_parser, main
+from worldmodel.errors import UserError
 from worldmodel.inference.settings import (RECORDED, SETTINGS, SWEPT, EngineSettings, add_engine_arguments,
                                            settings_from_args, sweep_from_args)
 
@@ -40,13 +41,17 @@ def test_flags_parse_to_checked_settings():
         ("steps", 1), ("steps", 2), ("compile", True), ("compile", "inductor")]
 
 
-@pytest.mark.parametrize("argv, flag", [(["--steps", "0"], "--steps"), (["--steps", "x"], "--steps"),
-                                        (["--speculative", "0"], "--speculative"), (["--threads", "0"], "--threads"),
-                                        (["--pipeline", "yes"], "--pipeline"), (["--attention", "nope"], "--attention")])
-def test_a_bad_value_is_one_argparse_error_naming_its_flag(argv, flag, capsys):
-    with pytest.raises(SystemExit) as e:
-        sub("play").parse_args(argv)
-    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, flag", [(["--steps", "0"], "--steps"), (["--speculative", "0"], "--speculative"),
+                                        (["--threads", "0"], "--threads"), (["--pipeline", "yes"], "--pipeline"),
+                                        (["--attention", "nope"], "--attention")])
+def test_a_bad_value_is_one_line_naming_its_flag(argv, flag):
+    with pytest.raises(UserError, match=f"^{flag}: "):
+        settings_from_args(sub("play").parse_args(argv))
+
+
+def test_a_bad_sweep_names_its_flag(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--steps", "1,0", "--out", str(tmp_path / "b.json")]) == 2
+    assert "--steps: steps must be a positive integer" in capsys.readouterr().err
 
 
 def test_settings_are_frozen_and_checked():

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _jobs(args) -> list[tuple[str, ActionScript | None, int]]:
-    seeds = args.seed
+    seeds = args.seed  # integers (settings.add_engine_arguments)
     if args.actions:
         scripts = [(Path(p).name.removesuffix(".jsonl").removesuffix(".actions"), ActionScript(p))
                    for p in args.actions]

@@ -1,4 +1,4 @@
-"""`WorldModel`: the public API of the engine (DESIGN.md). The autoencoder and the transformer
+"""`WorldModel`: the public API of the engine. The autoencoder and the transformer
 together, a sampler over a static KV cache, uint8 frames in and out.
 
     wm = WorldModel.from_pretrained("checkpoints/doom-tiny")   # device="auto": cuda, then mps, then cpu
@@ -53,7 +53,8 @@ from worldmodel import kernels
 from worldmodel.game.action import ACTION_DIM, Action, decode_actions, encode_actions
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from worldmodel.model.transformer import ModelConfig, WorldTransformer, pack_linears, preset
+from worldmodel.model.linear import pack_linears
+from worldmodel.model.transformer import ModelConfig, WorldTransformer, preset
 from worldmodel.inference.sampler import FrameSampler
 from worldmodel.inference.settings import AUTO, DEFAULT_TOLERANCE, SETTINGS, EngineSettings
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from worldmodel.errors import UserError
+
 # `compile` modes: "off" (eager); "on" (inductor, with CUDA graphs on CUDA: torch.compile mode
 # "reduce-overhead"); "inductor" (inductor, no CUDA graphs); "graphs" (CUDA graphs of the traced passes,
 # no inductor code generation: dynamo's "cudagraphs" backend; CUDA only)
@@ -141,33 +143,39 @@ _FIELDS = {f.name: f for f in fields(EngineSettings)}
 
 # -- the command line ---------------------------------------------------------------------------------------
 def _flag_type(name: str, as_list: bool):
-    """argparse type of --NAME: the text read as the setting and checked (one value, or a comma-separated
-    list of them)."""
-    check = _FIELDS[name].metadata["check"]
+    """argparse type of --NAME: the text as the setting's type (a number where it is one; one value, or a
+    comma-separated list). The settings' checks come after parsing (`settings_from_args`,
+    `sweep_from_args`), so that a bad value is the command's one-line error (exit code 2)."""
     number = {"steps": int, "speculative": int, "seed": int, "threads": int, "speculative_tolerance": float}.get(name)
 
     def parse_one(text: str):
         text = text.strip()
-        if number is not None and text != AUTO:
-            try:
-                text = number(text)
-            except ValueError:
-                raise ValueError(f"expected {'an integer' if number is int else 'a number'}, got {text!r}") from None
-        return check(text)
+        if number is None or text == AUTO:
+            return text
+        try:
+            return number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if number is int else 'a number'}, "
+                                             f"got {text!r}") from None
 
     def parse(text: str):
-        try:
-            if not as_list:
-                return parse_one(text)
-            values = [parse_one(v) for v in str(text).split(",") if v.strip()]
-            if not values:
-                raise ValueError("no value given")
-            return values
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        if not as_list:
+            return parse_one(text)
+        values = [parse_one(v) for v in str(text).split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("no value given")
+        return values
 
     parse.__name__ = name
     return parse
+
+
+def _checked(name: str, value):
+    """The setting's check, as a one-line error naming the flag."""
+    try:
+        return _FIELDS[name].metadata["check"](value)
+    except ValueError as e:
+        raise UserError(f"--{name.replace('_', '-')}: {e}") from None
 
 
 def add_engine_arguments(parser, names=SETTINGS, *, lists=(), defaults: dict | None = None,
@@ -176,7 +184,7 @@ def add_engine_arguments(parser, names=SETTINGS, *, lists=(), defaults: dict | N
     `lists` take comma-separated values (`worldmodel bench` compares them; `record --seed 0,1,2` runs
     each) and default to None (none given); the others default to the setting's default, or to
     `defaults[name]` (None: left to the engine, or to the command). `helps[name]` adds to a flag's help.
-    The values are checked as they are parsed (argparse's one-line error names the flag)."""
+    Numbers are read as argparse parses; the values are checked by `settings_from_args`/`sweep_from_args`."""
     defaults, helps = dict(defaults or {}), dict(helps or {})
     for name in names:
         meta = _FIELDS[name].metadata
@@ -190,13 +198,15 @@ def add_engine_arguments(parser, names=SETTINGS, *, lists=(), defaults: dict | N
 
 def settings_from_args(args, leave_out=()) -> EngineSettings:
     """The EngineSettings the command line gives: each setting whose flag was declared with one value and
-    is not None (the others at their defaults); the names in `leave_out` too are left at their defaults."""
-    given = {name: getattr(args, name) for name in SETTINGS
+    is not None (the others at their defaults); the names in `leave_out` too are left at their defaults.
+    A bad value: UserError naming its flag."""
+    given = {name: _checked(name, getattr(args, name)) for name in SETTINGS
              if name not in leave_out and getattr(args, name, None) is not None
              and not isinstance(getattr(args, name), list)}
     return EngineSettings(**given)
 
 
 def sweep_from_args(args, names=SWEPT) -> list[tuple[str, object]]:
-    """(name, value) for each value of each list flag in `names`, in that order (`worldmodel bench`)."""
-    return [(name, v) for name in names for v in (getattr(args, name, None) or [])]
+    """(name, value) for each value of each list flag in `names`, in that order (`worldmodel bench`), each
+    checked (UserError naming its flag)."""
+    return [(name, _checked(name, v)) for name in names for v in (getattr(args, name, None) or [])]

@@ -1,5 +1,6 @@
-"""The world model's diffusion transformer, top to bottom: config and presets, rotary positions over
-(time, row, column), the static KV cache, the model, its blocks.
+"""The world model's diffusion transformer, top to bottom: config and presets, the model, its blocks.
+Beside it: rotary positions over (time, row, column) (rope.py), the static KV cache (kv_cache.py) and
+the linear layers at inference speed (linear.py).
 
 Frames enter as latent grids from the autoencoder (worldmodel/model/autoencoder.py), are cut into tokens,
 and every frame carries its own noise level and its own action (the action that produced it), which
@@ -28,13 +29,12 @@ they share (`self.slots`, `FrameSlots`: which frame each slot holds, the frame c
 preallocated once and only written in place, so `torch.compile(model.forward_cached)` sees one module
 with static buffers (worldmodel/inference/sampler.py compiles it that way).
 
-On CPU without autograd the linear layers run through oneDNN (`linear` below), about twice as fast
+On CPU without autograd the linear layers run through oneDNN (`linear`, linear.py), about twice as fast
 as the default BLAS path on the AMD CPUs this was tuned on; training (with autograd) uses F.linear.
 """
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -44,6 +44,9 @@ import torch.nn.functional as F
 from worldmodel import kernels
 from worldmodel.game.action import ACTION_DIM
 from worldmodel.model.autoencoder import AutoencoderConfig
+from worldmodel.model.kv_cache import FrameSlots, KVCache
+from worldmodel.model.linear import linear
+from worldmodel.model.rope import apply_rope, rope_freqs, rope_split
 
 # --------------------------------------------------------------------------------------------------
 # Config and presets
@@ -153,190 +156,6 @@ def preset(name: str) -> ModelConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rotary positions over (time, row, column)
-# --------------------------------------------------------------------------------------------------
-
-
-def rope_split(head_dim: int) -> tuple[int, int, int]:
-    """Rotation pairs given to time, rows and columns (a quarter to time, the rest shared)."""
-    pairs = head_dim // 2
-    t = max(1, pairs // 4)
-    r = (pairs - t) // 2
-    return t, r, pairs - t - r
-
-
-def rope_freqs(n: int, theta: float) -> torch.Tensor:
-    return 1.0 / theta ** (torch.arange(n, dtype=torch.float32) / max(n, 1))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D); cos, sin: (L, D/2). Rotates pairs (i, i + D/2)."""
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Linear layers at inference speed
-# --------------------------------------------------------------------------------------------------
-
-
-def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes oneDNN's linear runs natively here: float32 wherever oneDNN is built in, bfloat16 only
-    on CPUs with bf16 instructions (elsewhere oneDNN refuses bf16 linears: they go to F.linear)."""
-    try:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            return ()
-        return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
-    except (AttributeError, RuntimeError):
-        return ()
-
-
-_ONEDNN_LINEAR = _onednn_linear_dtypes()
-_PACK_ROWS = 64  # rows a packed weight is laid out for (any row count works): a frame is 48 tokens at the tiny tier
-
-
-def pack_linears(module: nn.Module, pack: bool = True) -> int:
-    """Inference on CPU: give every nn.Linear in `module` a copy of its weight in oneDNN's blocked
-    layout (what inductor's freezing does), so that `linear` does not reorder the weight on every call
-    (5-15% faster GEMMs at this model's shapes, much more for a 1-2 row modulation GEMV; the result is
-    bitwise the same). The copy is used only while the weight is unchanged (its version counter):
-    a weight changed or replaced later silently goes back to the plain path. The copies live beside the
-    layers (`_PACKED`), not in them: a deep copy of the model (gymnasium's checker, `.float()` copies)
-    gets none. pack=False drops the copies (for benchmarks). Returns the number of layers packed (or
-    unpacked)."""
-    n = 0
-    for m in module.modules():
-        if not pack and isinstance(m, nn.Linear) and _PACKED.pop(m, None) is not None:
-            n += 1
-        elif pack and isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype in _ONEDNN_LINEAR:
-            with torch.no_grad():
-                _PACKED[m] = (_weight_key(m), torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), _PACK_ROWS))
-            n += 1
-    return n
-
-
-_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()  # layer -> (its weight's key, packed copy)
-
-
-def _weight_key(layer: nn.Linear) -> tuple[int, int]:
-    """Which weight a packed copy was made from: its storage and version counter."""
-    return layer.weight.data_ptr(), layer.weight._version
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """`layer(x)`, optionally followed by tanh-GELU. On CPU without autograd (inference) this runs
-    through oneDNN's linear with the GELU fused in (with the weight packed by `pack_linears`, if it
-    was): about 2x faster than the BLAS (MKL) path on AMD CPUs with AVX-512 at these small shapes, equal
-    to float rounding (~1e-6). Under torch.compile: F.linear (inductor picks its own GEMM)."""
-    if (x.dtype in _ONEDNN_LINEAR and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        packed = _PACKED.get(layer)
-        w = packed[1] if packed is not None and packed[0] == _weight_key(layer) else layer.weight
-        return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu" if gelu else "none", [],
-                                                  "tanh" if gelu else "")
-    y = F.linear(x, layer.weight, layer.bias)
-    return F.gelu(y, approximate="tanh") if gelu else y
-
-
-# --------------------------------------------------------------------------------------------------
-# Static KV cache: sink frames + a rolling window, an integer frame counter; keys and values per layer
-# --------------------------------------------------------------------------------------------------
-
-
-class FrameSlots(nn.Module):
-    """The KV cache's bookkeeping, shared by all layers: `sink_frames + window_frames` frame slots of
-    `tokens_per_frame` tokens. Frame n goes to slot n while n < sinks, then to the window slots in
-    ring order. Each slot has a logical time position (sinks first, then the window oldest to newest,
-    then the new frames), so the model only ever sees positions 0..clip_frames-1 that it was trained
-    on, however long the rollout.
-
-    Shapes and addresses never change; all bookkeeping is tensors (no host sync), so a rollout runs for
-    hours at constant memory and speed and the per-frame work can be captured in a CUDA graph."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32):
-        super().__init__()
-        self.sinks, self.window, self.T = cfg.sink_frames, cfg.window_frames, cfg.tokens_per_frame
-        self.batch_size = batch_size
-        n_slots = cfg.cache_frames
-        self.register_buffer("slot_frame", torch.full((n_slots,), -1, dtype=torch.long, device=device),
-                             persistent=False)  # frame number held by each slot, -1 = empty
-        self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        # with `prev_frame`: the input latent of the last committed frame, the next frame's previous
-        # frame (B, C, h, w); None without
-        self.register_buffer("last", torch.zeros((batch_size, cfg.latent_channels, *cfg.latent_size), device=device,
-                                                 dtype=dtype) if cfg.prev_frame else None, persistent=False)
-
-    @property
-    def n_slots(self) -> int:
-        return self.sinks + self.window
-
-    def reset(self) -> None:
-        for b in self.buffers():
-            b.zero_()
-        self.slot_frame.fill_(-1)
-
-    # -- bookkeeping: pure functions of (slot_frame, count), nothing is written --------------------
-    def slots_for(self, n_frames: int) -> torch.Tensor:
-        """Slots that frames count .. count+n_frames-1 are committed to. (n_frames,)"""
-        frame = self.count + torch.arange(n_frames, device=self.count.device)
-        ring = self.sinks + (frame - self.sinks).remainder(self.window)
-        return torch.where(frame < self.sinks, frame, ring)
-
-    def token_index(self, slots: torch.Tensor) -> torch.Tensor:
-        """The cache rows (tokens) of `slots` (F,): (F*T,)."""
-        return (slots[:, None] * self.T + torch.arange(self.T, device=slots.device)).flatten()
-
-    def after_commit(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot_frame, count) once frames count.. are committed to `slots`."""
-        n = slots.shape[0]
-        return (self.slot_frame.index_copy(0, slots, self.count + torch.arange(n, device=slots.device)),
-                self.count + n)
-
-    def key_positions(self, slot_frame: torch.Tensor | None = None, count: torch.Tensor | None = None):
-        """Logical time position of each slot (n_slots,) and which slots hold a frame (n_slots,), for
-        the cache as it is or as (slot_frame, count) describe it."""
-        f = self.slot_frame if slot_frame is None else slot_frame
-        count = self.count if count is None else count
-        first_window = torch.clamp(count - self.window, min=self.sinks)
-        pos = torch.where(f < self.sinks, f, self.sinks + f - first_window)
-        valid = f >= 0
-        return torch.where(valid, pos, torch.zeros_like(pos)), valid
-
-    def query_positions(self, n_frames: int, count: torch.Tensor | None = None) -> torch.Tensor:
-        """Logical time positions of n_frames new frames after the cached ones. (n_frames,)"""
-        count = self.count if count is None else count
-        return torch.clamp(count, max=self.n_slots) + torch.arange(n_frames, device=count.device)
-
-    def advance(self, slot_frame: torch.Tensor, count: torch.Tensor) -> None:
-        self.slot_frame.copy_(slot_frame)
-        self.count.copy_(count)
-
-
-class KVCache(nn.Module):
-    """One attention layer's preallocated keys and values (B, H, S*T, D), S = sink + window frame slots
-    (FrameSlots says which frame each holds). `k` holds keys without their temporal rotation; `k_rot`
-    the same keys rotated to the slots' current positions, refreshed when frames are committed (once a
-    frame, not once a pass)."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32):
-        super().__init__()
-        shape = (batch_size, cfg.heads, cfg.cache_frames * cfg.tokens_per_frame, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("k_rot", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> None:
-        """k (unrotated), v: (B, H, F*T, D) of F new frames, into their rows `index` (F*T,); then the
-        rotated keys are refreshed for the positions after the commit (cos, sin: (S*T, D/2))."""
-        self.k.index_copy_(2, index, k.to(self.k.dtype))
-        self.v.index_copy_(2, index, v.to(self.v.dtype))
-        self.k_rot.copy_(apply_rope(self.k, cos, sin))
-
-
-# --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
 
@@ -403,12 +222,13 @@ class WorldTransformer(nn.Module):
     def setup_cache(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> None:
         """Preallocate the KV cache for `batch_size` rollouts on the weights' device (dtype: the
         weights', unless given): each attention layer's keys and values and the frame bookkeeping. The
-        cache is empty after it; one of the same shape, device and dtype is reused (emptied in place)."""
+        cache is empty after it; one of the same shape, device and dtype is reused (emptied in place),
+        unless it was made under torch.inference_mode and this call is outside it."""
         p = self.patch_embed.weight
         dtype = dtype or p.dtype
         kv = self.blocks[0].attn.kv_cache
         if (self.slots is not None and self.slots.batch_size == batch_size and kv.k.device == p.device
-                and kv.k.dtype == dtype):
+                and kv.k.dtype == dtype and (torch.is_inference_mode_enabled() or not kv.k.is_inference())):
             self.reset_cache()
             return
         self.slots = FrameSlots(self.cfg, batch_size, device=p.device, dtype=dtype)
