@@ -113,7 +113,7 @@ def new_default(steps: int, bf16: bool) -> tuple[str, dict]:
 
 
 def apply(models: dict, row: dict):
-    from worldmodel.model.transformer import pack_linears
+    from worldmodel.model.linear import pack_linears
 
     wm = models[row["dtype"]]
     wm.threads, wm.pipeline = row["threads"], row["pipeline"]

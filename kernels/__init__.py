@@ -13,6 +13,12 @@ Backends (chosen explicitly; an unavailable one raises, it never falls back to a
   (``KERNELS_FLEX_COMPILE=0`` for eager). No backward on CPU.
 * ``triton`` — the Triton kernels (:mod:`kernels.triton_attention`); CUDA, or the slow Triton
   interpreter on CPU when ``TRITON_INTERPRET=1`` was set before the first triton use.
+
+Two ways in. ``resolve_backend(name, device)`` checks once that the backend exists and can run on the
+device and returns its two functions (``Backend``), unchecked: what the model calls in its per-frame
+path (it resolves when its backend is set, never per call). ``block_causal_attention`` and
+``cached_attention`` check their inputs (name, shapes, dtypes, devices) on every call, then run the
+same functions: for tests, benchmarks and callers with inputs of their own.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import functools
 import importlib
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +36,8 @@ from torch import Tensor
 from .reference import (block_causal_mask, reference_block_causal_attention,
                         reference_cached_attention)
 
-__all__ = ["BACKENDS", "block_causal_attention", "cached_attention", "available_backends", "check_backend"]
+__all__ = ["BACKENDS", "Backend", "block_causal_attention", "cached_attention", "available_backends", "check_backend",
+           "resolve_backend"]
 
 BACKENDS = ("torch", "sdpa", "flex", "triton")
 
@@ -149,6 +158,31 @@ def _check_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_valid: Tenso
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backend:
+    """A backend resolved for a device: its two functions, which check nothing (``resolve_backend`` did).
+    ``block_causal(q, k, v, tokens_per_frame)``; ``cached(q, k, v, k_cache, v_cache, cache_valid,
+    tokens_per_frame)``: the signatures of ``block_causal_attention`` and ``cached_attention``."""
+    name: str
+    block_causal: Callable[..., Tensor]
+    cached: Callable[..., Tensor]
+
+
+def resolve_backend(name: str, device) -> Backend:
+    """The backend ``name`` for ``device``: ValueError for an unknown name, RuntimeError (one line
+    saying why) if it cannot run there. Checked here, once; the functions returned check nothing."""
+    check_backend(name, device)
+    if name == "torch":
+        return Backend(name, reference_block_causal_attention, reference_cached_attention)
+    if name == "sdpa":
+        return Backend(name, _sdpa_block_causal, _sdpa_cached)
+    if name == "flex":
+        from . import flex
+        return Backend(name, flex.block_causal_attention, flex.cached_attention)
+    triton_attention = _triton_module()
+    return Backend(name, triton_attention.block_causal_attention, triton_attention.cached_attention)
+
+
 def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, tokens_per_frame: int, backend: str = "sdpa") -> Tensor:
     """Training / full recompute. q, k, v: (B, H, L, D), L = F * tokens_per_frame -> (B, H, L, D).
 
@@ -156,15 +190,7 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, tokens_per_frame: in
     """
     _validate_name(backend)
     _check_qkv(q, k, v, tokens_per_frame, "block_causal_attention")
-    check_backend(backend, q.device)
-    if backend == "torch":
-        return reference_block_causal_attention(q, k, v, tokens_per_frame)
-    if backend == "sdpa":
-        return _sdpa_block_causal(q, k, v, tokens_per_frame)
-    if backend == "flex":
-        from . import flex
-        return flex.block_causal_attention(q, k, v, tokens_per_frame)
-    return _triton_module().block_causal_attention(q, k, v, tokens_per_frame)
+    return resolve_backend(backend, q.device).block_causal(q, k, v, tokens_per_frame)
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cache_valid: Tensor,
@@ -175,12 +201,4 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     _validate_name(backend)
     _check_qkv(q, k, v, tokens_per_frame, "cached_attention")
     _check_cache(q, k_cache, v_cache, cache_valid)
-    check_backend(backend, q.device)
-    if backend == "torch":
-        return reference_cached_attention(q, k, v, k_cache, v_cache, cache_valid, tokens_per_frame)
-    if backend == "sdpa":
-        return _sdpa_cached(q, k, v, k_cache, v_cache, cache_valid, tokens_per_frame)
-    if backend == "flex":
-        from . import flex
-        return flex.cached_attention(q, k, v, k_cache, v_cache, cache_valid, tokens_per_frame)
-    return _triton_module().cached_attention(q, k, v, k_cache, v_cache, cache_valid, tokens_per_frame)
+    return resolve_backend(backend, q.device).cached(q, k, v, k_cache, v_cache, cache_valid, tokens_per_frame)

@@ -61,9 +61,7 @@ def _compiled_flex():
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, block_mask, score_mod=None) -> Tensor:
-    reason = unavailable_reason(q.device)
-    if reason:
-        raise RuntimeError(reason)
+    """FlexAttention on checked inputs (``kernels.resolve_backend`` asked ``unavailable_reason`` once)."""
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError(f"flex backend: FlexAttention has no backward on CPU in torch {torch.__version__}; "
                            "train on CPU with the 'sdpa' or 'torch' backend")

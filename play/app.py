@@ -38,10 +38,10 @@ from worldmodel.play.worker import FrameWorker  # noqa: E402
 from worldmodel.game.action import MAX_SCRIPT_FRAMES, Action, ActionScript  # noqa: E402
 from worldmodel.files import check_output_path  # noqa: E402
 from worldmodel.inference.loading import DEFAULT_CHECKPOINT, load_model  # noqa: E402
+from worldmodel.inference.settings import add_engine_arguments, settings_from_args  # noqa: E402
 from worldmodel.errors import UserError  # noqa: E402
 from worldmodel.game.maps import add_wad_argument  # noqa: E402
 
-MAX_STEPS = 64
 # drafts while a key is held: measured on the explorer trace (benchmarks/speed_doom-tiny_cpu.json), N = 2 is
 # accepted ~84% of the time and gives the most frames/s; N = 4 is accepted less and costs more per miss
 DEFAULT_SPECULATIVE = 2
@@ -100,7 +100,6 @@ class PlayApp:
         self.input = InputState(self.opt.sensitivity)
         self.meter = Meter(self.period)
         self.model = game.model  # the WorldModel of the dream, else None
-        self.steps = self.model.steps if self.model is not None else None
         # state
         self.running = True
         self.paused = False
@@ -136,6 +135,13 @@ class PlayApp:
         self._cpu_start = 0.0
         self._t_start = 0.0
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    @property
+    def steps(self) -> int | None:
+        """The model's denoising steps as its next frame runs them (a change asked for included); None
+        without a model."""
+        settings = self.worker.settings if self.worker is not None else self.model and self.model.settings
+        return settings.steps if settings is not None else None
 
     # -- window ------------------------------------------------------------------------------------
     def _auto_scale(self, panes: int) -> int:
@@ -197,10 +203,12 @@ class PlayApp:
         if self.steps is None:
             self.say(f"{self.game.kind}: no denoising steps to change")
             return
-        new = max(1, min(MAX_STEPS, self.steps + delta))
-        if new != self.steps:
-            self.steps = new
-            self.worker.set("steps", new)
+        new = self.steps + delta
+        try:
+            self.worker.configure(steps=new)  # checked now (the engine's settings), applied before the next frame
+        except ValueError:  # fewer than 1: unchanged
+            pass
+        else:
             self.steps_history.append((self.meter.frames_generated, new))
             if self.recorder is not None:
                 self.recorder.update_meta(steps_changes=[list(h) for h in self.steps_history])
@@ -557,18 +565,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="start scenes: the real game on --map, or the clips shipped with the checkpoint "
                           "(auto: clips when the checkpoint has them)")
     m = p.add_argument_group("model")
-    m.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's); +/- change it live")
-    m.add_argument("--speculative", type=int, metavar="N",
-                   help=f"speculative next-frame sampling: frames made per pass while a key is held (1 = off; "
-                        f"default {DEFAULT_SPECULATIVE}: a held key is the common case in play)")
-    m.add_argument("--attention", help="attention backend (default: the best for the device)")
     m.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    m.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: the engine's choice, half "
-                                               "the cores)")
-    m.add_argument("--pipeline", choices=("auto", "on", "off"), default="auto",
-                   help="decode frame t on a second thread while frame t+1 is generated (auto, the default: on "
-                        "a CPU with 2+ cores)")
-    m.add_argument("--seed", type=int, default=0)
+    add_engine_arguments(m, ("steps", "speculative", "attention", "threads", "pipeline", "seed"),
+                         defaults={"speculative": None},  # None: DEFAULT_SPECULATIVE, up to the model's max_draft
+                         helps={"steps": "; +/- change it live",
+                                "speculative": f" (default {DEFAULT_SPECULATIVE}: a held key is the common case "
+                                               f"in play)"})
     w = p.add_argument_group("window")
     w.add_argument("--scale", type=int, help="integer scale of the frames (default: as large as fits the screen)")
     w.add_argument("--fullscreen", action="store_true")
@@ -604,15 +606,9 @@ def build_game(args):
     if args.real:
         return RealGame(RealStarts(args.map, args.wad, seed=args.seed, context=1)), f"real {args.wad} {args.map}"
 
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
-    model = load_model(args, NO_CHECKPOINT_ALTERNATIVES, steps=args.steps, speculative=args.speculative,
-                       attention=args.attention or None, seed=args.seed, threads=args.threads,
-                       pipeline={"auto": None, "on": True, "off": False}[args.pipeline])
+    model = load_model(args, NO_CHECKPOINT_ALTERNATIVES, settings_from_args(args))
     if args.speculative is None:
-        model.speculative = min(DEFAULT_SPECULATIVE, model.cfg.max_draft)
+        model.configure(speculative=min(DEFAULT_SPECULATIVE, model.cfg.max_draft))
     label = f"preset {args.preset} (random weights)" if args.preset else args.checkpoint or str(model.folder)
     context = model.cfg.cache_frames
     real_starts = RealStarts(args.map, args.wad, frame_size=model.frame_size, seed=args.seed, context=context)

@@ -13,11 +13,12 @@ latest. Taking the action here, the moment the model is free, rather than handin
 thread, saves two thread wake-ups per frame and samples the input as late as possible.
 
 torch releases the GIL inside its ops, so the UI thread keeps running while a frame is generated.
-Commands from the UI (restart, pause, settings such as denoising steps) are applied between frames,
-never in the middle of one.
+Commands from the UI (restart, pause, the model's settings such as denoising steps: `configure`) are
+applied between frames, never in the middle of one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -48,8 +49,8 @@ class Result:
 
 
 class FrameWorker:
-    """`start()` begins the loop; `request_reset()`, `pause()`, `set()` steer it; `poll()` collects the
-    finished frames; `close()` stops it after the frame in progress."""
+    """`start()` begins the loop; `request_reset()`, `pause()`, `configure()` steer it; `poll()` collects
+    the finished frames; `close()` stops it after the frame in progress."""
 
     def __init__(self, game, action_source: Callable[[], Action | None], fps: float = 35.0,
                  max_frames: int | None = None, clock: Callable[[], float] = time.perf_counter, nice: int = 0):
@@ -61,7 +62,7 @@ class FrameWorker:
         self.nice = int(nice)
         self._results: queue.Queue = queue.Queue()
         self._cond = threading.Condition()
-        self._pending: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}  # changes to the model's settings, for the next frame
         self._reset = False
         self._paused = False
         self._stop = False
@@ -98,11 +99,22 @@ class FrameWorker:
     def pause(self, on: bool) -> None:
         self._notify(_paused=bool(on))
 
-    def set(self, name: str, value) -> None:
-        """Set an attribute of the game's model (e.g. steps) before the next frame starts."""
+    def configure(self, **changes) -> None:
+        """Change the game's model's settings (`WorldModel.configure`, e.g. steps=3) before the next frame
+        starts. The values are checked now (ValueError; EngineSettings); the model's own limits when applied."""
         with self._cond:
-            self._pending[name] = value
+            dataclasses.replace(self.game.model.settings, **{**self._pending, **changes})  # the check
+            self._pending.update(changes)
             self._cond.notify_all()
+
+    @property
+    def settings(self):
+        """The model's EngineSettings as its next frame runs them (the changes asked for included); None
+        without a model."""
+        if self.game.model is None:
+            return None
+        with self._cond:
+            return dataclasses.replace(self.game.model.settings, **self._pending)
 
     def wait(self, timeout: float) -> bool:
         """Sleep until a result is ready or `timeout` seconds pass; True if a result is ready."""
@@ -134,9 +146,8 @@ class FrameWorker:
     def _apply_pending(self) -> None:
         with self._cond:
             pending, self._pending = self._pending, {}
-        if self.game.model is not None:
-            for name, value in pending.items():
-                setattr(self.game.model, name, value)
+        if self.game.model is not None and pending:
+            self.game.model.configure(**pending)
 
     def _renice(self) -> None:
         if self.nice and hasattr(os, "setpriority"):

@@ -1,4 +1,5 @@
-"""The static KV cache (worldmodel/model/transformer.py: KVCache, WorldTransformer.forward_cached).
+"""The static KV cache (worldmodel/model/transformer.py: WorldTransformer.setup_cache and forward_cached;
+each attention layer's KVCache, the model's FrameSlots).
 
 Tolerances: float64 throughout, so that a mismatch in positions, masks or bookkeeping shows as an
 O(1e-2) error while correct code agrees to ~1e-12 (we assert 1e-9).
@@ -13,13 +14,15 @@ O(1e-2) error while correct code agrees to ~1e-12 (we assert 1e-9).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer, apply_rope, modulate
+from worldmodel.model.rope import apply_rope
+from worldmodel.model.transformer import ModelConfig, WorldTransformer, modulate
 
 TOL = 1e-9
 
@@ -60,30 +63,30 @@ def test_cached_rollout_equals_full_recompute_before_the_window_wraps(prev_frame
     x, t, a = clip(cfg, n + 1)
     full = m(x, t, a)  # (1, n+1, C, h, w)
 
-    cache = KVCache(cfg, dtype=torch.float64)
-    one_by_one = torch.cat([m.forward_cached(x[:, i:i + 1], t[:, i:i + 1], a[:, i:i + 1], cache, commit=1)
+    m.setup_cache(1)
+    one_by_one = torch.cat([m.forward_cached(x[:, i:i + 1], t[:, i:i + 1], a[:, i:i + 1], commit=1)
                             for i in range(n + 1)], dim=1)
     assert (one_by_one - full).abs().max() < TOL
 
     # chunked commits, and a pass that commits one frame and runs the next (the fused commit)
-    cache.reset()
-    out = [m.forward_cached(x[:, :3], t[:, :3], a[:, :3], cache, commit=3),
-           m.forward_cached(x[:, 3:5], t[:, 3:5], a[:, 3:5], cache, commit=1)]
+    m.reset_cache()
+    out = [m.forward_cached(x[:, :3], t[:, :3], a[:, :3], commit=3),
+           m.forward_cached(x[:, 3:5], t[:, 3:5], a[:, 3:5], commit=1)]
     assert (torch.cat(out, 1) - full[:, :5]).abs().max() < TOL
-    assert int(cache.count) == 4
+    assert int(m.slots.count) == 4
 
     # commit=0 leaves the cache untouched and sees it whole: F new frames block-causal among themselves
-    cache.reset()
-    m.forward_cached(x[:, :3], t[:, :3], a[:, :3], cache, commit=3)
-    before = cache.snapshot()
-    draft = m.forward_cached(x[:, 3:6], t[:, 3:6], a[:, 3:6], cache, commit=0)
+    m.reset_cache()
+    m.forward_cached(x[:, :3], t[:, :3], a[:, :3], commit=3)
+    before = m.cache_snapshot()
+    draft = m.forward_cached(x[:, 3:6], t[:, 3:6], a[:, 3:6], commit=0)
     assert (draft - full[:, 3:6]).abs().max() < TOL
-    for name, b in cache.snapshot().items():
+    for name, b in m.cache_snapshot().items():
         assert torch.equal(b, before[name]), name
 
 
 class SlidingWindowReference:
-    """Naive sliding-window attention cache, written independently of KVCache: per committed frame a
+    """Naive sliding-window attention cache, written independently of the model's: per committed frame a
     list of per-layer (unrotated k, v); a new frame sees the sinks and the last `window` frames,
     placed at logical time positions 0..S-1, S..S+w-1, then itself."""
 
@@ -133,13 +136,13 @@ def test_cached_rollout_after_wrapping_matches_a_naive_sliding_window(sinks, win
     n = 4 * cfg.cache_frames + 3  # wraps the ring several times
     x, t, a = clip(cfg, n, seed=2)
     ref = SlidingWindowReference(m)
-    cache = KVCache(cfg, dtype=torch.float64)
+    m.setup_cache(1)
     for i in range(n):
         fi, ti, ai = x[:, i:i + 1], t[:, i:i + 1], a[:, i:i + 1]
         if i % 3 == 2:  # a denoising pass now and then: sees the cache, commits nothing
-            probe = m.forward_cached(fi, ti, ai, cache, commit=0)
+            probe = m.forward_cached(fi, ti, ai, commit=0)
             assert (probe - ref.step(fi, ti, ai, commit=False)).abs().max() < TOL, i
-        got = m.forward_cached(fi, ti, ai, cache, commit=1)
+        got = m.forward_cached(fi, ti, ai, commit=1)
         want = ref.step(fi, ti, ai, commit=True)
         assert (got - want).abs().max() < TOL, f"frame {i}"
     # the naive full recompute over only the window frames differs after wrapping (documented property)
@@ -154,18 +157,19 @@ def test_cached_rollout_after_wrapping_matches_a_naive_sliding_window(sinks, win
 def test_fused_commit_pass_equals_a_separate_commit_pass_after_wrapping(prev_frame):
     """forward_cached(commit=1) on [finished frame, next frame] == commit pass, then a pass for the next."""
     cfg = small_cfg(prev_frame=prev_frame)
-    m = random_model(cfg, seed=3)
+    m1 = random_model(cfg, seed=3)
+    m2 = copy.deepcopy(m1)  # the same weights, a cache of its own
     n = 3 * cfg.cache_frames
     x, t, a = clip(cfg, n + 1, seed=4)
-    c1, c2 = KVCache(cfg, dtype=torch.float64), KVCache(cfg, dtype=torch.float64)
-    m.forward_cached(x[:, :1], t[:, :1], a[:, :1], c1, commit=1)
-    m.forward_cached(x[:, :1], t[:, :1], a[:, :1], c2, commit=1)
+    m1.setup_cache(1), m2.setup_cache(1)
+    m1.forward_cached(x[:, :1], t[:, :1], a[:, :1], commit=1)
+    m2.forward_cached(x[:, :1], t[:, :1], a[:, :1], commit=1)
     for i in range(1, n):
-        fused = m.forward_cached(x[:, i:i + 2], t[:, i:i + 2], a[:, i:i + 2], c1, commit=1)[:, 1]
-        m.forward_cached(x[:, i:i + 1], t[:, i:i + 1], a[:, i:i + 1], c2, commit=1)
-        separate = m.forward_cached(x[:, i + 1:i + 2], t[:, i + 1:i + 2], a[:, i + 1:i + 2], c2, commit=0)[:, 0]
+        fused = m1.forward_cached(x[:, i:i + 2], t[:, i:i + 2], a[:, i:i + 2], commit=1)[:, 1]
+        m2.forward_cached(x[:, i:i + 1], t[:, i:i + 1], a[:, i:i + 1], commit=1)
+        separate = m2.forward_cached(x[:, i + 1:i + 2], t[:, i + 1:i + 2], a[:, i + 1:i + 2], commit=0)[:, 0]
         assert (fused - separate).abs().max() < TOL, i
-    s1, s2 = c1.snapshot(), c2.snapshot()
+    s1, s2 = m1.cache_snapshot(), m2.cache_snapshot()
     for name in s1:
         assert (s1[name].double() - s2[name].double()).abs().max() < TOL, name
 
@@ -174,27 +178,37 @@ def test_fused_commit_pass_equals_a_separate_commit_pass_after_wrapping(prev_fra
 def test_cache_is_static_and_positions_stay_in_the_trained_range():
     cfg = small_cfg()
     m = WorldTransformer(cfg).eval()
-    cache = KVCache(cfg)
-    addresses = {name: (b.data_ptr(), tuple(b.shape)) for name, b in cache.named_buffers()}
+    m.setup_cache(1)
+
+    def cache_buffers():
+        return {name: (b.data_ptr(), tuple(b.shape)) for name, b in m.named_buffers()
+                if name.startswith("slots.") or ".kv_cache." in name}
+
+    addresses = cache_buffers()
+    assert len(addresses) == 2 + 3 * cfg.depth  # slot_frame, count; k, k_rot, v in each layer
+    m.setup_cache(1)  # the same shape again: the same buffers, emptied
+    assert cache_buffers() == addresses
     x, t, a = (v.float() for v in clip(cfg, 1))
     for i in range(5 * cfg.cache_frames):
-        m.forward_cached(x, t, a, cache, commit=1)
-        kpos, valid = cache.key_positions()
-        qpos = cache.query_positions(cfg.max_draft)
+        m.forward_cached(x, t, a, commit=1)
+        kpos, valid = m.slots.key_positions()
+        qpos = m.slots.query_positions(cfg.max_draft)
         assert int(kpos.max()) < cfg.cache_frames and int(qpos.max()) < cfg.clip_frames
         assert int(valid.sum()) == min(i + 1, cfg.cache_frames)
         # positions of the slots are distinct: sinks first, window oldest to newest
         assert sorted(kpos[valid].tolist()) == list(range(int(valid.sum())))
-    assert int(cache.count) == 5 * cfg.cache_frames
-    assert {name: (b.data_ptr(), tuple(b.shape)) for name, b in cache.named_buffers()} == addresses
+    assert int(m.slots.count) == 5 * cfg.cache_frames
+    assert cache_buffers() == addresses
 
 
 def test_forward_cached_rejects_shapes_it_was_not_trained_for():
     cfg = small_cfg()
     m = WorldTransformer(cfg).eval()
-    cache = KVCache(cfg)
     x, t, a = (v.float() for v in clip(cfg, cfg.max_draft + 1))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="setup_cache"):
+        m.forward_cached(x[:, :1], t[:, :1], a[:, :1], commit=1)  # no cache yet
+    m.setup_cache(1)
     with torch.inference_mode(), pytest.raises(ValueError, match="commit"):
-        m.forward_cached(x, t, a, cache, commit=0)  # more new frames than max_draft
+        m.forward_cached(x, t, a, commit=0)  # more new frames than max_draft
     with torch.inference_mode(), pytest.raises(ValueError, match="commit"):
-        m.forward_cached(x, t, a, cache, commit=cfg.window_frames + 1)
+        m.forward_cached(x, t, a, commit=cfg.window_frames + 1)

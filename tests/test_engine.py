@@ -119,14 +119,13 @@ def test_rejected_speculation_leaves_the_cache_exactly_as_before():
     bitwise as it was; the next pass commits only the frame that was served (the rollback point)."""
     wm = small_model(steps=2, speculative=4)
     wm.reset(*context(wm, action=HELD))
-    cache = wm.sampler.cache
-    before = cache.snapshot()
+    before = wm.transformer.cache_snapshot()
     wm.step(HELD)  # held: one frame served, 3 drafted; nothing enters the cache
     assert wm.stats["drafted"] == 3 and wm.sampler.pending == 1
-    after = cache.snapshot()
+    after = wm.transformer.cache_snapshot()
     assert all(torch.equal(after[k], before[k]) for k in before)
     wm._discard_drafts()  # what a rejection does to the drafts
-    assert all(torch.equal(b, before[k]) for k, b in cache.snapshot().items())
+    assert all(torch.equal(b, before[k]) for k, b in wm.transformer.cache_snapshot().items())
     assert wm.stats["discarded"] == 3 and wm.sampler.pending == 1
     # the next action differs: a new batch, whose first pass commits exactly the served frame -- what a
     # model that never drafted holds after committing the same frame (to float32 rounding: the passes
@@ -138,7 +137,7 @@ def test_rejected_speculation_leaves_the_cache_exactly_as_before():
     twin.reset(*context(twin, action=HELD))
     twin.sampler.accept(latent_served, HELD.to_tensor().view(1, 1, -1))
     twin.step(Action(move=-1))
-    mine, theirs = cache.snapshot(), twin.sampler.cache.snapshot()
+    mine, theirs = wm.transformer.cache_snapshot(), twin.transformer.cache_snapshot()
     assert torch.equal(mine["slot_frame"], theirs["slot_frame"]) and torch.equal(mine["count"], theirs["count"])
     assert all((mine[k] - theirs[k]).abs().max() < 1e-5 for k in ("k", "k_rot", "v"))
     # the rejected drafts' frame numbers are reused: the same noise a plain rollout would use
@@ -189,8 +188,7 @@ def _rss_mb() -> float:
 def test_ten_thousand_frames_at_constant_memory():
     wm = small_model(steps=1, cfg=dict(dim=16, depth=1, heads=1, frame_size=(16, 16), window_frames=3))
     wm.reset(*context(wm, n=4))
-    cache = wm.sampler.cache
-    buffers = {name: (b.data_ptr(), tuple(b.shape)) for name, b in cache.named_buffers()}
+    buffers = {name: (b.data_ptr(), tuple(b.shape)) for name, b in wm.transformer.named_buffers()}
     acts = changing_actions(50)
     rss, times = {}, []
     for i in range(10_000):
@@ -200,8 +198,8 @@ def test_ten_thousand_frames_at_constant_memory():
         if i in (999, 9_999):
             rss[i] = _rss_mb()
     assert frame.shape == (16, 16, 3) and frame.dtype == np.uint8
-    assert {name: (b.data_ptr(), tuple(b.shape)) for name, b in cache.named_buffers()} == buffers
-    assert int(cache.count) == 4 + 10_000 - 1  # the last frame waits to be committed by the next pass
+    assert {name: (b.data_ptr(), tuple(b.shape)) for name, b in wm.transformer.named_buffers()} == buffers
+    assert int(wm.transformer.slots.count) == 4 + 10_000 - 1  # the last frame waits to be committed by the next pass
     assert wm.sampler.pending == 1 and wm.stats["frames"] == 10_000
     assert rss[9_999] - rss[999] < 25, rss  # MB over 9,000 frames
     assert all(math.isfinite(v) for v in wm.sampler._pending[0][0].flatten().tolist())
@@ -354,8 +352,8 @@ def test_distillation_brings_a_one_step_student_to_the_teachers_many_step_result
         one, zero = torch.ones(n), torch.zeros(n)
         ref = z - teacher_targets(teacher, cfg, ctx, t_ctx, a[:, :-1], z, a[:, -1:], one, zero, 16)
         with torch.inference_mode():
-            cache = commit_context(model, cfg, ctx, t_ctx, a[:, :-1])
-            x = z - model.forward_cached(z, torch.ones(n, 1), a[:, -1:], cache)
+            commit_context(model, cfg, ctx, t_ctx, a[:, :-1])
+            x = z - model.forward_cached(z, torch.ones(n, 1), a[:, -1:])
         return (x - ref).pow(2).mean().item()
 
     student, curves = distill_student(teacher, cfg, Clips(), 1, teacher_steps=16, iters=60, batch=8, lr=1e-3,
@@ -371,13 +369,13 @@ def test_bfloat16_engine_runs_and_stays_close_to_float32():
     acts = changing_actions(6)
     f32 = rollout(small_model(steps=2), acts)
     wm = small_model(steps=2, dtype="bfloat16")
-    assert wm.sampler.cache.k.dtype == torch.bfloat16 and wm.autoencoder.decoder.stem.weight.dtype == torch.float32
+    assert wm.transformer.blocks[0].attn.kv_cache.k.dtype == torch.bfloat16 and wm.autoencoder.decoder.stem.weight.dtype == torch.float32
     bf16 = rollout(wm, acts)
     assert bf16.dtype == np.uint8 and np.abs(bf16.astype(int) - f32).mean() < 2.0
 
 
 def test_auto_dtype_is_bfloat16_only_on_cpus_with_native_bf16(monkeypatch):
-    import worldmodel.inference.engine as engine
+    import worldmodel.device as engine  # where the engine's device choices live
 
     monkeypatch.setattr(engine, "native_bf16", lambda: True)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
@@ -387,7 +385,7 @@ def test_auto_dtype_is_bfloat16_only_on_cpus_with_native_bf16(monkeypatch):
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     wm = small_model(dtype="auto")
-    assert wm.dtype == torch.float32 and wm.sampler.cache.k.dtype == torch.float32
+    assert wm.dtype == torch.float32 and wm.transformer.blocks[0].attn.kv_cache.k.dtype == torch.float32
 
 
 def test_packed_linear_weights_give_the_plain_linears_result():
@@ -395,7 +393,7 @@ def test_packed_linear_weights_give_the_plain_linears_result():
     without, and a weight changed afterwards is used as it is now (the stale copy is ignored)."""
     import copy
 
-    from worldmodel.model.transformer import _PACKED, linear, pack_linears
+    from worldmodel.model.linear import _PACKED, linear, pack_linears
 
     layer = torch.nn.Linear(32, 48)
     x = torch.randn(2, 5, 32)
@@ -480,7 +478,7 @@ def test_pipeline_hands_errors_over_and_leaves_no_thread_behind():
 
 
 def test_engine_chooses_threads_and_pipeline_and_they_are_settable(monkeypatch):
-    import worldmodel.inference.engine as engine
+    import worldmodel.device as engine  # where the engine's device choices live
 
     n = torch.get_num_threads()
     try:

@@ -124,3 +124,27 @@ def test_bf16_autocast_keeps_the_fused_qk_norm_and_the_float32_weights():
     assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=0.1, rtol=0.05)
     norm = model.blocks[0].attn.q_norm
     assert norm.weight.dtype == torch.float32 and norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
+
+
+def test_attention_backend_is_resolved_once_not_checked_per_call(monkeypatch):
+    """Setting `attention` resolves the backend (name and device checked there); the passes call its
+    functions and check nothing per call (kernels.check_backend is not reached from forward_cached)."""
+    from worldmodel import kernels
+
+    cfg = tiny_config()
+    model = WorldTransformer(cfg).eval()
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        model.attention = "nope"
+    model.attention = "torch"
+    assert model.attention == "torch" and model._attend.cached is kernels.reference_cached_attention
+    checks = []
+    monkeypatch.setattr(kernels, "check_backend", lambda *a: checks.append(a))
+    x, t, a = _inputs(cfg, B=1, F=2)
+    model.setup_cache(1)
+    with torch.inference_mode():
+        model.forward_cached(x[:, :1], t[:, :1], a[:, :1], commit=1)
+        model.forward_cached(x[:, :2], t[:, :2], a[:, :2], commit=1)
+        model(x, t, a)
+    assert checks == []
+    model.attention = "sdpa"  # setting it is where the check happens
+    assert len(checks) == 1 and model.attention == "sdpa"

@@ -29,6 +29,7 @@ is only readable after a clean `close()`.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import hashlib
@@ -134,8 +135,8 @@ def model_meta(wm) -> dict:
     return {"model": wm.name, "checkpoint": str(wm.folder) if wm.folder else None,
             "checkpoint_sha256": checkpoint_hash(wm.folder), "device": str(wm.device),
             "torch": torch.__version__, "commit": git_commit(),
-            **{k: getattr(wm, k) for k in ("steps", "speculative", "speculative_tolerance", "attention", "seed",
-                                            "compile")}}
+            **{f.name: getattr(wm.settings, f.name) for f in dataclasses.fields(wm.settings)
+               if f.metadata["recorded"]}}  # EngineSettings' recorded fields (worldmodel/inference/settings.py)
 
 
 # --------------------------------------------------------------------------------------------------

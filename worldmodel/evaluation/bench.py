@@ -41,7 +41,7 @@ from worldmodel.evaluation.timing import (apply_settings, combine_rounds, curren
 from worldmodel.evaluation.traces import DEFAULT_TRACE, load_trace, trace_summary
 from worldmodel.files import check_output_path
 from worldmodel.inference.loading import add_model_arguments, load_model, model_name
-from worldmodel.parsing import parse_int_list
+from worldmodel.inference.settings import SWEPT, add_engine_arguments, sweep_from_args
 from worldmodel.provenance import provenance
 from worldmodel.errors import UserError
 
@@ -58,17 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE.json",
                         help="where to write the JSON (default benchmarks/bench_<model>_<device>.json); the PNG "
                              "goes beside it")
-    parser.add_argument("--steps", metavar="K,..", help="denoising steps to compare, e.g. 1,2,4")
-    parser.add_argument("--speculative", metavar="N,..", help="speculative frames per pass to compare, e.g. 1,2,4,8")
-    parser.add_argument("--attention", metavar="B,..", help="attention backends to compare, e.g. sdpa,torch,flex,triton")
-    parser.add_argument("--compile", metavar="off,on,..",
-                        help="compare torch.compile modes: off, on (inductor + CUDA graphs on CUDA), inductor (no "
-                             "CUDA graphs), graphs (CUDA graphs without inductor; CUDA only)")
-    parser.add_argument("--pipeline", metavar="on,off", help="compare decoding frame t on a second thread while "
-                                                            "frame t+1 is generated (the engine's choice on a "
-                                                            "CPU with 2+ cores) on/off")
-    parser.add_argument("--threads", metavar="N,..", help="torch intra-op threads to compare, e.g. 1,2 (the "
-                                                          "engine's choice: half the cores)")
+    add_engine_arguments(parser, SWEPT, lists=SWEPT)  # each value given is measured against the engine's defaults
     parser.add_argument("--trace", metavar="FILE|game|blind",
                         help=f"action trace (default benchmarks/traces/{DEFAULT_TRACE}, else 'game': the explorer "
                              f"policy playing MAP01 now)")
@@ -78,35 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "evens out a busy machine)")
     parser.add_argument("--profile-frames", type=int, default=60,
                         help="frames of the per-stage profile of the baseline (default 60; 0: none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the 'game' trace (default 0)")
     parser.add_argument("--no-plot", action="store_true", help="no PNG")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def _variants(args, base: dict) -> list[tuple[str, object]]:
-    out: list[tuple[str, object]] = []
-    if args.steps:
-        out += [("steps", v) for v in parse_int_list(args.steps, "steps")]
-    if args.speculative:
-        out += [("speculative", v) for v in parse_int_list(args.speculative, "speculative")]
-    if args.attention:
-        out += [("attention", v.strip()) for v in args.attention.split(",") if v.strip()]
-    if args.threads:
-        out += [("threads", v) for v in parse_int_list(args.threads, "threads")]
-    if args.compile:
-        from worldmodel.inference.engine import COMPILE_MODES
-
-        for v in args.compile.split(","):
-            v = v.strip().lower()
-            if v not in COMPILE_MODES:
-                raise UserError(f"--compile: expected some of {','.join(COMPILE_MODES)}, got {v!r}")
-            out.append(("compile", {"on": True, "off": False}.get(v, v)))
-    for v in (args.pipeline or "").split(","):
-        v = v.strip().lower()
-        if v and v not in ("on", "off"):
-            raise UserError(f"--pipeline: expected on and/or off, got {v!r}")
-        if v:
-            out.append(("pipeline", v == "on"))
+    out = sweep_from_args(args)
     seen, uniq = set(), []
     for k, v in out:
         if (k, v) not in seen and base.get(k) != v:

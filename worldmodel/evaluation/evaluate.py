@@ -67,6 +67,7 @@ from worldmodel.evaluation.eval_report import (all_sections, comparison, print_s
 from worldmodel.evaluation.rollouts import Episode, fidelity, probe, stability
 from worldmodel.files import check_output_path
 from worldmodel.inference.loading import add_model_arguments, load_model, model_name
+from worldmodel.inference.settings import add_engine_arguments, settings_from_args
 from worldmodel.parsing import parse_int_list
 from worldmodel.provenance import provenance
 from worldmodel.errors import UserError
@@ -109,10 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stability-frames", type=int, default=21000,
                         help="long-rollout length, per model (default 21000 = 10 min of game time; 0 skips it)")
     parser.add_argument("--sample-every", type=int, default=35, help="stability sampling interval in frames")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="denoising steps (default: each model's)")
-    parser.add_argument("--speculative", type=int, help="speculative frames per pass (1 = off)")
-    parser.add_argument("--attention", help="attention backend")
+    add_engine_arguments(parser, ("seed", "steps", "speculative", "attention"),
+                         helps={"seed": ": each episode's (--seed + episode), and its game's"})
     parser.add_argument("--videos", action="store_true",
                         help="also write DIR/<map>_ep<k> side-by-side recordings [model(s) | real]")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -220,10 +219,10 @@ def _load_models(args) -> list[Entry]:
     """--checkpoint/--preset first, then each --compare; every one with the same sampling settings."""
     from worldmodel.data.recording import model_meta
 
-    settings = {"steps": args.steps, "speculative": args.speculative, "attention": args.attention}
-    wms = [(model_name(args, wm), wm) for wm in [load_model(args, **settings)]]
+    settings = settings_from_args(args, leave_out=("seed",))  # each episode reseeds; a --preset's weights: seed 0
+    wms = [(model_name(args, wm), wm) for wm in [load_model(args, settings=settings)]]
     for c in args.compare:
-        wm = load_model(argparse.Namespace(checkpoint=c, preset=None, device=args.device), **settings)
+        wm = load_model(argparse.Namespace(checkpoint=c, preset=None, device=args.device), settings=settings)
         wms.append((Path(wm.folder).name, wm))
     names = [n for n, _ in wms]
     if len(set(names)) < len(names):  # two folders of the same name: tell them apart by the path given

@@ -28,7 +28,7 @@ import numpy as np
 from worldmodel.game.action import MAX_SCRIPT_FRAMES, ActionScript
 from worldmodel.files import check_output_path
 from worldmodel.inference.loading import add_model_arguments, load_model
-from worldmodel.parsing import parse_int_list
+from worldmodel.inference.settings import add_engine_arguments, settings_from_args
 from worldmodel.provenance import command_line
 from worldmodel.errors import UserError
 from worldmodel.game.maps import add_wad_argument
@@ -65,10 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-clip", type=int, metavar="I",
                         help="start from the checkpoint's start clip I instead of the game")
     parser.add_argument("--context", type=int, metavar="N", help="context frames (default: the model's cache size)")
-    parser.add_argument("--seed", default="0", help="seed, or several: 0,1,2 (default 0)")
-    parser.add_argument("--steps", type=int, metavar="K", help="denoising steps (default: the model's)")
-    parser.add_argument("--speculative", type=int, metavar="N", help="speculative frames per pass (1 = off)")
-    parser.add_argument("--attention", metavar="B", help="attention backend (torch, sdpa, flex, triton)")
+    add_engine_arguments(parser, ("seed", "steps", "speculative", "attention"), lists=("seed",),
+                         defaults={"seed": "0"}, helps={"seed": ": one recording each, and its game's seed (default 0)"})
     parser.add_argument("--side-by-side", action="store_true", help="write [model | real game] frames")
     parser.add_argument("--strip", type=int, default=0, metavar="N",
                         help="also write PREFIX.png: N evenly spaced frames (with --side-by-side: model above, "
@@ -78,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _jobs(args) -> list[tuple[str, ActionScript | None, int]]:
-    seeds = parse_int_list(args.seed, "seed")
+    seeds = args.seed  # integers (settings.add_engine_arguments)
     if args.actions:
         scripts = [(Path(p).name.removesuffix(".jsonl").removesuffix(".actions"), ActionScript(p))
                    for p in args.actions]
@@ -107,7 +105,7 @@ def run(args) -> int:
     from worldmodel.game.maps import check_map
     from worldmodel.data.recording import Recorder, model_meta, paths
 
-    for name in ("frames", "context", "steps", "speculative"):
+    for name in ("frames", "context"):  # the engine's settings are checked as they are parsed (settings.py)
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -123,7 +121,7 @@ def run(args) -> int:
     map_name = check_map(args.wad, args.map, "any")
     if args.side_by_side and args.start_clip is not None:
         raise UserError("--side-by-side needs the real game's start scene, not --start-clip")
-    wm = load_model(args, steps=args.steps, speculative=args.speculative, attention=args.attention)
+    wm = load_model(args, settings=settings_from_args(args))  # --seed: each recording's (wm.seed below)
     context = args.context or wm.cfg.cache_frames
     clips = None
     if args.start_clip is not None:

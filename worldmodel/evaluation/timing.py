@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from worldmodel.inference.settings import SWEPT
 from worldmodel.game.action import Action
 from worldmodel.device import memory_mb, reset_peak_memory, synchronize
 
@@ -40,13 +41,8 @@ def rollout_bins(latencies_ms, cache_frames: int) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # one measurement
 # --------------------------------------------------------------------------------------------------
-SWEPT = ("steps", "speculative", "attention", "compile", "threads", "pipeline")  # the settings a variant may change
-
-
 def apply_settings(wm, settings: dict) -> None:
-    for k in SWEPT:
-        if k in settings:
-            setattr(wm, k, settings[k])
+    wm.configure(**{k: settings[k] for k in SWEPT if k in settings})
 
 
 def current_settings(wm) -> dict:

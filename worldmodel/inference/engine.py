@@ -4,7 +4,7 @@ together, a sampler over a static KV cache, uint8 frames in and out.
     wm = WorldModel.from_pretrained("checkpoints/doom-tiny")   # device="auto": cuda, then mps, then cpu
     wm.reset(frames, actions)       # uint8 (N, H, W, 3), N actions: actions[i] produced frames[i]
     frame = wm.step(Action(move=1)) # uint8 (H, W, 3)
-    wm.steps, wm.speculative, wm.attention, wm.seed, wm.compile = 2, 4, "sdpa", 0, False  # settable
+    wm.configure(steps=2, speculative=4)  # between frames; wm.steps = 2 is the same
 
 A frame is two stages: `step_latent(action)` (the transformer's passes: denoise and commit) and
 `decode(latent)` (the autoencoder's decoder, to uint8 pixels); `step` is both. The next frame's
@@ -31,7 +31,8 @@ were conditioned on). `stats` counts frames, drafted, accepted and discarded dra
 
 The per-frame work is static-shaped and free of host syncs (no .item(), no branching on tensor
 values; counter-based noise; the cache's bookkeeping is tensors): the one sync is copying the frame
-to the host. `compile=True` wraps the cached pass and the decoder in torch.compile (mode
+to the host. `compile=True` wraps the cached pass (the transformer with its KV cache, one module: see
+FrameSampler.compile) and the decoder in torch.compile (mode
 "reduce-overhead", CUDA graphs, on CUDA); `compile="inductor"` compiles without CUDA graphs and
 `compile="graphs"` replays the traced passes as CUDA graphs without inductor's code generation (CUDA
 only; seconds to compile instead of minutes). On CPU compiling is slower than eager here (inductor's
@@ -40,32 +41,26 @@ GEMMs vs oneDNN) and is off by default.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
+import dataclasses
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from worldmodel import device as devices
 from worldmodel import kernels
 from worldmodel.game.action import ACTION_DIM, Action, decode_actions, encode_actions
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer, pack_linears, preset
+from worldmodel.model.linear import pack_linears
+from worldmodel.model.transformer import ModelConfig, WorldTransformer, preset
 from worldmodel.inference.sampler import FrameSampler
-
-# `WorldModel.compile` settings: "off" (eager); "on" (inductor, with CUDA graphs on CUDA: torch.compile
-# mode "reduce-overhead"); "inductor" (inductor, no CUDA graphs); "graphs" (CUDA graphs of the traced
-# passes, no inductor code generation: dynamo's "cudagraphs" backend; CUDA only)
-COMPILE_MODES = ("off", "on", "inductor", "graphs")
-DEFAULT_TOLERANCE = 0.5  # degrees of turn: < 1 pixel of yaw at the tiny tier's 128 px width (~90 deg FOV)
+from worldmodel.inference.settings import AUTO, DEFAULT_TOLERANCE, SETTINGS, EngineSettings
 
 
 def compile_options(mode: str, device: torch.device) -> dict:
-    """torch.compile keyword arguments of a COMPILE_MODES mode other than "off" on `device`."""
+    """torch.compile keyword arguments of a compile mode (settings.COMPILE_MODES) other than "off" on `device`."""
     if mode == "on":
         return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
     if mode == "inductor":
@@ -114,39 +109,27 @@ def load_start_clips(folder: str | Path, frame_size: tuple[int, int] | None = No
     return out
 
 
-class _CachedPass(nn.Module):
-    """The transformer's cached pass bound to its cache: one module owning both, so torch.compile sees
-    the cache as module buffers (static addresses, in-place updates: CUDA-graph friendly)."""
-
-    def __init__(self, transformer: WorldTransformer, cache: KVCache):
-        super().__init__()
-        self.transformer, self.cache = transformer, cache
-
-    def forward(self, x, t, actions, commit: int):
-        return self.transformer.forward_cached(x, t, actions, self.cache, commit=commit)
+def _setting(name: str) -> property:
+    """`wm.NAME`: the setting as the engine runs it; `wm.NAME = value` is `wm.configure(NAME=value)`."""
+    return property(lambda self: getattr(self.settings, name), lambda self, value: self.configure(**{name: value}),
+                    doc=f"the `{name}` setting (EngineSettings); setting it is configure({name}=...)")
 
 
 class WorldModel:
-    """The engine. Settings (keyword arguments, and attributes settable at any time): `steps`
-    (denoising steps a frame), `speculative` (N frames per pass, 1 = off), `speculative_tolerance`
-    (degrees of turn a draft may be off), `attention` (kernels backend), `seed`, `compile`
-    (torch.compile the per-frame passes: True = "on", i.e. inductor + CUDA graphs on CUDA; or one of
-    COMPILE_MODES), `threads` (CPU: torch's intra-op threads, process-wide; "auto": half the cores, at
-    least 1), `pipeline` (decode frame t on another thread while frame t+1 is generated, for the callers
-    that run a FramePipeline; "auto": on a CPU with 2+ cores).
-    Construction-only: `device` ("auto": cuda, mps, cpu), `dtype` ("auto": bfloat16 on CUDA and on CPUs
-    with native bf16, else float32), `fused` (commit each frame in the next frame's first pass; False =
-    a separate pass)."""
+    """The engine. Its settings are one EngineSettings (worldmodel/inference/settings.py: steps,
+    speculative, speculative_tolerance, attention, seed, compile, threads, pipeline, dtype), given at
+    construction as keyword arguments (or `settings=`) and changed between frames by `configure(...)`;
+    `settings` holds them as the engine runs them (resolved: no None, no "auto"), and each is an
+    attribute too (`wm.steps`). Construction-only: `device` ("auto": cuda, mps, cpu), `dtype`, `fused`
+    (commit each frame in the next frame's first pass; False = a separate pass)."""
 
     def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, *,
-                 device="auto", dtype="auto", steps: int | None = None, speculative: int = 1,
-                 speculative_tolerance: float = DEFAULT_TOLERANCE, attention: str | None = None,
-                 seed: int = 0, compile: bool | str = False, fused: bool = True, threads: int | str = "auto",
-                 pipeline: bool | str = "auto", name: str = "", info: dict | None = None,
-                 folder: Path | None = None):
+                 device="auto", settings: EngineSettings | None = None, fused: bool = True, name: str = "",
+                 info: dict | None = None, folder: Path | None = None, **changes):
+        settings = dataclasses.replace(settings or EngineSettings(), **changes)
         self.cfg, self.name, self.info, self.folder = cfg, name, dict(info or {}), folder
         self.device = devices.resolve_device(device)
-        self.dtype = devices.resolve_dtype(dtype, self.device)
+        self.dtype = devices.resolve_dtype(settings.dtype, self.device)
         self.autoencoder = autoencoder.to(self.device).eval()  # float32: small, and its input is float32
         if self.device.type == "cpu":  # oneDNN convs are ~2x faster in channels_last here
             self.autoencoder.to(memory_format=torch.channels_last)
@@ -159,44 +142,39 @@ class WorldModel:
             p.requires_grad_(False)
         if self.device.type == "cpu":
             pack_linears(self.transformer)
-        self.sampler = FrameSampler(self.transformer, cfg, steps or cfg.sample_steps, seed=seed, fused=fused)
-        self._pass = _CachedPass(self.transformer, self.sampler.cache)
+        self.sampler = FrameSampler(self.transformer, cfg, settings.steps or cfg.sample_steps, seed=settings.seed,
+                                    fused=fused)
         self._decode = self._decode_eager
-        self.attention = attention or ("triton" if self.device.type == "cuda" and
-                                       "triton" in kernels.available_backends(self.device) else "sdpa")
         self._drafts: deque = deque()  # (latent (1, 1, C, h, w), assumed Action) waiting to be served
         self._last_action: Action | None = None
         self._ready = False
-        self.speculative = speculative
-        self.speculative_tolerance = speculative_tolerance
-        self._compile_mode = "off"
-        self.compile = compile
-        self.threads = threads
-        self.pipeline = pipeline
+        self.settings: EngineSettings | None = None
         self.reset_stats()
+        self.configure(settings)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, device="auto", seed: int = 0, **settings) -> "WorldModel":
-        """Random weights in a preset's shape (tests, engine benchmarks). The weights are drawn with
-        `seed` (the sampler's seed too); `cfg_overrides={...}` changes config fields (tests)."""
+    def from_preset(cls, name: str, device="auto", settings: EngineSettings | None = None, fused: bool = True,
+                    cfg_overrides: dict | None = None, **changes) -> "WorldModel":
+        """Random weights in a preset's shape (tests, engine benchmarks). The weights are drawn with the
+        settings' `seed` (the sampler's seed too); `cfg_overrides={...}` changes config fields (tests)."""
+        settings = dataclasses.replace(settings or EngineSettings(), **changes)
         cfg = preset(name)
-        overrides = settings.pop("cfg_overrides", None)
-        if overrides:
-            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+        if cfg_overrides:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), **cfg_overrides})
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(settings.seed)
             ae, dit = Autoencoder(cfg.autoencoder), WorldTransformer(cfg)
-        return cls(cfg, ae, dit, device=device, seed=seed, name=f"{name} (random weights)", **settings)
+        return cls(cfg, ae, dit, device=device, settings=settings, fused=fused, name=f"{name} (random weights)")
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, device="auto", **settings) -> "WorldModel":
-        """A checkpoint folder or a Hub id (`user/name[@revision]`). Settings as keyword arguments:
-        steps (default: the config's sample_steps; a distilled student's is its step count), speculative,
-        speculative_tolerance, attention, seed, compile, dtype, fused."""
+    def from_pretrained(cls, path_or_id: str | Path, device="auto", settings: EngineSettings | None = None,
+                        fused: bool = True, **changes) -> "WorldModel":
+        """A checkpoint folder or a Hub id (`user/name[@revision]`). Settings: `settings=` and/or keyword
+        arguments (steps: default the checkpoint's; a distilled student's is its step count)."""
         cfg, ae, dit, config, folder = load_pretrained(path_or_id, device="cpu")
-        return cls(cfg, ae, dit, device=device, name=Path(str(path_or_id)).name, info=config.get("info"),
-                   folder=folder, **settings)
+        return cls(cfg, ae, dit, device=device, settings=settings, fused=fused, name=Path(str(path_or_id)).name,
+                   info=config.get("info"), folder=folder, **changes)
 
     def save_pretrained(self, directory: str | Path, info: dict | None = None) -> Path:
         """Write a checkpoint folder (weights in float32, whatever the engine's dtype)."""
@@ -216,113 +194,71 @@ class WorldModel:
     def fps(self) -> int:
         return self.cfg.fps
 
-    @property
-    def steps(self) -> int:
-        return self.sampler.steps
+    def configure(self, settings: EngineSettings | None = None, **changes) -> None:
+        """Change settings, between frames: `configure(steps=2, speculative=4)`, or a whole EngineSettings
+        (with changes on top). Every value is checked before any is applied (ValueError, one line:
+        nothing changed): EngineSettings checks the values, this the engine's limits (speculative up to
+        the model's max_draft, a backend the device can run, CUDA graphs on CUDA only; dtype is fixed at
+        construction). Changing seed or speculative drops the drafts not yet served."""
+        named = set(SETTINGS) if settings is not None else set(changes)
+        new = self._resolve(dataclasses.replace(settings or self.settings, **changes))
+        old = self.settings
+        if old is None or "steps" in named:
+            self.sampler.steps = new.steps
+        if old is None or new.attention != old.attention:
+            self.transformer.attention = new.attention
+        if old is None or {"seed", "speculative"} & named:
+            self._discard_drafts()
+            self.sampler.reseed(new.seed)
+        if (old.compile if old is not None else False) != new.compile:
+            self._compile(new.compile)
+        if (old is None or "threads" in named) and self.device.type == "cpu":
+            torch.set_num_threads(new.threads)
+        self.settings = new
 
-    @steps.setter
-    def steps(self, n: int) -> None:
-        self.sampler.steps = n
-
-    @property
-    def seed(self) -> int:
-        return self.sampler.seed
-
-    @seed.setter
-    def seed(self, s: int) -> None:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {s!r}")
-        self._discard_drafts()
-        self.sampler.reseed(int(s))
-
-    @property
-    def attention(self) -> str:
-        return self.transformer.attention
-
-    @attention.setter
-    def attention(self, backend: str) -> None:
+    def _resolve(self, s: EngineSettings) -> EngineSettings:
+        """`s` with its defaults resolved for this engine and its limits checked."""
+        if not s.speculative <= self.cfg.max_draft:
+            raise ValueError(f"speculative must be an integer in 1..{self.cfg.max_draft} (1 = off), got {s.speculative}")
+        dtype = str(self.dtype).removeprefix("torch.")
+        if s.dtype != AUTO and devices.resolve_dtype(s.dtype, self.device) != self.dtype:
+            raise ValueError(f"dtype is set at construction (this engine runs {dtype}), got {s.dtype!r}")
+        attention = s.attention or ("triton" if self.device.type == "cuda" and
+                                    "triton" in kernels.available_backends(self.device) else "sdpa")
         try:
-            kernels.check_backend(backend, self.device)
+            kernels.check_backend(attention, self.device)
         except RuntimeError as e:  # one line saying why this device cannot run it: a bad setting, not a crash
             raise ValueError(str(e)) from None
-        self.transformer.attention = backend
+        if s.compile not in (False, True):
+            compile_options(s.compile, self.device)  # CUDA graphs without CUDA: ValueError
+        return dataclasses.replace(
+            s, steps=s.steps or self.cfg.sample_steps, attention=attention, dtype=dtype,
+            threads=max(1, devices.cpu_cores() // 2) if s.threads == AUTO else s.threads,
+            pipeline=self.device.type == "cpu" and devices.cpu_cores() >= 2 if s.pipeline == AUTO else s.pipeline)
 
-    @property
-    def speculative(self) -> int:
-        return self._speculative
+    def _compile(self, mode: bool | str) -> None:
+        """torch.compile the cached pass and the decoder in `mode` (False: eager again)."""
+        options = None if mode is False else compile_options("on" if mode is True else mode, self.device)
+        self.sampler.compile(options)
+        self._decode = (self._decode_eager if options is None
+                        else torch.compile(self._decode_eager, dynamic=False, **options))
 
-    @speculative.setter
-    def speculative(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.cfg.max_draft:
-            raise ValueError(f"speculative must be an integer in 1..{self.cfg.max_draft} (1 = off), got {n!r}")
-        self._speculative = int(n)
-        self._discard_drafts()
-
-    @property
-    def speculative_tolerance(self) -> float:
-        return self._tolerance
-
-    @speculative_tolerance.setter
-    def speculative_tolerance(self, deg: float) -> None:
-        if isinstance(deg, bool) or not isinstance(deg, numbers.Real) or not math.isfinite(deg) or deg < 0:
-            raise ValueError(f"speculative_tolerance must be a finite number of degrees >= 0, got {deg!r}")
-        self._tolerance = float(deg)
+    steps = _setting("steps")
+    speculative = _setting("speculative")
+    speculative_tolerance = _setting("speculative_tolerance")
+    attention = _setting("attention")
+    seed = _setting("seed")
+    compile = _setting("compile")
+    pipeline = _setting("pipeline")
 
     @property
     def threads(self) -> int | None:
-        """torch's intra-op threads on CPU (None on other devices)."""
+        """torch's intra-op threads on CPU (None on other devices); setting it is configure(threads=...)."""
         return torch.get_num_threads() if self.device.type == "cpu" else None
 
     @threads.setter
     def threads(self, n: int | str) -> None:
-        if n in (None, "auto"):
-            n = max(1, devices.cpu_cores() // 2)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"threads must be a positive integer or 'auto', got {n!r}")
-        if self.device.type == "cpu":
-            torch.set_num_threads(int(n))
-
-    @property
-    def pipeline(self) -> bool:
-        return self._pipeline
-
-    @pipeline.setter
-    def pipeline(self, on: bool | str) -> None:
-        if on in (None, "auto"):
-            on = self.device.type == "cpu" and devices.cpu_cores() >= 2
-        if not isinstance(on, (bool, np.bool_)):
-            raise ValueError(f"pipeline must be True, False or 'auto', got {on!r}")
-        self._pipeline = bool(on)
-
-    @property
-    def compile(self) -> bool | str:
-        """False (off), True (on), or the mode's name: "inductor" or "graphs" (see COMPILE_MODES)."""
-        return {"off": False, "on": True}.get(self._compile_mode, self._compile_mode)
-
-    @compile.setter
-    def compile(self, mode: bool | str) -> None:
-        """torch.compile the cached pass and the decoder, in one of COMPILE_MODES (True = "on", False =
-        "off"). Each (frames, commit) shape compiles once, on first use."""
-        mode = ("on" if mode else "off") if isinstance(mode, (bool, np.bool_)) else mode
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-        if mode == self._compile_mode:
-            return
-        if mode == "off":
-            self.sampler.forward = self.transformer.forward_cached
-            self._decode = self._decode_eager
-        else:
-            kwargs = compile_options(mode, self.device)
-            compiled = torch.compile(self._pass, dynamic=False, **kwargs)
-            cache = self.sampler.cache
-
-            def forward(x, t, actions, c, commit=0):
-                assert c is cache, "the compiled pass is bound to the sampler's cache"
-                return compiled(x, t, actions, commit)
-
-            self.sampler.forward = forward
-            self._decode = torch.compile(self._decode_eager, dynamic=False, **kwargs)
-        self._compile_mode = mode
+        self.configure(threads=n)
 
     # -- statistics --------------------------------------------------------------------------------
     @property
@@ -340,7 +276,7 @@ class WorldModel:
         self._stats = {"frames": 0, "drafted": 0, "accepted": 0, "discarded": 0}
 
     def _discard_drafts(self) -> None:
-        if getattr(self, "_drafts", None):
+        if self._drafts:
             self._stats["discarded"] += len(self._drafts)
             self._drafts.clear()
 
@@ -411,9 +347,10 @@ class WorldModel:
             raise RuntimeError("WorldModel.step() called before reset(frames, actions): seed the context first")
         if not isinstance(action, Action):
             raise ValueError(f"step needs an Action, got {type(action).__name__}")
-        if self._compile_mode != "off" and self.device.type == "cuda":
+        if self.settings.compile is not False and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # a new frame: CUDA-graph outputs of the last one are dead
-        if self._drafts and speculative_match(self._drafts[0][1], action, self._tolerance):
+        tolerance = self.settings.speculative_tolerance
+        if self._drafts and speculative_match(self._drafts[0][1], action, tolerance):
             latent, assumed = self._drafts.popleft()  # served at once: no model pass
             self.sampler.accept(latent, assumed.to_tensor().to(self.device).view(1, 1, -1))
             self._stats["accepted"] += 1
@@ -421,8 +358,8 @@ class WorldModel:
             self._discard_drafts()
             # draft only while the action is held (it matches the previous one): right after a change the
             # player is likely still changing it (doubles the acceptance rate on human-like traces)
-            held = self._last_action is not None and speculative_match(self._last_action, action, self._tolerance)
-            n = self._speculative if held else 1
+            held = self._last_action is not None and speculative_match(self._last_action, action, tolerance)
+            n = self.settings.speculative if held else 1
             a = action.to_tensor().to(self.device).view(1, 1, -1).expand(1, n, -1)
             latents = self.sampler.generate(a)  # 1. denoise (committing what is pending in its first pass)
             latent = latents[:, :1]

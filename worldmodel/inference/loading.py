@@ -1,5 +1,5 @@
 """Choosing and loading the model a command runs (`record`, `bench`, `eval`, `play`): the model flags,
-the shipped default checkpoint. Heavy imports (torch, the engine) happen on use, not at import: every
+the shipped default checkpoint (the engine's flags are worldmodel/inference/settings.py's). Heavy imports (torch, the engine) happen on use, not at import: every
 command module is imported to build the command line."""
 from __future__ import annotations
 
@@ -39,19 +39,19 @@ def default_checkpoint(alternatives: str = RANDOM_WEIGHTS_HINT) -> Path:
     return found
 
 
-def load_model(args, alternatives: str = RANDOM_WEIGHTS_HINT, **settings):
-    """The WorldModel the flags name (--checkpoint / --preset / --device), with its settings (None values
-    are left at the model's defaults). `alternatives`: what the missing-default-checkpoint error suggests."""
+def load_model(args, alternatives: str = RANDOM_WEIGHTS_HINT, settings=None, **changes):
+    """The WorldModel the flags name (--checkpoint / --preset / --device), with its EngineSettings
+    (`settings`, from `settings_from_args`, and/or keyword changes; worldmodel/inference/settings.py).
+    `alternatives`: what the missing-default-checkpoint error suggests."""
     from worldmodel.inference.engine import WorldModel
     from worldmodel.model.transformer import PRESETS
 
-    settings = {k: v for k, v in settings.items() if v is not None}
     if args.preset:
         if args.preset not in PRESETS:
             raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-        return WorldModel.from_preset(args.preset, device=args.device, **settings)
+        return WorldModel.from_preset(args.preset, device=args.device, settings=settings, **changes)
     return WorldModel.from_pretrained(args.checkpoint or default_checkpoint(alternatives), device=args.device,
-                                      **settings)
+                                      settings=settings, **changes)
 
 
 def model_name(args, wm) -> str:

@@ -18,12 +18,10 @@ trace, and the same seed give the same frames whatever was drafted.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from worldmodel.model.diffusion import add_noise, timesteps
-from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer
+from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
 _DENOISE, _COMMIT = 0, 1  # noise streams of a frame
 
@@ -32,14 +30,18 @@ class FrameSampler:
     """`generate(actions (B, N, A)) -> latents (B, N, C, h, w)`: the next N frames, each assuming its
     action, nothing committed; `accept(latents, actions)`: those frames happened (they are committed
     by the next pass); `next(actions (B, 1, A))`: both for one frame. `reset(latents, actions)` seeds
-    the context. `flush()` commits what is pending now (not needed for sampling)."""
+    the context. `flush()` commits what is pending now (not needed for sampling).
+
+    The KV cache is the transformer's (`setup_cache`, done here for `batch_size`): one sampler at a time
+    runs a transformer. `forward` runs a pass (`transformer.forward_cached`, or its compiled form
+    after `compile(options)`); `steps` is checked by the engine's settings (worldmodel/inference/settings.py)."""
 
     def __init__(self, transformer: WorldTransformer, cfg: ModelConfig, steps: int, seed: int = 0,
                  batch_size: int = 1, fused: bool = True):
         self.model, self.cfg = transformer, cfg
         p = next(transformer.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = KVCache(cfg, batch_size, device=self.device, dtype=self.dtype)
+        transformer.setup_cache(batch_size)
         self.batch_size = batch_size
         self.generator = torch.Generator(device=self.device)
         self.seed = int(seed)
@@ -48,7 +50,7 @@ class FrameSampler:
         C, (h, w) = cfg.latent_channels, cfg.latent_size
         self.frame_shape = (batch_size, 1, C, h, w)
         self.max_commit = min(cfg.window_frames, cfg.max_draft)  # frames one pass may commit
-        self.forward = transformer.forward_cached  # what runs a pass; the engine may swap in a compiled one
+        self.forward = transformer.forward_cached  # what runs a pass (see `compile`)
         self.frame_index = 0  # number of the next frame (context frames count), for the noise
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # finished, not yet committed
 
@@ -58,14 +60,19 @@ class FrameSampler:
 
     @steps.setter
     def steps(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # numpy integers too
-            raise ValueError(f"steps must be a positive integer, got {n!r}")
         self._steps = n = int(n)
         t = timesteps(n, self.cfg.sample_shift)  # (steps + 1,) on the host: python floats, no syncs later
         self._t = [float(x) for x in t]
 
     def reseed(self, seed: int) -> None:
         self.seed = int(seed)
+
+    def compile(self, options: dict | None) -> None:
+        """Run the passes through `torch.compile(transformer.forward_cached, dynamic=False, **options)`
+        (the transformer with its cache: one module, static buffers; each (frames, commit) shape compiles
+        once, on first use), or eagerly again (options None)."""
+        fn = self.model.forward_cached
+        self.forward = fn if options is None else torch.compile(fn, dynamic=False, **options)
 
     @property
     def pending(self) -> int:
@@ -95,7 +102,7 @@ class FrameSampler:
         """Commit pending frames with plain commit passes until at most `keep` are left."""
         while len(self._pending) > keep:
             x, a = self._take_pending(min(self.max_commit, len(self._pending) - keep))
-            self.forward(x, self._full(self.cfg.context_noise, x.shape[1]), a, self.cache, commit=x.shape[1])
+            self.forward(x, self._full(self.cfg.context_noise, x.shape[1]), a, commit=x.shape[1])
 
     @torch.inference_mode()
     def accept(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
@@ -118,7 +125,7 @@ class FrameSampler:
     def reset(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
         """Seed the context with clean frames (B, N, C, h, w) and the actions that produced them
         (B, N, A): the first `sink_frames` become the sinks, the last `window_frames` the window."""
-        self.cache.reset()
+        self.model.reset_cache()
         self._pending = []
         self.frame_index = 0
         keep = self.context_frames(latents.shape[1])
@@ -145,12 +152,12 @@ class FrameSampler:
         for i in range(self._steps):
             pending = self._take_pending(self.max_commit) if i == 0 else None
             if pending is None:
-                v = self.forward(x, self._full(ts[i], N), a, self.cache, commit=0)
+                v = self.forward(x, self._full(ts[i], N), a, commit=0)
             else:
                 xp, ap = pending
                 P = xp.shape[1]
                 t = torch.cat((self._full(self.cfg.context_noise, P), self._full(ts[i], N)), dim=1)
-                v = self.forward(torch.cat((xp, x), dim=1), t, torch.cat((ap, a), dim=1), self.cache, commit=P)[:, P:]
+                v = self.forward(torch.cat((xp, x), dim=1), t, torch.cat((ap, a), dim=1), commit=P)[:, P:]
             x = x + (ts[i + 1] - ts[i]) * v
         return x
 

@@ -1,10 +1,12 @@
-"""The world model's diffusion transformer, top to bottom: config and presets, rotary positions over
-(time, row, column), the static KV cache, the model, its blocks.
+"""The world model's diffusion transformer, top to bottom: config and presets, the model, its blocks.
+Beside it: rotary positions over (time, row, column) (rope.py), the static KV cache (kv_cache.py) and
+the linear layers at inference speed (linear.py).
 
 Frames enter as latent grids from the autoencoder (worldmodel/model/autoencoder.py), are cut into tokens,
 and every frame carries its own noise level and its own action (the action that produced it), which
 modulate every block through adaLN-Zero. Attention is block-causal: bidirectional inside a frame,
-causal across frames (Next-Frame Diffusion). It runs through `kernels/`.
+causal across frames (Next-Frame Diffusion). It runs through `kernels/`, whose backend is resolved to
+its functions once, when `attention` is set (`kernels.resolve_backend`), not on every call.
 
 With `prev_frame` on (the level models), every frame's tokens also carry the previous frame's latent
 at the same grid position (channel concatenation, as DIAMOND and GameNGen feed past frames), so that
@@ -15,20 +17,25 @@ cache beside its keys and values) or, for a speculative draft, the draft before 
 
 Two ways in:
 - `forward(x, t, actions)`: a whole clip, positions 0..F-1 (training, full recompute).
-- `forward_cached(x, t, actions, cache, commit)`: F new frames against the KV cache of clean past
-  frames (inference). The first `commit` of them are attended against the cache as it is and their
-  keys and values written into it; the other frames then attend against the cache *with* them in it,
+- `forward_cached(x, t, actions, commit)`: F new frames against the KV cache of clean past frames
+  (inference). The first `commit` of them are attended against the cache as it is and their keys
+  and values written into it; the other frames then attend against the cache *with* them in it,
   exactly as if a separate commit pass had run first. So one pass can commit the finished frame and
   take the first denoising step of the next (or of N speculative drafts) at the cost of one pass.
 
-On CPU without autograd the linear layers run through oneDNN (`linear` below), about twice as fast
+The KV cache belongs to the model, as in gpt-fast: `setup_cache(batch_size)` gives each attention
+layer its own keys and values (`Attention.kv_cache`, a `KVCache`) and the model the frame bookkeeping
+they share (`self.slots`, `FrameSlots`: which frame each slot holds, the frame counter). Both are
+preallocated once and only written in place, so `torch.compile(model.forward_cached)` sees one module
+with static buffers (worldmodel/inference/sampler.py compiles it that way).
+
+On CPU without autograd the linear layers run through oneDNN (`linear`, linear.py), about twice as fast
 as the default BLAS path on the AMD CPUs this was tuned on; training (with autograd) uses F.linear.
 """
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -37,6 +44,9 @@ import torch.nn.functional as F
 from worldmodel import kernels
 from worldmodel.game.action import ACTION_DIM
 from worldmodel.model.autoencoder import AutoencoderConfig
+from worldmodel.model.kv_cache import FrameSlots, KVCache
+from worldmodel.model.linear import linear
+from worldmodel.model.rope import apply_rope, rope_freqs, rope_split
 
 # --------------------------------------------------------------------------------------------------
 # Config and presets
@@ -146,209 +156,29 @@ def preset(name: str) -> ModelConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rotary positions over (time, row, column)
-# --------------------------------------------------------------------------------------------------
-
-
-def rope_split(head_dim: int) -> tuple[int, int, int]:
-    """Rotation pairs given to time, rows and columns (a quarter to time, the rest shared)."""
-    pairs = head_dim // 2
-    t = max(1, pairs // 4)
-    r = (pairs - t) // 2
-    return t, r, pairs - t - r
-
-
-def rope_freqs(n: int, theta: float) -> torch.Tensor:
-    return 1.0 / theta ** (torch.arange(n, dtype=torch.float32) / max(n, 1))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D); cos, sin: (L, D/2). Rotates pairs (i, i + D/2)."""
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# Linear layers at inference speed
-# --------------------------------------------------------------------------------------------------
-
-
-def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes oneDNN's linear runs natively here: float32 wherever oneDNN is built in, bfloat16 only
-    on CPUs with bf16 instructions (elsewhere oneDNN refuses bf16 linears: they go to F.linear)."""
-    try:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            return ()
-        return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
-    except (AttributeError, RuntimeError):
-        return ()
-
-
-_ONEDNN_LINEAR = _onednn_linear_dtypes()
-_PACK_ROWS = 64  # rows a packed weight is laid out for (any row count works): a frame is 48 tokens at the tiny tier
-
-
-def pack_linears(module: nn.Module, pack: bool = True) -> int:
-    """Inference on CPU: give every nn.Linear in `module` a copy of its weight in oneDNN's blocked
-    layout (what inductor's freezing does), so that `linear` does not reorder the weight on every call
-    (5-15% faster GEMMs at this model's shapes, much more for a 1-2 row modulation GEMV; the result is
-    bitwise the same). The copy is used only while the weight is unchanged (its version counter):
-    a weight changed or replaced later silently goes back to the plain path. The copies live beside the
-    layers (`_PACKED`), not in them: a deep copy of the model (gymnasium's checker, `.float()` copies)
-    gets none. pack=False drops the copies (for benchmarks). Returns the number of layers packed (or
-    unpacked)."""
-    n = 0
-    for m in module.modules():
-        if not pack and isinstance(m, nn.Linear) and _PACKED.pop(m, None) is not None:
-            n += 1
-        elif pack and isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dtype in _ONEDNN_LINEAR:
-            with torch.no_grad():
-                _PACKED[m] = (_weight_key(m), torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), _PACK_ROWS))
-            n += 1
-    return n
-
-
-_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()  # layer -> (its weight's key, packed copy)
-
-
-def _weight_key(layer: nn.Linear) -> tuple[int, int]:
-    """Which weight a packed copy was made from: its storage and version counter."""
-    return layer.weight.data_ptr(), layer.weight._version
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """`layer(x)`, optionally followed by tanh-GELU. On CPU without autograd (inference) this runs
-    through oneDNN's linear with the GELU fused in (with the weight packed by `pack_linears`, if it
-    was): about 2x faster than the BLAS (MKL) path on AMD CPUs with AVX-512 at these small shapes, equal
-    to float rounding (~1e-6). Under torch.compile: F.linear (inductor picks its own GEMM)."""
-    if (x.dtype in _ONEDNN_LINEAR and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        packed = _PACKED.get(layer)
-        w = packed[1] if packed is not None and packed[0] == _weight_key(layer) else layer.weight
-        return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu" if gelu else "none", [],
-                                                  "tanh" if gelu else "")
-    y = F.linear(x, layer.weight, layer.bias)
-    return F.gelu(y, approximate="tanh") if gelu else y
-
-
-# --------------------------------------------------------------------------------------------------
-# Static KV cache: sink frames + a rolling window, an integer frame counter
-# --------------------------------------------------------------------------------------------------
-
-
-class KVCache(nn.Module):
-    """Preallocated keys and values for every layer: `sink_frames + window_frames` frame slots of
-    `tokens_per_frame` tokens. Frame n goes to slot n while n < sinks, then to the window slots in
-    ring order. Each slot has a logical time position (sinks first, then the window oldest to newest,
-    then the new frames), so the model only ever sees positions 0..clip_frames-1 that it was trained
-    on, however long the rollout.
-
-    `k` holds keys without their temporal rotation; `k_rot` the same keys rotated to the slots'
-    current positions, refreshed when frames are committed (once a frame, not once a pass). Shapes
-    and addresses never change; all bookkeeping is tensors (no host sync), so a rollout runs for
-    hours at constant memory and speed and the per-frame work can be captured in a CUDA graph."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32):
-        super().__init__()
-        self.sinks, self.window, self.T = cfg.sink_frames, cfg.window_frames, cfg.tokens_per_frame
-        self.batch_size = batch_size
-        n_slots = cfg.cache_frames
-        shape = (cfg.depth, batch_size, cfg.heads, n_slots * self.T, cfg.head_dim)  # (L, B, H, S*T, D)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("k_rot", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("slot_frame", torch.full((n_slots,), -1, dtype=torch.long, device=device),
-                             persistent=False)  # frame number held by each slot, -1 = empty
-        self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        # with `prev_frame`: the input latent of the last committed frame, the next frame's previous
-        # frame (B, C, h, w); None without
-        self.register_buffer("last", torch.zeros((batch_size, cfg.latent_channels, *cfg.latent_size), device=device,
-                                                 dtype=dtype) if cfg.prev_frame else None, persistent=False)
-
-    @property
-    def n_slots(self) -> int:
-        return self.sinks + self.window
-
-    def reset(self) -> None:
-        for b in self.buffers():
-            b.zero_()
-        self.slot_frame.fill_(-1)
-        self.count.zero_()
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of every buffer (tests compare them bitwise)."""
-        return {name: b.clone() for name, b in self.named_buffers()}
-
-    # -- bookkeeping: pure functions of (slot_frame, count), nothing is written --------------------
-    def slots_for(self, n_frames: int) -> torch.Tensor:
-        """Slots that frames count .. count+n_frames-1 are committed to. (n_frames,)"""
-        frame = self.count + torch.arange(n_frames, device=self.count.device)
-        ring = self.sinks + (frame - self.sinks).remainder(self.window)
-        return torch.where(frame < self.sinks, frame, ring)
-
-    def after_commit(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot_frame, count) once frames count.. are committed to `slots`."""
-        n = slots.shape[0]
-        return (self.slot_frame.index_copy(0, slots, self.count + torch.arange(n, device=slots.device)),
-                self.count + n)
-
-    def key_positions(self, slot_frame: torch.Tensor | None = None, count: torch.Tensor | None = None):
-        """Logical time position of each slot (n_slots,) and which slots hold a frame (n_slots,), for
-        the cache as it is or as (slot_frame, count) describe it."""
-        f = self.slot_frame if slot_frame is None else slot_frame
-        count = self.count if count is None else count
-        first_window = torch.clamp(count - self.window, min=self.sinks)
-        pos = torch.where(f < self.sinks, f, self.sinks + f - first_window)
-        valid = f >= 0
-        return torch.where(valid, pos, torch.zeros_like(pos)), valid
-
-    def query_positions(self, n_frames: int, count: torch.Tensor | None = None) -> torch.Tensor:
-        """Logical time positions of n_frames new frames after the cached ones. (n_frames,)"""
-        count = self.count if count is None else count
-        return torch.clamp(count, max=self.n_slots) + torch.arange(n_frames, device=count.device)
-
-    # -- writing ------------------------------------------------------------------------------------
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-              cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """k (unrotated), v: (B, H, F*T, D) of F new frames, into their slots (F,); then the layer's
-        rotated keys are refreshed for the positions after the commit (cos, sin: (S*T, D/2))."""
-        idx = (slots[:, None] * self.T + torch.arange(self.T, device=slots.device)).flatten()  # (F*T,)
-        self.k[layer].index_copy_(2, idx, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, idx, v.to(self.v.dtype))
-        self.k_rot[layer].copy_(apply_rope(self.k[layer], cos, sin))
-
-    def advance(self, slot_frame: torch.Tensor, count: torch.Tensor) -> None:
-        self.slot_frame.copy_(slot_frame)
-        self.count.copy_(count)
-
-
-# --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _AttnContext:
-    """What attention needs for one forward pass, built once by the model and shared by all blocks.
-    Without a cache: cos, sin rotate the whole clip. With a cache, the new frames are two groups:
-    the first `commit` frames (rotated by commit_cos/sin, attending the cache as it is, then written
-    into it) and the rest (rotated by cos/sin, attending the cache with the committed frames in it)."""
+    """What attention needs for one forward pass, built once by the model and read by all blocks.
+    Without a cache: cos, sin rotate the whole clip. With a cache (`cached`), the new frames are two
+    groups: the first `commit` frames (rotated by commit_cos/sin, attending the cache as it is, then
+    written into it) and the rest (rotated by cos/sin, attending the cache with the committed frames in it)."""
     cos: torch.Tensor  # (L, D/2) rotation of the new (non-committed) tokens
     sin: torch.Tensor
-    backend: str
+    attend: kernels.Backend  # the model's attention backend, resolved
     tokens_per_frame: int
-    cache: KVCache | None = None
+    cached: bool = False
     valid: torch.Tensor | None = None  # (B, S*T) bool: cache slots the non-committed frames see
     commit: int = 0  # frames committed by this pass (the first ones)
     commit_cos: torch.Tensor | None = None  # (commit*T, D/2)
     commit_sin: torch.Tensor | None = None
     commit_valid: torch.Tensor | None = None  # (B, S*T) bool: cache slots the committed frames see
-    commit_slots: torch.Tensor | None = None  # (commit,)
+    commit_index: torch.Tensor | None = None  # (commit*T,) the cache rows the committed frames go to
     key_cos: torch.Tensor | None = None  # (S*T, D/2) rotation of the cache slots after the commit
     key_sin: torch.Tensor | None = None
-    layer: int = field(default=0)
 
 
 class WorldTransformer(nn.Module):
@@ -359,7 +189,7 @@ class WorldTransformer(nn.Module):
         self.patch_embed = nn.Linear(patch_dim * (2 if cfg.prev_frame else 1), cfg.dim)  # [frame, previous frame]
         self.noise_embed = NoiseLevelEmbedding(cfg.dim)
         self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.final = FinalLayer(cfg.dim, patch_dim)
         nt, nr, nc = rope_split(cfg.head_dim)
         self.register_buffer("freq_t", rope_freqs(nt, cfg.rope_theta), persistent=False)
@@ -375,7 +205,50 @@ class WorldTransformer(nn.Module):
         self.register_buffer("rope_cos", cos.view(cfg.clip_frames, cfg.tokens_per_frame, -1), persistent=False)
         self.register_buffer("rope_sin", sin.view(cfg.clip_frames, cfg.tokens_per_frame, -1), persistent=False)
         self.attention = "sdpa"  # backend in kernels/: "torch", "sdpa", "flex" or "triton"
+        self.slots: FrameSlots | None = None  # the KV cache's bookkeeping, from `setup_cache`
         self.initialize_weights()
+
+    # -- attention backend and KV cache ------------------------------------------------------------
+    @property
+    def attention(self) -> str:
+        return self._attend.name
+
+    @attention.setter
+    def attention(self, backend: str) -> None:
+        """Resolve the backend for the device the weights are on, once: ValueError for an unknown name,
+        RuntimeError (one line) if it cannot run there. Set it again after moving the model."""
+        self._attend = kernels.resolve_backend(backend, self.freq_t.device)
+
+    def setup_cache(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Preallocate the KV cache for `batch_size` rollouts on the weights' device (dtype: the
+        weights', unless given): each attention layer's keys and values and the frame bookkeeping. The
+        cache is empty after it; one of the same shape, device and dtype is reused (emptied in place),
+        unless it was made under torch.inference_mode and this call is outside it."""
+        p = self.patch_embed.weight
+        dtype = dtype or p.dtype
+        kv = self.blocks[0].attn.kv_cache
+        if (self.slots is not None and self.slots.batch_size == batch_size and kv.k.device == p.device
+                and kv.k.dtype == dtype and (torch.is_inference_mode_enabled() or not kv.k.is_inference())):
+            self.reset_cache()
+            return
+        self.slots = FrameSlots(self.cfg, batch_size, device=p.device, dtype=dtype)
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(self.cfg, batch_size, device=p.device, dtype=dtype)
+
+    def reset_cache(self) -> None:
+        """Empty the cache (no frame in it), in place."""
+        self.slots.reset()
+        for block in self.blocks:
+            for b in block.attn.kv_cache.buffers():
+                b.zero_()
+
+    def cache_snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the cache: the bookkeeping's buffers and k, k_rot, v stacked over layers (L, B, H,
+        S*T, D) (tests compare them bitwise)."""
+        out = {name: b.clone() for name, b in self.slots.named_buffers()}
+        for name in ("k", "k_rot", "v"):
+            out[name] = torch.stack([getattr(block.attn.kv_cache, name) for block in self.blocks])
+        return out
 
     def initialize_weights(self):
         def _basic(m):
@@ -432,8 +305,7 @@ class WorldTransformer(nn.Module):
             tokens = torch.cat((tokens, self._tokens(prev)), dim=-1)  # (B, F, T, 2c)
         h = linear(tokens, self.patch_embed)  # (B, F, T, C)
         c = self.noise_embed(t) + self.action_embed(actions.to(h.dtype))  # (B, F, C)
-        for i, block in enumerate(self.blocks):
-            ctx.layer = i
+        for block in self.blocks:
             h = block(h, c, ctx)
         return self._untokens(self.final(h, c))
 
@@ -444,14 +316,13 @@ class WorldTransformer(nn.Module):
         Fr = x.shape[1]
         pos = torch.arange(Fr, device=x.device)
         cos, sin = self._rope_at(pos) if Fr <= self.cfg.clip_frames else self._rope(pos)
-        ctx = _AttnContext(cos=cos, sin=sin, backend=self.attention, tokens_per_frame=self.cfg.tokens_per_frame)
+        ctx = _AttnContext(cos=cos, sin=sin, attend=self._attend, tokens_per_frame=self.cfg.tokens_per_frame)
         first_prev = x.new_zeros((x.shape[0], *x.shape[2:])) if self.cfg.prev_frame else None
         return self._run(x, t, actions, ctx, first_prev)
 
-    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, cache: KVCache,
-                       commit: int = 0) -> torch.Tensor:
-        """F new frames after the frames in `cache` (same shapes as `forward`; returns all F
-        velocities). The first `commit` frames attend the cache as it is, block-causally among
+    def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, commit: int = 0) -> torch.Tensor:
+        """F new frames after the frames in the KV cache (`setup_cache`; same shapes as `forward`;
+        returns all F velocities). The first `commit` frames attend the cache as it is, block-causally among
         themselves, and their keys and values are written into it (the counter advances by
         `commit`); the other F - commit frames attend the cache with those frames committed, as a
         separate pass after the commit would. commit <= min(window_frames, max_draft) and
@@ -461,25 +332,29 @@ class WorldTransformer(nn.Module):
         if not 0 <= n <= min(cfg.window_frames, cfg.max_draft) or Fr - n > cfg.max_draft or Fr < 1:
             raise ValueError(f"forward_cached: commit must be within 0..{min(cfg.window_frames, cfg.max_draft)} "
                              f"and F - commit within 0..{cfg.max_draft}, got F={Fr}, commit={n}")
-        if cache.batch_size != B:
-            raise ValueError(f"forward_cached: the cache holds batch size {cache.batch_size}, got {B}")
+        slots = self.slots
+        if slots is None:
+            raise RuntimeError("forward_cached: no KV cache; call setup_cache(batch_size) first")
+        if slots.batch_size != B:
+            raise ValueError(f"forward_cached: the cache holds batch size {slots.batch_size}, got {B}")
         T = cfg.tokens_per_frame
-        ctx = _AttnContext(cos=None, sin=None, backend=self.attention, tokens_per_frame=T, cache=cache, commit=n)
-        slot_frame, count = cache.slot_frame, cache.count
+        ctx = _AttnContext(cos=None, sin=None, attend=self._attend, tokens_per_frame=T, cached=True, commit=n)
+        slot_frame, count = slots.slot_frame, slots.count
         if n:
-            ctx.commit_slots = cache.slots_for(n)
-            ctx.commit_cos, ctx.commit_sin = self._rope_at(cache.query_positions(n))
+            commit_slots = slots.slots_for(n)
+            ctx.commit_index = slots.token_index(commit_slots)
+            ctx.commit_cos, ctx.commit_sin = self._rope_at(slots.query_positions(n))
             ctx.commit_valid = (slot_frame >= 0).repeat_interleave(T)[None].expand(B, -1)
-            slot_frame, count = cache.after_commit(ctx.commit_slots)
-            ctx.key_cos, ctx.key_sin = self._rope_at(cache.key_positions(slot_frame, count)[0])
+            slot_frame, count = slots.after_commit(commit_slots)
+            ctx.key_cos, ctx.key_sin = self._rope_at(slots.key_positions(slot_frame, count)[0])
         if Fr > n:
-            ctx.cos, ctx.sin = self._rope_at(cache.query_positions(Fr - n, count))
+            ctx.cos, ctx.sin = self._rope_at(slots.query_positions(Fr - n, count))
             ctx.valid = (slot_frame >= 0).repeat_interleave(T)[None].expand(B, -1)
-        out = self._run(x, t, actions, ctx, cache.last if cfg.prev_frame else None)
+        out = self._run(x, t, actions, ctx, slots.last if cfg.prev_frame else None)
         if n:
-            cache.advance(slot_frame, count)
+            slots.advance(slot_frame, count)
             if cfg.prev_frame:
-                cache.last.copy_(x[:, n - 1])
+                slots.last.copy_(x[:, n - 1])
         return out
 
 
@@ -506,10 +381,10 @@ def modulate(x, shift, scale):
 class Block(nn.Module):
     """DiT block with adaLN-Zero; x: (B, F, T, C), c: (B, F, C) one conditioning vector a frame."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, index)
         self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
@@ -533,45 +408,51 @@ class RMSNorm(nn.RMSNorm):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Layer `index` of the model's attention; at inference it owns its keys and values (`kv_cache`,
+    a KVCache from WorldTransformer.setup_cache; None before)."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
+        self.index = index
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.q_norm = RMSNorm(cfg.head_dim, eps=1e-6)
         self.k_norm = RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.kv_cache: KVCache | None = None
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}"
 
     def forward(self, x: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
         B, Fr, T, C = x.shape
         qkv = linear(x, self.qkv).view(B, Fr * T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]  # (B, H, F*T, D)
-        if ctx.cache is None:
-            out = kernels.block_causal_attention(apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin),
-                                                 v, ctx.tokens_per_frame, backend=ctx.backend)
+        if not ctx.cached:
+            out = ctx.attend.block_causal(apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin), v,
+                                          ctx.tokens_per_frame)
         else:
-            out = cached_attention(q, k, v, ctx)
+            out = self.cached_attention(q, k, v, ctx)
         out = out.transpose(1, 2).reshape(B, Fr, T, C)
         return linear(out, self.proj)
 
-
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
-    """New frames' queries, keys (unrotated) and values (B, H, F*T, D) against the KV cache. The first
-    ctx.commit frames see the cache as it is and are then written into it; the rest see the cache
-    with them in it (sinks and window at their post-commit positions), as a separate pass would."""
-    cache, layer, T = ctx.cache, ctx.layer, ctx.tokens_per_frame
-    n = ctx.commit * T
-    outs = []
-    if n:
-        qa, ka = apply_rope(q[:, :, :n], ctx.commit_cos, ctx.commit_sin), apply_rope(k[:, :, :n], ctx.commit_cos,
-                                                                                    ctx.commit_sin)
-        outs.append(kernels.cached_attention(qa, ka, v[:, :, :n], cache.k_rot[layer], cache.v[layer],
-                                             ctx.commit_valid, T, backend=ctx.backend))
-        cache.write(layer, k[:, :, :n], v[:, :, :n], ctx.commit_slots, ctx.key_cos, ctx.key_sin)
-    if q.shape[2] > n:
-        qb, kb = apply_rope(q[:, :, n:], ctx.cos, ctx.sin), apply_rope(k[:, :, n:], ctx.cos, ctx.sin)
-        outs.append(kernels.cached_attention(qb, kb, v[:, :, n:], cache.k_rot[layer], cache.v[layer],
-                                             ctx.valid, T, backend=ctx.backend))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    def cached_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _AttnContext) -> torch.Tensor:
+        """New frames' queries, keys (unrotated) and values (B, H, F*T, D) against this layer's KV cache.
+        The first ctx.commit frames see the cache as it is and are then written into it; the rest see
+        the cache with them in it (sinks and window at their post-commit positions), as a separate pass
+        would."""
+        cache, T = self.kv_cache, ctx.tokens_per_frame
+        n = ctx.commit * T
+        outs = []
+        if n:
+            qa, ka = apply_rope(q[:, :, :n], ctx.commit_cos, ctx.commit_sin), apply_rope(k[:, :, :n], ctx.commit_cos,
+                                                                                        ctx.commit_sin)
+            outs.append(ctx.attend.cached(qa, ka, v[:, :, :n], cache.k_rot, cache.v, ctx.commit_valid, T))
+            cache.write(k[:, :, :n], v[:, :, :n], ctx.commit_index, ctx.key_cos, ctx.key_sin)
+        if q.shape[2] > n:
+            qb, kb = apply_rope(q[:, :, n:], ctx.cos, ctx.sin), apply_rope(k[:, :, n:], ctx.cos, ctx.sin)
+            outs.append(ctx.attend.cached(qb, kb, v[:, :, n:], cache.k_rot, cache.v, ctx.valid, T))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class FinalLayer(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from worldmodel.model.diffusion import add_noise, predict_x0, timesteps, velocity_target
-from worldmodel.model.transformer import KVCache, ModelConfig, WorldTransformer
+from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
 DMD_T_MIN, DMD_T_MAX = 0.02, 0.98  # noise levels DMD scores the student's samples at (DMD2's range)
 
@@ -51,15 +51,14 @@ def velocity(model: WorldTransformer, clip: Clip, x: torch.Tensor, t: torch.Tens
 
 
 def commit_context(model: WorldTransformer, cfg: ModelConfig, ctx: torch.Tensor, t_ctx: torch.Tensor,
-                   a_ctx: torch.Tensor) -> KVCache:
-    """A KV cache holding (already noised) context frames (B, K, C, h, w), K <= sink + window."""
+                   a_ctx: torch.Tensor) -> None:
+    """A new KV cache of the model's holding (already noised) context frames (B, K, C, h, w), K <= sink + window."""
     B, K = ctx.shape[:2]
-    cache = KVCache(cfg, B, device=ctx.device, dtype=ctx.dtype)
+    model.setup_cache(B, dtype=ctx.dtype)
     chunk = min(cfg.window_frames, cfg.max_draft)
     for i in range(0, K, chunk):
-        model.forward_cached(ctx[:, i:i + chunk], t_ctx[:, i:i + chunk], a_ctx[:, i:i + chunk], cache,
+        model.forward_cached(ctx[:, i:i + chunk], t_ctx[:, i:i + chunk], a_ctx[:, i:i + chunk],
                              commit=ctx[:, i:i + chunk].shape[1])
-    return cache
 
 
 @torch.inference_mode()
@@ -67,12 +66,12 @@ def teacher_targets(teacher: WorldTransformer, cfg: ModelConfig, ctx, t_ctx, a_c
                     substeps: int) -> torch.Tensor:
     """The teacher's secant velocity over [t_a, t_b] (per sample, (B,)) from x_a (B, 1, C, h, w):
     `substeps` Euler steps of its flow with the context in a KV cache."""
-    cache = commit_context(teacher, cfg, ctx, t_ctx, a_ctx)
+    commit_context(teacher, cfg, ctx, t_ctx, a_ctx)
     x = x_a
     for j in range(substeps):
         s0 = t_a + (t_b - t_a) * (j / substeps)
         s1 = t_a + (t_b - t_a) * ((j + 1) / substeps)
-        v = teacher.forward_cached(x, s0[:, None], a_tgt, cache, commit=0)
+        v = teacher.forward_cached(x, s0[:, None], a_tgt, commit=0)
         x = x + (s1 - s0).view(-1, 1, 1, 1, 1).to(x.dtype) * v
     return ((x - x_a) / (t_b - t_a).view(-1, 1, 1, 1, 1).to(x.dtype)).clone()
 
@@ -112,9 +111,9 @@ def student_sample(student: WorldTransformer, cfg: ModelConfig, clip: Clip, step
     B = x.shape[0]
     if steps > 1:
         with torch.no_grad():
-            cache = commit_context(student, cfg, clip.ctx, clip.t_ctx, clip.actions[:, :-1])
+            commit_context(student, cfg, clip.ctx, clip.t_ctx, clip.actions[:, :-1])
             for i in range(steps - 1):
-                v = student.forward_cached(x, x.new_full((B, 1), ts[i]), clip.actions[:, -1:], cache, commit=0)
+                v = student.forward_cached(x, x.new_full((B, 1), ts[i]), clip.actions[:, -1:], commit=0)
                 x = x + (ts[i + 1] - ts[i]) * v
     t = x.new_full((B,), ts[-2])
     return x - ts[-2] * velocity(student, clip, x, t)  # the last step lands on t = 0

@@ -1,0 +1,25 @@
+"""Rotary positions over (time, row, column) for the world model's transformer
+(worldmodel/model/transformer.py) and its KV cache (worldmodel/model/kv_cache.py)."""
+from __future__ import annotations
+
+import torch
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Rotation pairs given to time, rows and columns (a quarter to time, the rest shared)."""
+    pairs = head_dim // 2
+    t = max(1, pairs // 4)
+    r = (pairs - t) // 2
+    return t, r, pairs - t - r
+
+
+def rope_freqs(n: int, theta: float) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(n, dtype=torch.float32) / max(n, 1))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); cos, sin: (L, D/2). Rotates pairs (i, i + D/2)."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
