@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import kernels  # noqa: E402
+from worldmodel import kernels  # noqa: E402
 from worldmodel.files import atomic_write_json  # noqa: E402
 
 # T = tokens per frame, H heads, D head dim, cache = sink + window frame slots, clip = training clip frames

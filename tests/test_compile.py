@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from worldmodel.inference.sampler import FrameSampler
+from worldmodel.model.sampler import FrameSampler
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
 CFG = ModelConfig(frame_size=(16, 16), latent_channels=4, ae_channels=(8, 8, 8, 8), ae_res_blocks=(0, 0, 0, 0),

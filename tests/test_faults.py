@@ -174,10 +174,10 @@ def bad_places(tmp_path, read_only_dir):
 
 @pytest.mark.parametrize("place", ["folder", "under a file", "read-only"])
 def test_play_report_is_checked_before_the_session(tmp_path, ckpt, capsys, monkeypatch, read_only_dir, place):
-    import play.app as app
+    from worldmodel.play import command
 
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
-    monkeypatch.setattr(app, "build_game", lambda args: pytest.fail("the session started"))
+    monkeypatch.setattr(command, "build_game", lambda args: pytest.fail("the session started"))
     report = bad_places(tmp_path, read_only_dir)[place]
     script = tmp_path / "s.jsonl"
     script.write_text('{"move": 1}\n')

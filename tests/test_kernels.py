@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # must precede the first import of the triton
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
+from worldmodel import kernels  # noqa: E402
 from worldmodel.kernels import (BACKENDS, available_backends, block_causal_attention, cached_attention,  # noqa: E402
                      check_backend)
 from worldmodel.kernels.reference import (reference_block_causal_attention, reference_cached_attention)  # noqa: E402

@@ -1,4 +1,4 @@
-"""The sampler (worldmodel/inference/sampler.py) and the engine's speculation (WorldModel.step_latent)
+"""The sampler (worldmodel/model/sampler.py) and the engine's speculation (WorldModel.step_latent)
 alone, against a stand-in transformer: a tiny deterministic fake with the transformer's cached-forward
 interface (setup_cache, reset_cache, forward_cached) that logs every pass and keeps the frames committed
 to its "cache" as a list. So these tests check the steps, commits and rollbacks, not the network (as
@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from worldmodel.game.action import Action
 from worldmodel.inference.engine import WorldModel
-from worldmodel.inference.sampler import FrameSampler
+from worldmodel.model.sampler import FrameSampler
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.diffusion import timesteps
 from worldmodel.model.transformer import ModelConfig

@@ -14,7 +14,7 @@ COMMANDS = {
     "data": ("worldmodel.data.tools", "dataset tools (`data verify DIR`)"),
     "train": ("worldmodel.training.train_cli", "train the autoencoder or the diffusion transformer"),
     "distill": ("worldmodel.training.distill_cli", "distil a trained model to 1-4 sampling steps"),
-    "play": ("worldmodel.play.app", "play inside the dream in a window"),
+    "play": ("worldmodel.play.command", "play inside the dream in a window"),
     "record": ("worldmodel.evaluation.record", "record rollouts headless from an action script or a policy"),
     "bench": ("worldmodel.evaluation.bench", "benchmark the engine's frames/s and latency"),
     "eval": ("worldmodel.evaluation.evaluate", "compare generated frames against the real game"),

@@ -1,1 +1,1 @@
-"""The engine: the sampler, WorldModel (the per-frame loop), the frame pipeline, the gym env, model loading."""
+"""The engine: its settings, WorldModel (the per-frame loop), the frame pipeline, the gym env, model loading."""

@@ -55,7 +55,7 @@ from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from worldmodel.model.linear import pack_linears
 from worldmodel.model.transformer import ModelConfig, WorldTransformer, preset
-from worldmodel.inference.sampler import FrameSampler
+from worldmodel.model.sampler import FrameSampler
 from worldmodel.inference.settings import AUTO, DEFAULT_TOLERANCE, SETTINGS, EngineSettings
 
 

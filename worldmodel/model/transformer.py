@@ -27,7 +27,7 @@ The KV cache belongs to the model, as in gpt-fast: `setup_cache(batch_size)` giv
 layer its own keys and values (`Attention.kv_cache`, a `KVCache`) and the model the frame bookkeeping
 they share (`self.slots`, `FrameSlots`: which frame each slot holds, the frame counter). Both are
 preallocated once and only written in place, so `torch.compile(model.forward_cached)` sees one module
-with static buffers (worldmodel/inference/sampler.py compiles it that way).
+with static buffers (worldmodel/model/sampler.py compiles it that way).
 
 On CPU without autograd the linear layers run through oneDNN (`linear`, linear.py), about twice as fast
 as the default BLAS path on the AMD CPUs this was tuned on; training (with autograd) uses F.linear.
@@ -75,7 +75,7 @@ class ModelConfig:
     window_frames: int = 7  # most recent clean frames
     max_draft: int = 8  # most frames generated in one pass (speculative sampling)
     context_noise: float = 0.05  # noise level of committed context frames (GameNGen augmentation)
-    # sampling defaults (runtime settings; see worldmodel/inference/sampler.py)
+    # sampling defaults (runtime settings; see worldmodel/model/sampler.py)
     sample_steps: int = 4
     sample_shift: float = 1.0
 

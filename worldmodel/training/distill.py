@@ -51,7 +51,7 @@ import math
 import torch
 import torch.nn as nn
 
-from worldmodel.inference.sampler import FrameSampler
+from worldmodel.model.sampler import FrameSampler
 from worldmodel.metrics import psnr_frames
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.transformer import ModelConfig, WorldTransformer

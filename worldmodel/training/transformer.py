@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from worldmodel.errors import UserError
 from worldmodel.files import atomic_write_json
-from worldmodel.inference.sampler import FrameSampler
+from worldmodel.model.sampler import FrameSampler
 from worldmodel.metrics import psnr_frames, psnr_pooled
 from worldmodel.model import diffusion
 from worldmodel.model.autoencoder import Autoencoder
