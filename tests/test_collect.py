@@ -120,8 +120,7 @@ def test_killed_collection_completes_exactly(reference, tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     collect(CollectConfig(**cfg), uninterrupted, workers=0, progress=False)
     root = tmp_path / "killed"
-    # `python -m worldmodel.data.collect` is `worldmodel collect` without the other subcommands' imports
-    argv = [sys.executable, "-m", "worldmodel.data.collect", "--frames", "600", "--out", str(root),
+    argv = [sys.executable, "-m", "worldmodel", "collect", "--frames", "600", "--out", str(root),
             "--maps", "MAP01,MAP02", "--seed", "3", "--frame-size", "24x32", "--episode-frames", "200",
             "--shard-frames", "50", "--warmup-frames", "30", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -155,7 +154,7 @@ def test_a_game_that_cannot_start_in_the_workers_is_one_clear_error(tmp_path):
     (fake / "__init__.py").write_text("raise FileNotFoundError(2, 'No such file or directory', '/gone/scenarios')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "site"),
                                                                      os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "worldmodel.data.collect", "--frames", "3200", "--out", str(tmp_path / "d"),
+    argv = [sys.executable, "-m", "worldmodel", "collect", "--frames", "3200", "--out", str(tmp_path / "d"),
             "--maps", "MAP01,MAP02", "--frame-size", "24x32", "--episode-frames", "100", "--workers", "16",
             "--no-progress"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)  # a hang fails here

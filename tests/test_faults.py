@@ -280,7 +280,7 @@ def test_killing_collect_leaves_its_workers_quiet(tmp_path):
     # kill -9 of the main process alone: its workers used to play their episode to the end, then print
     # screens of BrokenPipe tracebacks sending it to the dead process
     root = tmp_path / "d"
-    argv = [sys.executable, "-m", "worldmodel.data.collect", "--frames", "2000", "--out", str(root), "--maps",
+    argv = [sys.executable, "-m", "worldmodel", "collect", "--frames", "2000", "--out", str(root), "--maps",
             "MAP01,MAP02", "--frame-size", "24x32", "--episode-frames", "500", "--shard-frames", "25",
             "--warmup-frames", "0", "--workers", "2", "--no-progress"]
     err = tmp_path / "stderr.txt"
