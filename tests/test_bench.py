@@ -11,7 +11,6 @@ from worldmodel.evaluation.timing import percentiles, rollout_bins
 from worldmodel.evaluation.traces import trace_summary
 from worldmodel.game.action import Action
 from worldmodel.cli import main
-from helpers import make_checkpoint
 
 
 
@@ -21,7 +20,7 @@ RESULT_FIELDS = ("rounds", "fps_rounds", "fps", "latency_ms", "warmup_s", "reset
                  "engine_stats", "latency_ms_per_frame", "frames", "warmup_frames", "speedup", "by_rollout_length")
 
 
-def test_bench_json_has_every_field(tmp_path, capsys, monkeypatch):
+def test_bench_json_has_every_field(tmp_path, capsys, monkeypatch, make_checkpoint):
     monkeypatch.setattr("worldmodel.device.cpu_cores", lambda: 2)  # the engine's choice for a 2-core machine
     ckpt = make_checkpoint(tmp_path / "small")
     out = tmp_path / "b" / "bench_small_cpu.json"
@@ -103,7 +102,7 @@ def test_trace_summary():
     assert s["mean_run_length"] == pytest.approx(2.5) and s["turning_fraction"] == pytest.approx(0.4)
 
 
-def test_speed_benchmark_runs_the_ladder_old_to_new_in_one_run(tmp_path, capsys, monkeypatch):
+def test_speed_benchmark_runs_the_ladder_old_to_new_in_one_run(tmp_path, capsys, monkeypatch, make_checkpoint):
     """benchmarks/bench_speed.py (issue 15's one-command benchmark): every row of the old -> new ladder
     measured, ratios to the old arrangement, the profile, and the Markdown tables for the README."""
     import importlib.util

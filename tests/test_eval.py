@@ -12,7 +12,6 @@ import pytest
 from worldmodel.evaluation import eval_report, evaluate, rollouts
 from worldmodel.cli import main
 from worldmodel.game.level import EVAL_STARTS
-from helpers import make_checkpoint
 from worldmodel.metrics import (flow_cosine, frame_motion, frame_stats, mean_psnr, motion, optical_flow, psnr,
                                 ssim)
 
@@ -154,7 +153,7 @@ def test_real_game_probes_move_the_right_way():
 # -- the command -----------------------------------------------------------------------------------
 
 
-def test_eval_end_to_end(tmp_path, capsys):
+def test_eval_end_to_end(tmp_path, capsys, make_checkpoint):
     ckpt = make_checkpoint(tmp_path / "small")
     out = tmp_path / "ev"
     rc = main(["eval", "--checkpoint", ckpt, "--device", "cpu", "--maps", "MAP21,MAP22", "--episodes", "1",
@@ -264,7 +263,7 @@ def plots_written(r: dict, out, expected: set) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_level_eval_end_to_end_with_two_models(tmp_path, capsys):
+def test_level_eval_end_to_end_with_two_models(tmp_path, capsys, make_checkpoint):
     """A level model's checkpoint (its config names its level): eval defaults to the level's held-out
     episodes; a second model is scored on the same episodes; generalisation maps come as their own
     section; strafe probes, sharpness and stability are reported for both, every number finite."""
@@ -318,7 +317,7 @@ def test_level_eval_end_to_end_with_two_models(tmp_path, capsys):
                            "generalisation_controllability.png"})
 
 
-def test_models_in_one_run_share_the_real_frames(tmp_path, monkeypatch):
+def test_models_in_one_run_share_the_real_frames(tmp_path, monkeypatch, make_checkpoint):
     """The real game is played once per episode, however many models are scored: two models step it
     exactly as often as one, and see bitwise the same real frames (the same hash, the same baseline),
     and the first model's numbers do not change when a second joins."""
@@ -370,7 +369,7 @@ def test_eval_level_flags_refused(tmp_path, capsys, flags, message):
     assert not (tmp_path / "ev").exists()
 
 
-def test_generalisation_needs_a_level_model(tmp_path, capsys):
+def test_generalisation_needs_a_level_model(tmp_path, capsys, make_checkpoint):
     """Without --level, a checkpoint that is not a level model is evaluated on validation maps, where
     a generalisation section makes no sense."""
     ckpt = make_checkpoint(tmp_path / "plain")

@@ -21,15 +21,10 @@ import pytest
 from worldmodel.game import action as A
 from worldmodel.game.action import Action
 from worldmodel.cli import main
-from helpers import engines_of, make_checkpoint
+from helpers import engines_of
 from test_train import TINY_SET, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "small")
 
 
 @pytest.fixture(scope="module")

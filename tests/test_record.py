@@ -12,15 +12,10 @@ import pytest
 from worldmodel.inference import loading as cli_common
 from worldmodel.game.action import Action, load_actions, save_actions
 from worldmodel.cli import main
-from helpers import engines_of, make_checkpoint
+from helpers import engines_of
 from worldmodel.data.recording import load_recording, paths, read_video
 
 
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "small")
 
 
 
