@@ -53,7 +53,8 @@ from worldmodel.model.rope import apply_rope, rope_freqs, rope_split
 # --------------------------------------------------------------------------------------------------
 
 
-LEGACY_SAMPLING_FIELDS = ("sample_steps", "sample_shift")  # sampling defaults in configs written before SamplingDefaults
+# the sampling defaults as configs written before `SamplingDefaults` (worldmodel/model/sampler.py) hold them
+LEGACY_SAMPLING_FIELDS = ("sample_steps", "sample_shift")
 
 
 @dataclass

@@ -174,11 +174,12 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
                     log=None) -> tuple[WorldTransformer, dict[str, list[float]]]:
     """Train a `steps`-step student (a copy of the teacher) with `objective` (see `Distillation`) on
     `clips` (clips.LatentClips: `.batch(step, batch, lo, hi, seed)` -> latents (B, F, C, h, w), actions
-    (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift); `amp`: bf16 autocast. Every objective sees the same batches and noise for the same
-    seed. Returns the EMA student and the loss curves (by name, one value per iteration)."""
+    (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift); `amp`: bf16 autocast.
+    Every objective sees the same batches and noise for the same seed. Returns the EMA student and the
+    loss curves (by name, one value per iteration)."""
     device = next(teacher.parameters()).device
-    d = Distillation(teacher, cfg, steps, objective, shift=shift, teacher_steps=teacher_steps, lr=lr, critic_lr=critic_lr,
-                     adv_weight=adv_weight, dmd_weight=dmd_weight, grad_clip=grad_clip)
+    d = Distillation(teacher, cfg, steps, objective, shift=shift, teacher_steps=teacher_steps, lr=lr,
+                     critic_lr=critic_lr, adv_weight=adv_weight, dmd_weight=dmd_weight, grad_clip=grad_clip)
     curves: dict[str, list[float]] = {}
     warmup = max(1, iters // 10)
     bar = None

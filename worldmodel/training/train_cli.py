@@ -46,7 +46,8 @@ def _add_common(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, nfd-310m)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a model config field, or the sampling defaults sample_steps / sample_shift (repeatable)")
+                   help="override a model config field, or the sampling defaults sample_steps / sample_shift "
+                        "(repeatable)")
     p.add_argument("--maps", default=None, help="training maps to use, e.g. MAP01-MAP05 (default: all in the data)")
     p.add_argument("--max-frames", type=int, default=None,
                    help="use about this many training frames, spread over the dataset (reading, or for the model "

@@ -67,8 +67,8 @@ def self_forced_clip(model: WorldTransformer, cfg: ModelConfig, x0: torch.Tensor
     """Self Forcing's context, the training path being the inference path: from the first `real` frames
     of real clips x0 (B, F, C, h, w) (their actions (B, F, A)), the model rolls out the next k frames
     with the engine's own sampler (`FrameSampler`: the KV cache, the fused commit, counter-based noise
-    seeded by `seed`, `steps` Euler steps of the schedule of `shift`), fed the real actions. Returns x0 with frames real..real+k-1
-    replaced by the model's own (no gradient flows into them)."""
+    seeded by `seed`, `steps` Euler steps of the schedule of `shift`), fed the real actions. Returns x0
+    with frames real..real+k-1 replaced by the model's own (no gradient flows into them)."""
     was_training = model.training
     model.eval()
     sampler = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=x0.shape[0])
