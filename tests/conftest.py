@@ -6,7 +6,8 @@ import torch
 # a shrunken architecture: every part of the real one (autoencoder, sink + window cache, drafts),
 # small enough that a frame takes milliseconds on one CPU thread
 SMALL = dict(dim=64, depth=2, heads=2, ae_channels=(8, 16, 32, 64), ae_res_blocks=(0, 0, 0, 0), window_frames=3,
-             max_draft=4, sample_steps=2)
+             max_draft=4)
+SMALL_STEPS = 2  # the sampling steps its checkpoints say
 
 
 def small_config(**overrides):
@@ -20,11 +21,13 @@ def save_small_checkpoint(folder, seed: int = 0, info: dict | None = None) -> st
     config; returns the folder."""
     from worldmodel.inference.engine import WorldModel
     from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.model.sampler import SamplingDefaults
     from worldmodel.model.transformer import WorldTransformer
 
     cfg = small_config()
     torch.manual_seed(seed)
-    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu").save_pretrained(folder, info)
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), WorldTransformer(cfg), device="cpu",
+               sampling=SamplingDefaults(steps=SMALL_STEPS)).save_pretrained(folder, info)
     return str(folder)
 
 

@@ -9,8 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from worldmodel.model import checkpoint
 from worldmodel.model.autoencoder import Autoencoder
-from worldmodel.model.checkpoint import CheckpointError, load_pretrained, push_to_hub, save_pretrained
-from worldmodel.model.transformer import WorldTransformer
+from worldmodel.model.checkpoint import (CheckpointError, load_pretrained, push_to_hub, read_config,
+                                         sampling_defaults, save_pretrained)
+from worldmodel.model.sampler import SamplingDefaults
+from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
 from test_model import _randomize, tiny_config
 
@@ -65,6 +67,62 @@ def test_world_model_from_preset_save_and_load(tmp_path):
     assert wm2.cfg == wm.cfg and wm2.info == {"note": "random"}
     _same_state(wm.transformer, wm2.transformer)
     _same_state(wm.autoencoder, wm2.autoencoder)
+
+
+# -- sampling defaults: config.json's "sampling", not the architecture ------------------------------------------
+
+
+def test_model_config_has_no_sampling_fields_and_drops_the_old_keys():
+    names = {f.name for f in ModelConfig.__dataclass_fields__.values()}
+    assert not {n for n in names if n.startswith("sample")}
+    with pytest.raises(TypeError):
+        ModelConfig(sample_steps=2)
+    old = {**tiny_config().to_dict(), "sample_steps": 2, "sample_shift": 1.0}  # a config.json written before
+    assert ModelConfig.from_dict(old) == tiny_config()
+
+
+def test_a_new_checkpoint_round_trips_its_sampling_defaults(tmp_path, parts):
+    from worldmodel.inference.engine import WorldModel
+    cfg, ae, dit = parts
+    folder = save_pretrained(tmp_path / "ckpt", cfg, ae, dit, sampling=SamplingDefaults(steps=2, shift=1.5))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["sampling"] == {"steps": 2, "shift": 1.5} and "sample_steps" not in config["model"]
+    wm = WorldModel.from_pretrained(folder, device="cpu")
+    assert wm.sampling == SamplingDefaults(steps=2, shift=1.5) and wm.steps == 2 and wm.sampler.shift == 1.5
+    assert WorldModel.from_pretrained(folder, device="cpu", steps=3).steps == 3  # the settings' steps come first
+    wm.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["sampling"] == config["sampling"]
+    plain = save_pretrained(tmp_path / "plain", cfg, ae, dit)  # no sampling given: the defaults, written out
+    assert json.loads((plain / "config.json").read_text())["sampling"] == {"steps": 4, "shift": 1.0}
+
+
+def test_an_old_format_checkpoint_loads_with_its_sampling_steps(tmp_path, ckpt):
+    """A config.json written before the "sampling" section (every shipped checkpoint, run exports and
+    students made before) keeps its steps and shift in `model.sample_steps` / `model.sample_shift`."""
+    from worldmodel.inference.engine import WorldModel
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["sampling"]
+    config["model"].update(sample_steps=3, sample_shift=2.0)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    cfg, _, _, loaded, _ = load_pretrained(ckpt)
+    assert cfg == tiny_config() and sampling_defaults(loaded) == SamplingDefaults(steps=3, shift=2.0)
+    wm = WorldModel.from_pretrained(ckpt, device="cpu")
+    assert wm.steps == 3 and wm.sampler.steps == 3 and wm.sampler.shift == 2.0
+    del config["model"]["sample_steps"], config["model"]["sample_shift"]  # older still: the defaults then
+    assert sampling_defaults(config) == SamplingDefaults()
+    root = Path(__file__).resolve().parents[1]
+    for name in ("doom-tiny", "doom-map01"):  # the shipped checkpoints: 2-step students, read as before
+        assert sampling_defaults(read_config(root / "checkpoints" / name)) == SamplingDefaults(steps=2, shift=1.0)
+
+
+@pytest.mark.parametrize("sampling", [{"steps": 0, "shift": 1.0}, {"steps": 2, "shift": -1}, {"steps": 2.5},
+                                      {"steps": 2, "speed": 1}, [2, 1.0]])
+def test_bad_sampling_defaults_are_one_line_naming_the_file(ckpt, sampling):
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "sampling": sampling}))
+    with pytest.raises(CheckpointError, match="config.json: bad sampling defaults") as e:
+        load_pretrained(ckpt)
+    assert len(str(e.value).splitlines()) == 1
 
 
 def _fake_hub_cache(cache: Path, repo_id: str, src: Path, revision: str = "main") -> Path:

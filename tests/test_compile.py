@@ -24,7 +24,7 @@ def _no_compiler() -> str | None:
 
 
 def rollout(model: WorldTransformer, options: dict | None, n: int = 5) -> torch.Tensor:
-    s = FrameSampler(model, CFG, steps=1, seed=3)
+    s = FrameSampler(model, CFG, steps=1, shift=1.0, seed=3)
     g = torch.Generator().manual_seed(0)
     C, (h, w) = CFG.latent_channels, CFG.latent_size
     s.reset(torch.randn(1, 2, C, h, w, generator=g), torch.zeros(1, 2, CFG.action_dim))

@@ -48,8 +48,8 @@ def same(a: dict, b: dict) -> bool:
 def test_each_update_moves_only_its_own_model(objective):
     """The student's step leaves the teacher and the critic (the adversarial critic with its spectral-norm
     state, or DMD's fake score) bit-identical; the critic's step leaves the student and the teacher."""
-    cfg = tiny_config(prev_frame=True, sample_steps=2)
-    d = Distillation(active_teacher(cfg), cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
+    cfg = tiny_config(prev_frame=True)
+    d = Distillation(active_teacher(cfg), cfg, 2, objective, shift=1.0, lr=1e-3, critic_lr=1e-3)
     x0, a = batch(cfg)
     g = torch.Generator().manual_seed(1)
     clip = Clip.of(cfg, x0, a, g)
@@ -75,13 +75,13 @@ def test_the_critics_say_reaches_the_student_through_its_sample(objective):
     """The adversarial / DMD term moves the student (its gradient flows back through the student's sample):
     the same step on the same batch and noise lands elsewhere with the term than with its weight at 0.
     DMD's fake score starts as the teacher (no signal yet), so it is moved off it first, alike in both."""
-    cfg = tiny_config(prev_frame=True, sample_steps=2)
+    cfg = tiny_config(prev_frame=True)
     teacher = active_teacher(cfg)
     x0, a = batch(cfg)
     after = []
     for weight in (0.0, 1.0):
         torch.manual_seed(2)  # the same critic in both
-        d = Distillation(teacher, cfg, 2, objective, lr=1e-3, critic_lr=1e-3)
+        d = Distillation(teacher, cfg, 2, objective, shift=1.0, lr=1e-3, critic_lr=1e-3)
         if objective == "dmd":
             with torch.no_grad():
                 for p in d.critic.parameters():
@@ -99,7 +99,7 @@ def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     targets and the engine use (the context committed into the KV cache, which with `prev_frame` also
     carries the last context frame as the target's previous frame): the same velocity, and the same
     2-step sample as two cached Euler steps from the same noise."""
-    cfg = tiny_config(prev_frame=prev_frame, sample_steps=2)
+    cfg = tiny_config(prev_frame=prev_frame)
     model = active_teacher(cfg, seed=3)
     x0, a = batch(cfg, seed=4)
     clip = Clip.of(cfg, x0, a, torch.Generator().manual_seed(5))
@@ -111,10 +111,10 @@ def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     assert v.abs().mean() > 0.05
     torch.testing.assert_close(v, secant, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        sample = student_sample(model, cfg, clip, 2, torch.Generator().manual_seed(7))
+        sample = student_sample(model, cfg, clip, schedule(2, 1.0), torch.Generator().manual_seed(7))
         z = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(7))
         commit_context(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1])
-        ts = schedule(cfg, 2).tolist()
+        ts = schedule(2, 1.0).tolist()
         for i in range(2):
             z = z + (ts[i + 1] - ts[i]) * model.forward_cached(z, torch.full((3, 1), ts[i]), a[:, -1:])
     torch.testing.assert_close(sample, z, atol=1e-5, rtol=1e-4)
@@ -160,10 +160,12 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
     from worldmodel.model.autoencoder import Autoencoder
     from worldmodel.cli import main
     from worldmodel.inference.engine import WorldModel
+    from worldmodel.model.sampler import SamplingDefaults
 
-    cfg = tiny_config(prev_frame=True, sample_steps=2)
+    cfg = tiny_config(prev_frame=True)
     torch.manual_seed(0)
-    WorldModel(cfg, Autoencoder(cfg.autoencoder), active_teacher(cfg), device="cpu").save_pretrained(tmp_path / "t")
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), active_teacher(cfg), device="cpu",
+               sampling=SamplingDefaults(steps=2)).save_pretrained(tmp_path / "t")
     data = make_dataset(tmp_path / "data", frames=40)
     out = tmp_path / "out"
     rc = main(["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--out", str(out),
@@ -183,7 +185,7 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
         assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
         assert all(math.isfinite(entry["eval"][k]) for k in ("psnr_1", "psnr_rollout", "sharpness_ratio"))
         wm = WorldModel.from_pretrained(out / objective, device="cpu")
-        assert wm.cfg.sample_steps == 1 and wm.steps == 1  # the student's steps, not the teacher's 2
+        assert wm.sampling == SamplingDefaults(steps=1) and wm.steps == 1  # the student's steps, not the teacher's 2
         assert wm.info["distill"]["objective"] == objective and wm.info["distill"]["losses"] == entry["losses"]
         assert wm.cfg.prev_frame
         frames = np.zeros((cfg.cache_frames, 32, 32, 3), np.uint8)

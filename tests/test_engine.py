@@ -356,7 +356,7 @@ def test_distillation_brings_a_one_step_student_to_the_teachers_many_step_result
             x = z - model.forward_cached(z, torch.ones(n, 1), a[:, -1:])
         return (x - ref).pow(2).mean().item()
 
-    student, curves = distill_student(teacher, cfg, Clips(), 1, teacher_steps=16, iters=60, batch=8, lr=1e-3,
+    student, curves = distill_student(teacher, cfg, Clips(), 1, shift=1.0, teacher_steps=16, iters=60, batch=8, lr=1e-3,
                                       ema=0.9, progress=False)
     losses = curves["regression"]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])

@@ -3,7 +3,6 @@ runs every stage of `scripts/train_level.sh` (collect the level and its held-out
 fine-tune, the transformer from the shipped weights with the previous frame as input, distillation,
 start clips) on the CPU and leaves what the device tool would bring back: a checkpoint that loads,
 knows its level, and plays."""
-import json
 import os
 import subprocess
 import sys
@@ -33,8 +32,9 @@ def test_gpu_level_recipe_runs_end_to_end_on_the_cpu_at_toy_sizes(tmp_path):
     u = subprocess.run(["bash", "scripts/gpu_train_level.sh", "unpack", str(out), str(ckpt)], cwd=ROOT,
                        capture_output=True, text=True)
     assert u.returncode == 0, u.stderr
-    config = json.loads((ckpt / "config.json").read_text())
-    assert config["model"]["prev_frame"] is True and config["model"]["sample_steps"] == 2
+    from worldmodel.model.checkpoint import read_config, sampling_defaults
+    config = read_config(ckpt)
+    assert config["model"]["prev_frame"] is True and sampling_defaults(config).steps == 2
     assert config["info"]["level"] == {"wad": "freedoom2", "map": "MAP01"}
     wm = WorldModel.from_pretrained(ckpt, device="cpu")
     clips = wm.start_clips()

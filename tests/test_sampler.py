@@ -56,7 +56,7 @@ class StandIn(nn.Module):
 def sampler(steps=2, fused=True, seed=0) -> tuple[FrameSampler, StandIn]:
     cfg = ModelConfig(**CFG)
     model = StandIn(cfg)
-    return FrameSampler(model, cfg, steps, seed=seed, fused=fused), model
+    return FrameSampler(model, cfg, steps, shift=1.0, seed=seed, fused=fused), model
 
 
 def latents(n: int, seed: int = 0) -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_steps_are_passes_on_the_schedule_and_the_fused_commit_rides_the_first()
     assert [(f, c) for f, c, _ in m.passes] == [(3, 3), (1, 1)] and len(m.committed) == 4
     m.passes.clear()
     x = s.next(actions(1))
-    ts = [round(float(v), 6) for v in timesteps(3, s.cfg.sample_shift)]
+    ts = [round(float(v), 6) for v in timesteps(3, s.shift)]
     assert [p[:2] for p in m.passes] == [(1, 0)] * 3  # 3 steps, nothing pending yet
     assert [p[2] for p in m.passes] == [[ts[0]], [ts[1]], [ts[2]]]
     assert s.pending == 1 and len(m.committed) == 4  # the frame waits for the next pass

@@ -14,7 +14,8 @@ import torch
 
 from worldmodel.model.autoencoder import reconstruction_loss
 from worldmodel.model.checkpoint import load_tensors
-from worldmodel.model.transformer import ModelConfig, WorldTransformer
+from worldmodel.model.sampler import SamplingDefaults
+from worldmodel.model.transformer import WorldTransformer
 from worldmodel.training.autoencoder import AutoencoderLoss, load_autoencoder, train_autoencoder
 from worldmodel.training.clips import LatentClips, clip_starts, spread_shards
 from worldmodel.training.config import AutoencoderTrainConfig, ModelTrainConfig
@@ -137,8 +138,8 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     cfg = tiny_config()
     data = synthetic_latents(cfg)
     trained = train_model(data, tmp_path / "first", cfg, quick(steps=4))
-    save_pretrained(tmp_path / "ckpt", ModelConfig.from_dict({**cfg.to_dict(), "sample_steps": 2}),
-                    Autoencoder(cfg.autoencoder), trained["ema"])
+    save_pretrained(tmp_path / "ckpt", cfg, Autoencoder(cfg.autoencoder), trained["ema"],
+                    sampling=SamplingDefaults(steps=2))
     # learning rate 0: the new run's weights (model and EMA) stay exactly the checkpoint's
     cont = train_model(data, tmp_path / "cont", cfg, quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))
     want = _state(trained["ema"])
@@ -361,12 +362,15 @@ def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
     assert ae_config["info"]["maps"] == ["MAP01", "MAP02"]  # validation map MAP21 not trained on
     rc = main(["train", "model", "--data", str(data), "--autoencoder", str(ae_run), "--out", str(run),
                "--steps", "4", "--batch", "2", "--val-every", "2", "--ckpt-every", "4", "--threads", "1",
-               "--eval-clips", "2", "--val-clips", "4", "--no-progress", *TINY_SET])
+               "--eval-clips", "2", "--val-clips", "4", "--no-progress", *TINY_SET, "--set", "sample_steps=3"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "teacher-forced next-frame PSNR" in out and "copy-last-frame" in out
+    assert "teacher-forced next-frame PSNR" in out and "copy-last-frame" in out and "(3 steps)" in out
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["dim"] == 64 and config["train"]["steps"] == 4
+    # `--set sample_steps=N` sets the run's sampling defaults (not an architecture field): the export says it
+    assert config["sampling"] == {"steps": 3, "shift": 1.0} and "sample_steps" not in config["model"]
+    assert json.loads((run / "export" / "config.json").read_text())["sampling"] == config["sampling"]
     assert (run / "samples" / "step_00000004.png").is_file() and (run / "samples" / "latest.png").is_file()
     import cv2
     # loss and PSNR curves, redrawn at each validation; the autoencoder's with a third panel, sharpness
@@ -382,6 +386,7 @@ def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
     from worldmodel.inference.engine import WorldModel
     from worldmodel.game.action import Action
     wm = WorldModel.from_pretrained(run / "export", device="cpu")
+    assert wm.steps == 3
     training = wm.info["training"]
     assert training["steps"] == 4 and training["maps"] == ["MAP01", "MAP02"] and training["hardware"]
     assert training["validation_maps"] == ["MAP21"]
@@ -391,11 +396,14 @@ def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
     wm.reset(clip["frames"].numpy(), [Action.from_vector(a) for a in clip["actions"]])
     frame = wm.step(Action(move=1))
     assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
-    # resuming a finished run: nothing to do, the latent cache is reused
-    rc = main(["train", "model", "--data", str(data), "--autoencoder", str(ae_run), "--out", str(run),
-               "--steps", "4", "--batch", "2", "--resume", "--threads", "1", "--no-progress", "--eval-clips", "2",
-               *TINY_SET])
-    assert rc == 0
+    # resuming a finished run: nothing to do, the latent cache is reused; the schedule's shift must stay
+    resume = ["train", "model", "--data", str(data), "--autoencoder", str(ae_run), "--out", str(run),
+              "--steps", "4", "--batch", "2", "--resume", "--threads", "1", "--no-progress", "--eval-clips", "2",
+              *TINY_SET, "--set", "sample_steps=3"]
+    capsys.readouterr()
+    assert main([*resume, "--set", "sample_shift=2"]) == 2
+    assert "started with --set sample_shift=1.0" in capsys.readouterr().err
+    assert main(resume) == 0
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -421,6 +429,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and "no such autoencoder" in capsys.readouterr().err
 
 
+def test_set_sample_steps_sets_the_runs_sampling_defaults_not_the_architecture():
+    from worldmodel.errors import UserError
+    from worldmodel.training.config import parse_overrides, resolve_config, resolve_sampling
+    overrides = parse_overrides(["sample_steps=2", "dim=128", "sample_shift=1.5"])
+    assert resolve_sampling(overrides) == SamplingDefaults(steps=2, shift=1.5)
+    assert resolve_config("tiny", overrides).dim == 128
+    assert resolve_sampling(parse_overrides(["dim=128"])) == SamplingDefaults()
+    with pytest.raises(UserError, match="sampling steps must be an integer >= 1"):
+        resolve_sampling(parse_overrides(["sample_steps=0"]))
+
+
 def _active_model(cfg, seed=0):
     torch.manual_seed(seed)
     model = WorldTransformer(cfg)
@@ -438,7 +457,7 @@ def test_self_forced_rollout_is_the_engines_rollout(prev_frame):
     from worldmodel.model.autoencoder import Autoencoder
     from worldmodel.inference.engine import WorldModel
 
-    cfg = tiny_config(prev_frame=prev_frame, sample_steps=2)
+    cfg = tiny_config(prev_frame=prev_frame)
     model = _active_model(cfg).eval()
     ae = Autoencoder(cfg.autoencoder).eval()
     g = torch.Generator().manual_seed(5)
@@ -446,10 +465,10 @@ def test_self_forced_rollout_is_the_engines_rollout(prev_frame):
     acts = decode_actions(torch.rand(cfg.clip_frames, cfg.action_dim, generator=g) * 2 - 1)
     acts = [Action(move=a.move, strafe=a.strafe, turn=a.turn) for a in acts]
     real, k, seed = 3, 2, 1234
-    wm = WorldModel(cfg, ae, model, device="cpu", dtype="float32", seed=seed)
+    wm = WorldModel(cfg, ae, model, device="cpu", dtype="float32", seed=seed, sampling=SamplingDefaults(steps=2))
     latents = wm.encode(frames)[None].float()  # (1, F, C, h, w): what the engine sees of the frames
     a = torch.stack([x.to_tensor() for x in acts])[None]
-    clip = self_forced_clip(model, cfg, latents, a, real, k, steps=2, seed=seed)
+    clip = self_forced_clip(model, cfg, latents, a, real, k, steps=2, seed=seed, shift=1.0)
     wm.reset(frames[:real].numpy(), acts[:real])
     engine = []
     for i in range(k):

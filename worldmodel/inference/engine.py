@@ -52,10 +52,10 @@ from worldmodel import device as devices
 from worldmodel import kernels
 from worldmodel.game.action import ACTION_DIM, Action, decode_actions, encode_actions
 from worldmodel.model.autoencoder import Autoencoder
-from worldmodel.model.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from worldmodel.model.checkpoint import CheckpointError, load_pretrained, sampling_defaults, save_pretrained
 from worldmodel.model.linear import pack_linears
 from worldmodel.model.transformer import ModelConfig, WorldTransformer, preset
-from worldmodel.model.sampler import FrameSampler
+from worldmodel.model.sampler import FrameSampler, SamplingDefaults
 from worldmodel.inference.settings import AUTO, DEFAULT_TOLERANCE, SETTINGS, EngineSettings
 
 
@@ -121,13 +121,16 @@ class WorldModel:
     construction as keyword arguments (or `settings=`) and changed between frames by `configure(...)`;
     `settings` holds them as the engine runs them (resolved: no None, no "auto"), and each is an
     attribute too (`wm.steps`). Construction-only: `device` ("auto": cuda, mps, cpu), `dtype`, `fused`
-    (commit each frame in the next frame's first pass; False = a separate pass)."""
+    (commit each frame in the next frame's first pass; False = a separate pass), `sampling` (the model's
+    SamplingDefaults: the steps when the settings name none, the schedule's shift)."""
 
     def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, *,
                  device="auto", settings: EngineSettings | None = None, fused: bool = True, name: str = "",
-                 info: dict | None = None, folder: Path | None = None, **changes):
+                 info: dict | None = None, folder: Path | None = None, sampling: SamplingDefaults | None = None,
+                 **changes):
         settings = dataclasses.replace(settings or EngineSettings(), **changes)
         self.cfg, self.name, self.info, self.folder = cfg, name, dict(info or {}), folder
+        self.sampling = sampling or SamplingDefaults()
         self.device = devices.resolve_device(device)
         self.dtype = devices.resolve_dtype(settings.dtype, self.device)
         self.autoencoder = autoencoder.to(self.device).eval()  # float32: small, and its input is float32
@@ -142,8 +145,8 @@ class WorldModel:
             p.requires_grad_(False)
         if self.device.type == "cpu":
             pack_linears(self.transformer)
-        self.sampler = FrameSampler(self.transformer, cfg, settings.steps or cfg.sample_steps, seed=settings.seed,
-                                    fused=fused)
+        self.sampler = FrameSampler(self.transformer, cfg, settings.steps or self.sampling.steps,
+                                    shift=self.sampling.shift, seed=settings.seed, fused=fused)
         self._decode = self._decode_eager
         self._drafts: deque = deque()  # (latent (1, 1, C, h, w), assumed Action) waiting to be served
         self._last_action: Action | None = None
@@ -174,12 +177,12 @@ class WorldModel:
         arguments (steps: default the checkpoint's; a distilled student's is its step count)."""
         cfg, ae, dit, config, folder = load_pretrained(path_or_id, device="cpu")
         return cls(cfg, ae, dit, device=device, settings=settings, fused=fused, name=Path(str(path_or_id)).name,
-                   info=config.get("info"), folder=folder, **changes)
+                   info=config.get("info"), folder=folder, sampling=sampling_defaults(config, folder), **changes)
 
     def save_pretrained(self, directory: str | Path, info: dict | None = None) -> Path:
         """Write a checkpoint folder (weights in float32, whatever the engine's dtype)."""
         dit = self.transformer if self.dtype == torch.float32 else copy.deepcopy(self.transformer).float()
-        return save_pretrained(directory, self.cfg, self.autoencoder, dit, info or self.info)
+        return save_pretrained(directory, self.cfg, self.autoencoder, dit, info or self.info, self.sampling)
 
     def start_clips(self) -> list[tuple[np.ndarray, list[Action]]]:
         """The start clips shipped with the checkpoint (empty for a preset)."""
@@ -232,7 +235,7 @@ class WorldModel:
         if s.compile not in (False, True):
             compile_options(s.compile, self.device)  # CUDA graphs without CUDA: ValueError
         return dataclasses.replace(
-            s, steps=s.steps or self.cfg.sample_steps, attention=attention, dtype=dtype,
+            s, steps=s.steps or self.sampling.steps, attention=attention, dtype=dtype,
             threads=max(1, devices.cpu_cores() // 2) if s.threads == AUTO else s.threads,
             pipeline=self.device.type == "cpu" and devices.cpu_cores() >= 2 if s.pipeline == AUTO else s.pipeline)
 

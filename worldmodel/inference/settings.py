@@ -6,7 +6,8 @@ A setting is checked here when it is made (a frozen EngineSettings cannot hold a
 depends on the model or the device (speculative <= the model's max_draft, a backend this device can
 run, CUDA graphs only on CUDA) is checked by the engine when it takes them (`WorldModel.configure`,
 worldmodel/inference/engine.py). The engine's default number of denoising steps is the checkpoint's
-(`steps=None`). No heavy imports: every command module imports this to build the command line.
+(`steps=None`: its SamplingDefaults, config.json's "sampling"). No heavy imports: every command
+module imports this to build the command line.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Checkpoint folders: `config.json` (every constructor argument, format version, training data
-summary, frame size, fps) + `autoencoder.safetensors` + `transformer.safetensors`. Safetensors only,
-never pickle. A Hub id resolves through huggingface_hub into the same layout.
+summary, frame size, fps, the sampling defaults) + `autoencoder.safetensors` + `transformer.safetensors`.
+Safetensors only, never pickle. A Hub id resolves through huggingface_hub into the same layout.
 
-    save_pretrained(dir, cfg, autoencoder, transformer, info)   # write a folder (each file atomically)
+    save_pretrained(dir, cfg, autoencoder, transformer, info, sampling)  # write a folder (each file atomically)
     load_pretrained(path_or_hub_id)                              # -> cfg, autoencoder, transformer, config, folder
+    sampling_defaults(config)                                    # -> SamplingDefaults of a loaded config.json
     push_to_hub(dir, "user/name")                                # upload a folder to the Hugging Face Hub
 
 Every way a checkpoint can be wrong (missing or truncated file, missing or unexpected tensor, a shape
@@ -22,9 +23,12 @@ from safetensors.torch import load_file, save_file
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.errors import UserError
 from worldmodel.files import atomic_path, atomic_write_json
+from worldmodel.model.sampler import SamplingDefaults
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
-FORMAT_VERSION = 1
+# 2: the sampling defaults in their own `sampling` section (1: inside `model`, as sample_steps/sample_shift;
+# still read). A reader of format 1 would sample a format-2 student at its own default steps, so it refuses.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = {"autoencoder": "autoencoder.safetensors", "transformer": "transformer.safetensors"}
 HUB_PATTERNS = [CONFIG_FILE, "*.safetensors", "*.md", "start_clips/*"]  # what a checkpoint folder holds
@@ -60,17 +64,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(directory: str | Path, cfg: ModelConfig, autoencoder: Autoencoder,
-                    transformer: WorldTransformer, info: dict | None = None) -> Path:
-    """Write a checkpoint folder. `info` (training data summary, steps, ...) goes into config.json.
-    Weights are written first and config.json last, each file atomically, so a reader never sees a
-    half-written file."""
+                    transformer: WorldTransformer, info: dict | None = None,
+                    sampling: SamplingDefaults | None = None) -> Path:
+    """Write a checkpoint folder. `info` (training data summary, steps, ...) and `sampling` (how the model
+    is best sampled; default SamplingDefaults()) go into config.json. Weights are written first and
+    config.json last, each file atomically, so a reader never sees a half-written file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt"}  # one key: safetensors writes its metadata map in no fixed order
     save_tensors(directory / WEIGHT_FILES["autoencoder"], autoencoder.state_dict(), meta)
     save_tensors(directory / WEIGHT_FILES["transformer"], transformer.state_dict(), meta)
     config = {"format_version": FORMAT_VERSION, "frame_size": list(cfg.frame_size), "fps": cfg.fps,
-              "model": cfg.to_dict(), "info": info or {}}
+              "model": cfg.to_dict(), "sampling": (sampling or SamplingDefaults()).to_dict(), "info": info or {}}
     atomic_write_json(directory / CONFIG_FILE, config)
     return directory
 
@@ -146,6 +151,21 @@ def model_config(config: dict, directory: Path) -> ModelConfig:
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: bad model config ({e})") from None
 
 
+def sampling_defaults(config: dict, directory: Path | None = None) -> SamplingDefaults:
+    """The sampling defaults of a checkpoint's config.json: its "sampling" section, or in a checkpoint
+    written before it had one, `model.sample_steps` / `model.sample_shift` (absent: the defaults, as
+    then). A bad value is a CheckpointError naming the file."""
+    section = config.get("sampling")
+    try:
+        if section is None:
+            return SamplingDefaults.from_model_keys(config.get("model") or {})
+        if not isinstance(section, dict):
+            raise ValueError("not an object")
+        return SamplingDefaults.from_dict(section)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(directory or '.') / CONFIG_FILE}: bad sampling defaults ({e})") from None
+
+
 def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" ... ({len(names)} in all)" if len(names) > 3 else "")
 
@@ -186,6 +206,7 @@ def load_pretrained(path_or_id: str | Path, device="cpu", **hub_kwargs):
     directory = resolve(path_or_id, **hub_kwargs)
     config = read_config(directory)
     cfg = model_config(config, directory)
+    sampling_defaults(config, directory)  # a bad "sampling" section fails here, with the rest
     autoencoder, transformer = Autoencoder(cfg.autoencoder), WorldTransformer(cfg)
     load_into(autoencoder, directory / WEIGHT_FILES["autoencoder"])
     load_into(transformer, directory / WEIGHT_FILES["transformer"])

@@ -15,28 +15,71 @@ Noise is counter-based: the noise of frame n (and of its commit) is drawn from a
 with (seed, n), so a frame's noise does not depend on how many frames were drafted or discarded
 before it. That makes speculation with N = 1 identical to plain sampling, a rejected draft leave no
 trace, and the same seed give the same frames whatever was drafted.
+
+`SamplingDefaults` is what a checkpoint says about how it is best sampled (config.json's "sampling",
+worldmodel/model/checkpoint.py): the steps an engine takes when its settings name none, and the shift
+of the noise schedule. They are not architecture: a distilled student has its teacher's
+architecture and its own step count.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from worldmodel.model.diffusion import add_noise, timesteps
-from worldmodel.model.transformer import ModelConfig, WorldTransformer
+from worldmodel.model.transformer import LEGACY_SAMPLING_FIELDS, ModelConfig, WorldTransformer
 
 _DENOISE, _COMMIT = 0, 1  # noise streams of a frame
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a checkpoint is best sampled: `steps` Euler steps (the engine's when EngineSettings.steps is
+    None; a distilled student's is its own step count) over the schedule `diffusion.timesteps(steps,
+    shift)`. ValueError (one line) for a value out of range."""
+    steps: int = 4
+    shift: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampling steps must be an integer >= 1, got {self.steps!r}")
+        if (isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not math.isfinite(self.shift)
+                or self.shift <= 0):
+            raise ValueError(f"sampling shift must be a positive number, got {self.shift!r}")
+        object.__setattr__(self, "shift", float(self.shift))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingDefaults":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown sampling field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_model_keys(cls, d: dict) -> "SamplingDefaults":
+        """From the `sample_steps` / `sample_shift` keys of a model config dict, as configs written before
+        the sampling defaults left the model config hold them and as `train --set` names them (other
+        keys ignored; absent ones: the defaults)."""
+        return cls(**{name.removeprefix("sample_"): d[name] for name in LEGACY_SAMPLING_FIELDS if name in d})
 
 
 class FrameSampler:
     """`generate(actions (B, N, A)) -> latents (B, N, C, h, w)`: the next N frames, each assuming its
     action, nothing committed; `accept(latents, actions)`: those frames happened (they are committed
     by the next pass); `next(actions (B, 1, A))`: both for one frame. `reset(latents, actions)` seeds
-    the context. `flush()` commits what is pending now (not needed for sampling).
+    the context. `flush()` commits what is pending now (not needed for sampling). `shift` is the noise
+    schedule's (the model's SamplingDefaults.shift).
 
     The KV cache is the transformer's (`setup_cache`, done here for `batch_size`): one sampler at a time
     runs a transformer. `forward` runs a pass (`transformer.forward_cached`, or its compiled form
     after `compile(options)`); `steps` is checked by the engine's settings (worldmodel/inference/settings.py)."""
 
-    def __init__(self, transformer: WorldTransformer, cfg: ModelConfig, steps: int, seed: int = 0,
+    def __init__(self, transformer: WorldTransformer, cfg: ModelConfig, steps: int, *, shift: float, seed: int = 0,
                  batch_size: int = 1, fused: bool = True):
         self.model, self.cfg = transformer, cfg
         p = next(transformer.parameters())
@@ -46,6 +89,7 @@ class FrameSampler:
         self.generator = torch.Generator(device=self.device)
         self.seed = int(seed)
         self.fused = fused
+        self.shift = shift
         self.steps = steps
         C, (h, w) = cfg.latent_channels, cfg.latent_size
         self.frame_shape = (batch_size, 1, C, h, w)
@@ -61,7 +105,7 @@ class FrameSampler:
     @steps.setter
     def steps(self, n: int) -> None:
         self._steps = n = int(n)
-        t = timesteps(n, self.cfg.sample_shift)  # (steps + 1,) on the host: python floats, no syncs later
+        t = timesteps(n, self.shift)  # (steps + 1,) on the host: python floats, no syncs later
         self._t = [float(x) for x in t]
 
     def reseed(self, seed: int) -> None:

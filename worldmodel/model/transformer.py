@@ -53,6 +53,10 @@ from worldmodel.model.rope import apply_rope, rope_freqs, rope_split
 # --------------------------------------------------------------------------------------------------
 
 
+# the sampling defaults as configs written before `SamplingDefaults` (worldmodel/model/sampler.py) hold them
+LEGACY_SAMPLING_FIELDS = ("sample_steps", "sample_shift")
+
+
 @dataclass
 class ModelConfig:
     # frames and the autoencoder
@@ -75,9 +79,7 @@ class ModelConfig:
     window_frames: int = 7  # most recent clean frames
     max_draft: int = 8  # most frames generated in one pass (speculative sampling)
     context_noise: float = 0.05  # noise level of committed context frames (GameNGen augmentation)
-    # sampling defaults (runtime settings; see worldmodel/model/sampler.py)
-    sample_steps: int = 4
-    sample_shift: float = 1.0
+    # how the model is best sampled is not architecture: `SamplingDefaults` (worldmodel/model/sampler.py)
 
     def __post_init__(self):
         self.frame_size = tuple(self.frame_size)
@@ -129,6 +131,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config of `to_dict()`. The sampling defaults that configs written before they left it
+        carry (`sample_steps`, `sample_shift`) are dropped: the checkpoint reads them
+        (checkpoint.sampling_defaults)."""
+        d = {k: v for k, v in d.items() if k not in LEGACY_SAMPLING_FIELDS}
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -1,12 +1,14 @@
 """Training settings: the configs of `train autoencoder` and `train model` (their fields are the
 commands' defaults), the up-front checks of counts and sizes, and the model config a run trains
-(a preset, with `--set KEY=VALUE` overrides)."""
+(a preset, with `--set KEY=VALUE` overrides) with its sampling defaults (`--set sample_steps=N`,
+`--set sample_shift=X`: what the export says about how it is best sampled, not architecture)."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
 from worldmodel.errors import UserError
+from worldmodel.model.sampler import SamplingDefaults
 from worldmodel.model.transformer import ModelConfig, preset
 
 
@@ -67,7 +69,7 @@ class ModelTrainConfig:
     keep_checkpoints: int = 2
     val_clips: int = 32  # validation clips for the loss
     eval_clips: int = 16  # validation clips for teacher-forced PSNR
-    sample_steps: int = 0  # 0: the model's `sample_steps`
+    sample_steps: int = 0  # sampling steps of validation and self-forcing; 0: the run's SamplingDefaults.steps
     compile: bool = False
     max_time: float = 0.0  # > 0: stop after this many seconds of training in this process (checkpoint + export)
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (`amp_enabled`)
@@ -110,6 +112,15 @@ def parse_overrides(items: list[str] | None) -> dict:
                 v = value
         out[key.strip()] = v
     return out
+
+
+def resolve_sampling(overrides: dict) -> SamplingDefaults:
+    """The run's sampling defaults from `--set sample_steps=N` / `--set sample_shift=X` (the other keys are
+    the model config's, `resolve_config`, which leaves these two out)."""
+    try:
+        return SamplingDefaults.from_model_keys(overrides)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad --set: {e}") from None
 
 
 def resolve_config(name: str, overrides: dict, base: dict | None = None) -> ModelConfig:

@@ -2,7 +2,8 @@
 `training.distill_cli`; the objectives in `training.distill_objectives`).
 
 The student has the teacher's architecture and checkpoint format (it starts as a copy of the teacher);
-only its `sample_steps` default changes, and `steps` stays a runtime setting of `WorldModel`.
+only its sampling defaults' steps change (config.json's "sampling"), and `steps` stays a runtime
+setting of `WorldModel`.
 
 Method (the regression objective): trajectory distillation, one round per student (progressive distillation collapsed into a
 single round, as in TRACT). The student's k-step Euler schedule t_0 = 1 > t_1 > ... > t_k = 0 is
@@ -56,7 +57,7 @@ from worldmodel.metrics import psnr_frames
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 from worldmodel.training.distill_objectives import (Clip, LatentCritic, critic_hinge_loss, dmd_loss, fake_score_loss,
-                                                    regression_loss, student_sample)
+                                                    regression_loss, schedule, student_sample)
 from worldmodel.training.steps import ema_update
 
 OBJECTIVES = ("regression", "adversarial", "dmd")
@@ -84,14 +85,16 @@ class Distillation:
     - "dmd": that plus `dmd_weight` times the distribution-matching loss (`dmd_loss`), with a
       fake-score model (a copy of the teacher) trained beside it on its samples by flow matching.
     `student_step` moves the student only, `critic_step` the critic only; the teacher never moves.
+    The student's schedule is the engine's for `steps` and `shift` (the teacher's SamplingDefaults.shift).
     The saved student is an EMA of the student's weights (`avg`)."""
 
     def __init__(self, teacher: WorldTransformer, cfg: ModelConfig, steps: int, objective: str = DEFAULT_OBJECTIVE, *,
-                 teacher_steps: int = 8, lr: float = 1e-4, critic_lr: float = 1e-4, adv_weight: float = 0.1,
-                 dmd_weight: float = 1.0, grad_clip: float = 1.0):
+                 shift: float, teacher_steps: int = 8, lr: float = 1e-4, critic_lr: float = 1e-4,
+                 adv_weight: float = 0.1, dmd_weight: float = 1.0, grad_clip: float = 1.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.cfg, self.steps, self.objective = cfg, steps, objective
+        self.schedule = schedule(steps, shift)
         self.substeps = max(1, math.ceil(teacher_steps / steps))
         self.adv_weight, self.dmd_weight, self.grad_clip = adv_weight, dmd_weight, grad_clip
         self.teacher = teacher.eval().requires_grad_(False)
@@ -117,11 +120,11 @@ class Distillation:
         if lr is not None:
             for group in self.opt.param_groups:
                 group["lr"] = lr
-        loss = regression_loss(self.student, self.teacher, self.cfg, clip, self.steps, self.substeps, g)
+        loss = regression_loss(self.student, self.teacher, self.cfg, clip, self.schedule, self.substeps, g)
         out, sample = {"regression": loss.item()}, None
         if self.critic is not None:
             self.critic.eval().requires_grad_(False)  # eval: no power iteration of its spectral norm
-            sample = student_sample(self.student, self.cfg, clip, self.steps, g)
+            sample = student_sample(self.student, self.cfg, clip, self.schedule, g)
             if self.objective == "adversarial":
                 extra = -self.critic(sample[:, 0], clip.prev, clip.actions[:, -1]).mean()
                 weight = self.adv_weight
@@ -164,17 +167,19 @@ class Distillation:
 
 
 def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: int,
-                    objective: str = DEFAULT_OBJECTIVE, *, teacher_steps: int = 8, iters: int = 300, batch: int = 8,
+                    objective: str = DEFAULT_OBJECTIVE, *, shift: float, teacher_steps: int = 8, iters: int = 300,
+                    batch: int = 8,
                     lr: float = 1e-4, critic_lr: float = 1e-4, adv_weight: float = 0.1, dmd_weight: float = 1.0, ema: float = 0.99,
                     seed: int = 0, grad_clip: float = 1.0, amp: bool = False, progress: bool = True,
                     log=None) -> tuple[WorldTransformer, dict[str, list[float]]]:
     """Train a `steps`-step student (a copy of the teacher) with `objective` (see `Distillation`) on
     `clips` (clips.LatentClips: `.batch(step, batch, lo, hi, seed)` -> latents (B, F, C, h, w), actions
-    (B, F, A)); `amp`: bf16 autocast. Every objective sees the same batches and noise for the same
-    seed. Returns the EMA student and the loss curves (by name, one value per iteration)."""
+    (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift); `amp`: bf16 autocast.
+    Every objective sees the same batches and noise for the same seed. Returns the EMA student and the
+    loss curves (by name, one value per iteration)."""
     device = next(teacher.parameters()).device
-    d = Distillation(teacher, cfg, steps, objective, teacher_steps=teacher_steps, lr=lr, critic_lr=critic_lr,
-                     adv_weight=adv_weight, dmd_weight=dmd_weight, grad_clip=grad_clip)
+    d = Distillation(teacher, cfg, steps, objective, shift=shift, teacher_steps=teacher_steps, lr=lr,
+                     critic_lr=critic_lr, adv_weight=adv_weight, dmd_weight=dmd_weight, grad_clip=grad_clip)
     curves: dict[str, list[float]] = {}
     warmup = max(1, iters // 10)
     bar = None
@@ -212,17 +217,18 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
 
 @torch.no_grad()
 def evaluate(model: WorldTransformer, ae: Autoencoder, cfg: ModelConfig, frames: torch.Tensor, actions: torch.Tensor,
-             context: int, steps: int, seed: int = 0, batch: int = 16) -> dict:
+             context: int, steps: int, seed: int = 0, batch: int = 16, *, shift: float) -> dict:
     """Real clips (B, context + R, H, W, 3) uint8 with their actions (B, context + R, A): PSNR (dB) of
     one frame ahead from the real context (teacher-forced), and of an R-frame autoregressive rollout fed
-    the real actions (mean over its frames, and at its last frame), against the real frames."""
+    the real actions (mean over its frames, and at its last frame), against the real frames. The model
+    samples in `steps` steps of the schedule of `shift`."""
     device = next(model.parameters()).device
     one, roll, last, sharp_gen, sharp_real = [], [], [], [], []
     for s in range(0, frames.shape[0], batch):
         fr, ac = frames[s:s + batch], actions[s:s + batch].to(device)
         B, F_ = fr.shape[:2]
         lat = torch.cat([ae.encode(f.to(device)) for f in fr.flatten(0, 1).split(256)]).view(B, F_, -1, *cfg.latent_size)
-        sampler = FrameSampler(model, cfg, steps, seed=seed, batch_size=B)
+        sampler = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
         sampler.reset(lat[:, :context], ac[:, :context])
         gen = []
         for j in range(context, F_):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import math
 import shutil
@@ -28,8 +29,7 @@ import torch
 from worldmodel.device import resolve_device
 from worldmodel.errors import UserError
 from worldmodel.files import atomic_write_json, check_output_path
-from worldmodel.model.checkpoint import load_pretrained, save_pretrained
-from worldmodel.model.transformer import ModelConfig
+from worldmodel.model.checkpoint import load_pretrained, sampling_defaults, save_pretrained
 from worldmodel.provenance import command_line
 from worldmodel.training.clips import LatentClips, encode_dataset
 from worldmodel.training.config import check_sizes
@@ -139,6 +139,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     amp = amp_enabled(not args.no_amp, device)
     cfg, ae, teacher, config, folder = load_pretrained(args.teacher, device=device)
+    sampling = sampling_defaults(config, folder)  # the teacher's; a student's steps are its own
     teacher.attention = "sdpa" if device.type != "cuda" else teacher.attention
     progress = not args.no_progress
     context = cfg.cache_frames  # sinks + window: the context fits the cache without wrapping
@@ -169,20 +170,22 @@ def run(args) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "baselines": baselines(ae, vf, context),
               "teacher_eval": {}, "students": {}}
-    teacher_default = cfg.sample_steps
+    teacher_default = sampling.steps
     for k in sorted({teacher_default, *ks}):
-        report["teacher_eval"][str(k)] = evaluate(teacher, ae, cfg, vf, va, context, k, seed=args.seed)
+        report["teacher_eval"][str(k)] = evaluate(teacher, ae, cfg, vf, va, context, k, seed=args.seed,
+                                                  shift=sampling.shift)
         print(f"teacher at {k} steps: {report['teacher_eval'][str(k)]}", file=sys.stderr)
     out = Path(args.out)
     for objective in objectives:
         for k in ks:
             t1 = time.time()
-            student, curves = distill_student(teacher, cfg, train, k, objective, teacher_steps=args.teacher_steps,
+            student, curves = distill_student(teacher, cfg, train, k, objective, shift=sampling.shift,
+                                              teacher_steps=args.teacher_steps,
                                               iters=args.iters, batch=args.batch, lr=args.lr, critic_lr=args.critic_lr,
                                               adv_weight=args.adv_weight, dmd_weight=args.dmd_weight, ema=args.ema,
                                               seed=args.seed, amp=amp, progress=progress)
             train_s = time.time() - t1
-            res = evaluate(student, ae, cfg, vf, va, context, k, seed=args.seed)
+            res = evaluate(student, ae, cfg, vf, va, context, k, seed=args.seed, shift=sampling.shift)
             n = max(1, args.iters // 10)
             losses = {name: {"first": round(sum(c[:n]) / n, 5), "last": round(sum(c[-n:]) / n, 5)}
                       for name, c in curves.items()}
@@ -191,12 +194,12 @@ def run(args) -> int:
                      "teacher_default": report["teacher_eval"][str(teacher_default)]}
             dest = out / objective if len(objectives) > 1 else out
             dest = dest / f"steps-{k}" if len(ks) > 1 else dest
-            scfg = ModelConfig.from_dict({**cfg.to_dict(), "sample_steps": k})
             info = {**(config.get("info") or {}),
                     "distill": {k_: v for k_, v in report.items() if k_ != "students"}
                     | {"objective": objective, "method": METHODS[objective], "student_steps": k, "eval": res,
                        "losses": losses}}
-            save_pretrained(dest, scfg, ae, copy.deepcopy(student).half() if args.half else student, info)
+            save_pretrained(dest, cfg, ae, copy.deepcopy(student).half() if args.half else student, info,
+                            dataclasses.replace(sampling, steps=k))
             if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():
                 shutil.copytree(Path(folder) / "start_clips", dest / "start_clips")
             entry["checkpoint"] = str(dest)

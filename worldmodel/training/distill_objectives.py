@@ -76,9 +76,10 @@ def teacher_targets(teacher: WorldTransformer, cfg: ModelConfig, ctx, t_ctx, a_c
     return ((x - x_a) / (t_b - t_a).view(-1, 1, 1, 1, 1).to(x.dtype)).clone()
 
 
-def schedule(cfg: ModelConfig, steps: int) -> torch.Tensor:
-    """The student's Euler schedule: steps + 1 noise levels from 1 to 0 (float32, on the host)."""
-    return torch.tensor(timesteps(steps, cfg.sample_shift).tolist(), dtype=torch.float32)
+def schedule(steps: int, shift: float) -> torch.Tensor:
+    """The student's Euler schedule: steps + 1 noise levels from 1 to 0 (float32, on the host), as the
+    engine's sampler spaces them for `shift` (the model's SamplingDefaults.shift)."""
+    return torch.tensor(timesteps(steps, shift).tolist(), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,14 +87,13 @@ def schedule(cfg: ModelConfig, steps: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def regression_loss(student: WorldTransformer, teacher: WorldTransformer, cfg: ModelConfig, clip: Clip, steps: int,
-                    substeps: int, g: torch.Generator) -> torch.Tensor:
-    """Trajectory distillation: for a random interval [t_i, t_i+1] of the student's schedule, the
+def regression_loss(student: WorldTransformer, teacher: WorldTransformer, cfg: ModelConfig, clip: Clip,
+                    ts: torch.Tensor, substeps: int, g: torch.Generator) -> torch.Tensor:
+    """Trajectory distillation: for a random interval [t_i, t_i+1] of the student's schedule `ts`, the
     target frame at x_{t_i} (pure noise for i = 0, the real frame noised to t_i otherwise), the
     student's velocity MSE against the teacher's `substeps`-step secant over the interval."""
     B, dev = clip.target.shape[0], clip.target.device
-    ts = schedule(cfg, steps)
-    i = torch.randint(0, steps, (B,), generator=g)
+    i = torch.randint(0, len(ts) - 1, (B,), generator=g)
     t_a, t_b = ts[i].to(dev), ts[i + 1].to(dev)
     x_a = add_noise(clip.target, torch.randn(clip.target.shape, generator=g).to(clip.target), t_a[:, None])
     target = teacher_targets(teacher, cfg, clip.ctx, clip.t_ctx, clip.actions[:, :-1], x_a, clip.actions[:, -1:],
@@ -101,12 +101,13 @@ def regression_loss(student: WorldTransformer, teacher: WorldTransformer, cfg: M
     return (velocity(student, clip, x_a, t_a).float() - target.float()).pow(2).mean()
 
 
-def student_sample(student: WorldTransformer, cfg: ModelConfig, clip: Clip, steps: int,
+def student_sample(student: WorldTransformer, cfg: ModelConfig, clip: Clip, ts: torch.Tensor,
                    g: torch.Generator) -> torch.Tensor:
-    """The student's next frame (B, 1, C, h, w) as the engine samples it: `steps` Euler steps from
-    noise after the clip's context. The gradient goes through the last step (its pass over the whole
-    clip); the steps before it run without gradient against a KV cache (Self Forcing's truncation)."""
-    ts = schedule(cfg, steps).tolist()
+    """The student's next frame (B, 1, C, h, w) as the engine samples it: the Euler steps of its
+    schedule `ts` from noise after the clip's context. The gradient goes through the last step (its
+    pass over the whole clip); the steps before it run without gradient against a KV cache (Self
+    Forcing's truncation)."""
+    steps, ts = len(ts) - 1, ts.tolist()
     x = torch.randn(clip.target.shape, generator=g).to(clip.target)
     B = x.shape[0]
     if steps > 1:

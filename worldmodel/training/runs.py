@@ -1,7 +1,7 @@
 """A training run's folder: claiming it (`--resume`, `--overwrite`), its checkpoints, its metrics log
 and curves, its sample images and its export.
 
-    config.json          the resolved model and training config (written at start)
+    config.json          the resolved model, sampling defaults and training config (written at start)
     metrics.jsonl        one JSON object per logged step / validation
     curves.png           loss and validation PSNR against the step
     checkpoints/         resumable training state (the newest `keep_checkpoints`)
@@ -32,7 +32,8 @@ from worldmodel.files import atomic_path, atomic_write_json, atomic_write_text, 
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.checkpoint import (CONFIG_FILE, CheckpointError, check_state_dict, load_tensors,
                                          save_pretrained, save_tensors)
-from worldmodel.model.transformer import ModelConfig, WorldTransformer
+from worldmodel.model.sampler import SamplingDefaults
+from worldmodel.model.transformer import LEGACY_SAMPLING_FIELDS, ModelConfig, WorldTransformer
 
 STATE_FORMAT = 1
 AE_FILE = "autoencoder.safetensors"
@@ -52,11 +53,11 @@ RESUME_MAY_CHANGE = {"steps", "max_time", "log_every", "val_every", "ckpt_every"
 
 
 def claim_run_folder(out: Path, kind: str, cfg: ModelConfig, tcfg, resume: bool, overwrite: bool,
-                     main: bool = True) -> None:
+                     main: bool = True, sampling: SamplingDefaults | None = None) -> None:
     """Before any work, `train autoencoder|model --out OUT`: a folder that holds another run is refused
     (its checkpoints would mix with the new run's, its export be replaced), unless --resume continues it
-    with the same model and training settings, or --overwrite replaces it (its files are deleted here,
-    by the main process)."""
+    with the same model, sampling (`train model`) and training settings, or --overwrite replaces it (its
+    files are deleted here, by the main process)."""
     check_output_path(out, folder=True)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if not found:
@@ -80,14 +81,21 @@ def claim_run_folder(out: Path, kind: str, cfg: ModelConfig, tcfg, resume: bool,
     if stored.get("kind") != kind:
         raise UserError(f"{out} holds a `train {stored.get('kind', '?')}` run, not a `train {kind}` run: pass "
                         f"--overwrite to replace it, or another --out")
-    now = json.loads(json.dumps({"model": cfg.to_dict(), "train": asdict(tcfg)}, default=str))
+    now = json.loads(json.dumps({"model": cfg.to_dict(), "sampling": sampling.to_dict() if sampling else {},
+                                 "train": asdict(tcfg)}, default=str))
+    if "sampling" not in stored:  # a run started when the model config held the sampling defaults
+        stored["sampling"] = {k.removeprefix("sample_"): v for k, v in (stored.get("model") or {}).items()
+                              if k in LEGACY_SAMPLING_FIELDS}
 
     def shown(v) -> str:
         return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
-    diff = [f"--set {k}={shown(v)}" if part == "model" else f"--{k.replace('_', '-')} {shown(v)}"
-            for part in ("model", "train") for k, v in stored.get(part, {}).items()
-            if k not in RESUME_MAY_CHANGE and now[part].get(k, v) != v]
+    def name(part: str, k: str) -> str:  # as the command line names it
+        return f"sample_{k}" if part == "sampling" else k
+
+    diff = [f"--{k.replace('_', '-')} {shown(v)}" if part == "train" else f"--set {name(part, k)}={shown(v)}"
+            for part in ("model", "sampling", "train") for k, v in stored.get(part, {}).items()
+            if name(part, k) not in RESUME_MAY_CHANGE and now[part].get(k, v) != v]
     if diff:
         raise UserError(f"{out}: the run there was started with {', '.join(diff)}; resume it with the same "
                         f"settings, or pass --overwrite to replace it")
@@ -291,13 +299,15 @@ def save_png(path: Path, image: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def export(run: Path, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, info: dict) -> Path:
-    """RUN/export/, replaced as a whole (written next to it, then swapped in)."""
+def export(run: Path, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, info: dict,
+           sampling: SamplingDefaults) -> Path:
+    """RUN/export/ (sampled by default as `sampling` says), replaced as a whole (written next to it, then
+    swapped in)."""
     run = Path(run)
     final = run / "export"
     tmp = Path(tempfile.mkdtemp(dir=run, prefix=".export."))
     try:
-        save_pretrained(tmp, cfg, autoencoder, transformer, info)
+        save_pretrained(tmp, cfg, autoencoder, transformer, info, sampling)
         os.chmod(tmp, 0o755)
         old = run / f".export.old.{os.getpid()}"
         if final.exists():

@@ -33,7 +33,7 @@ from worldmodel.training.autoencoder import ae_shape, load_autoencoder, train_au
 from worldmodel.training.clips import (OnlineClips, file_digest, level_dataset, prepare_latents, read_eval_clips,
                                        read_frames, split_maps)
 from worldmodel.training.config import (AutoencoderTrainConfig, ModelTrainConfig, check_sizes, parse_overrides,
-                                        resolve_config)
+                                        resolve_config, resolve_sampling)
 from worldmodel.training.runs import AE_FILE, claim_run_folder
 from worldmodel.training.steps import add_amp_argument, amp_enabled, ema_update, hardware, setup_distributed
 from worldmodel.training.transformer import cfg_latent, train_model
@@ -45,7 +45,9 @@ def _add_common(p: argparse.ArgumentParser, defaults) -> None:
                    help="dataset folder with validation maps MAP21-MAP24 (default: --data, its validation maps)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, nfd-310m)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model config field (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model config field, or the sampling defaults sample_steps / sample_shift "
+                        "(repeatable)")
     p.add_argument("--maps", default=None, help="training maps to use, e.g. MAP01-MAP05 (default: all in the data)")
     p.add_argument("--max-frames", type=int, default=None,
                    help="use about this many training frames, spread over the dataset (reading, or for the model "
@@ -272,12 +274,14 @@ def run_model(args) -> int:
     if args.self_forcing < 0 or not 0.0 <= args.self_forcing_prob <= 1.0:
         raise UserError(f"--self-forcing must be >= 0 and --self-forcing-prob within 0..1, got {args.self_forcing} "
                         f"and {args.self_forcing_prob:g}")
+    overrides = parse_overrides(args.set)
+    sampling = resolve_sampling(overrides)  # `--set sample_steps=N`, `sample_shift=X`: the export's sampling defaults
     ae, ae_config = load_autoencoder(args.autoencoder)
     ae_model = ae_config.get("model")
     base = {}
     if isinstance(ae_model, dict):  # the autoencoder's shape, unless --set overrides it
         base = {k: ae_model[k] for k in ("frame_size", "latent_channels", "ae_channels", "ae_res_blocks") if k in ae_model}
-    cfg = resolve_config(args.preset, parse_overrides(args.set), base)
+    cfg = resolve_config(args.preset, overrides, base)
     if ae_shape(cfg.autoencoder) != ae_shape(ae.cfg):
         raise UserError(f"{args.autoencoder}: the autoencoder {ae_shape(ae.cfg)} does not match the model config "
                         f"{ae_shape(cfg.autoencoder)}")
@@ -292,7 +296,7 @@ def run_model(args) -> int:
                             max_time=args.max_time,
                             amp=not args.no_amp, device=args.device, progress=not args.no_progress)
     check_sizes(args, at_least_1=("max_clips", "clip_stride", "rollout_frames"))
-    claim_run_folder(Path(args.out), "model", cfg, tcfg, args.resume, args.overwrite, rank == 0)
+    claim_run_folder(Path(args.out), "model", cfg, tcfg, args.resume, args.overwrite, rank == 0, sampling)
     if rank == 0 and bool((ae.latent_std == 1).all() and (ae.latent_mean == 0).all()):
         print("worldmodel train: warning: the autoencoder's latent statistics are not calibrated", file=sys.stderr)
     F_ = tcfg.frames(cfg)
@@ -323,7 +327,7 @@ def run_model(args) -> int:
     level = level_dataset(args.data)
     if level is not None:  # a level model: play, record, bench and eval default to its level
         info["level"] = {"wad": level["wad"], "map": level["map"]}
-    s = train_model(train, args.out, cfg, tcfg, ae, val, val_frames, resume=args.resume, info=info)
+    s = train_model(train, args.out, cfg, tcfg, ae, val, val_frames, resume=args.resume, info=info, sampling=sampling)
     if rank == 0:
         v = s["validation"]
         line = f"model: {Path(args.out) / 'export'} after {s['steps']} steps"

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from worldmodel.errors import UserError
 from worldmodel.files import atomic_write_json
-from worldmodel.model.sampler import FrameSampler
+from worldmodel.model.sampler import FrameSampler, SamplingDefaults
 from worldmodel.metrics import psnr_frames, psnr_pooled
 from worldmodel.model import diffusion
 from worldmodel.model.autoencoder import Autoencoder
@@ -35,13 +35,14 @@ from worldmodel.training.steps import (Dist, StepRecord, amp_enabled, ema_update
 def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> None:
     """Copy the transformer weights of the checkpoint at `path` into `model`: a new run that continues
     a trained model (its optimizer state is not in a checkpoint folder; `--resume` continues a run
-    exactly). The model configs must agree except for the sampling defaults and the context noise, and
+    exactly). The model configs must agree except for the context noise (the sampling defaults are the
+    run's own, not part of the model config), and
     `prev_frame` may be switched on: the previous frame's input weights start at zero, so the new model
     computes exactly what the checkpoint's did and learns to use the previous frame from there."""
     from worldmodel.model.checkpoint import load_pretrained
 
     icfg, _, transformer, _, _ = load_pretrained(path)
-    free = ("sample_steps", "sample_shift", "context_noise")
+    free = ("context_noise",)
     theirs, ours = icfg.to_dict(), cfg.to_dict()
     diff = [k for k in ours if k not in free and theirs.get(k) != ours[k]
             and not (k == "prev_frame" and ours[k] and not theirs.get(k))]
@@ -62,15 +63,15 @@ def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> No
 
 @torch.no_grad()
 def self_forced_clip(model: WorldTransformer, cfg: ModelConfig, x0: torch.Tensor, actions: torch.Tensor,
-                     real: int, k: int, steps: int, seed: int) -> torch.Tensor:
+                     real: int, k: int, steps: int, seed: int, *, shift: float) -> torch.Tensor:
     """Self Forcing's context, the training path being the inference path: from the first `real` frames
     of real clips x0 (B, F, C, h, w) (their actions (B, F, A)), the model rolls out the next k frames
     with the engine's own sampler (`FrameSampler`: the KV cache, the fused commit, counter-based noise
-    seeded by `seed`, `steps` Euler steps), fed the real actions. Returns x0 with frames real..real+k-1
-    replaced by the model's own (no gradient flows into them)."""
+    seeded by `seed`, `steps` Euler steps of the schedule of `shift`), fed the real actions. Returns x0
+    with frames real..real+k-1 replaced by the model's own (no gradient flows into them)."""
     was_training = model.training
     model.eval()
-    sampler = FrameSampler(model, cfg, steps, seed=seed, batch_size=x0.shape[0])
+    sampler = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=x0.shape[0])
     sampler.reset(x0[:, :real], actions[:, :real])
     own = [sampler.next(actions[:, real + i:real + i + 1]) for i in range(k)]
     model.train(was_training)
@@ -117,7 +118,7 @@ def _context_len(cfg: ModelConfig, clip_frames: int) -> int:
 
 @torch.no_grad()
 def teacher_forced(model: WorldTransformer, autoencoder: Autoencoder, cfg: ModelConfig, frames: torch.Tensor,
-                   actions: torch.Tensor, steps: int, seed: int = 0, k: int | None = None) -> dict:
+                   actions: torch.Tensor, steps: int, seed: int = 0, k: int | None = None, *, shift: float) -> dict:
     """One frame ahead from real context, for a batch of real clips (B, F, H, W, 3) uint8: the first k
     frames are the context (encoded and committed as the engine does), frame k is generated with the
     sampler and compared with the real one. Returns mean PSNRs: model, copy-last-frame baseline and the
@@ -126,7 +127,7 @@ def teacher_forced(model: WorldTransformer, autoencoder: Autoencoder, cfg: Model
     B, Fr = frames.shape[:2]
     k = k or _context_len(cfg, Fr)
     ctx = encode_frames(autoencoder, frames[:, :k].flatten(0, 1), device=device).view(B, k, *cfg_latent(cfg))
-    sampler = FrameSampler(model, cfg, steps, seed=seed, batch_size=B)
+    sampler = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
     sampler.reset(ctx.to(device), actions[:, :k].to(device))
     latent = sampler.generate(actions[:, k:k + 1].to(device))[:, 0]
     pred = autoencoder.decode_uint8(latent).cpu()
@@ -143,7 +144,7 @@ def cfg_latent(cfg: ModelConfig) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def sample_strip(model: WorldTransformer, autoencoder: Autoencoder, cfg: ModelConfig, frames: torch.Tensor,
-                 actions: torch.Tensor, steps: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+                 actions: torch.Tensor, steps: int, seed: int = 0, *, shift: float) -> tuple[torch.Tensor, dict]:
     """For real clips (B, F, H, W, 3): rows per clip = real frames k..F-1, teacher-forced predictions
     (each from all real frames before it), and an autoregressive rollout from the first k real frames
     fed the real actions. Returns the image (uint8 (rows*H, cols*W, 3)) and rollout PSNRs."""
@@ -154,10 +155,10 @@ def sample_strip(model: WorldTransformer, autoencoder: Autoencoder, cfg: ModelCo
     act = actions.to(device)
     tf = []
     for j in range(k, Fr):
-        s = FrameSampler(model, cfg, steps, seed=seed, batch_size=B)
+        s = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
         s.reset(lat[:, :j], act[:, :j])
         tf.append(autoencoder.decode_uint8(s.generate(act[:, j:j + 1])[:, 0]).cpu())
-    s = FrameSampler(model, cfg, steps, seed=seed, batch_size=B)
+    s = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
     s.reset(lat[:, :k], act[:, :k])
     ar = [autoencoder.decode_uint8(s.next(act[:, j:j + 1])[:, 0]).cpu() for j in range(k, Fr)]
     tf, ar, real = torch.stack(tf, 1), torch.stack(ar, 1), frames[:, k:]  # (B, R, H, W, 3)
@@ -172,15 +173,17 @@ def sample_strip(model: WorldTransformer, autoencoder: Autoencoder, cfg: ModelCo
 def train_model(train: LatentClips, out: str | Path, cfg: ModelConfig, tcfg: ModelTrainConfig,
                 autoencoder: Autoencoder | None = None, val: LatentClips | None = None,
                 val_frames: FrameClips | None = None, resume: bool = False, info: dict | None = None,
-                on_step=None) -> dict:
+                on_step=None, sampling: SamplingDefaults | None = None) -> dict:
     """Train the transformer of `cfg` on cached latent clips. `autoencoder` (frozen) is needed for the
     teacher-forced PSNR / sample strips on `val_frames` and for the export; `val` gives the validation
-    loss. Works as one process or under torchrun (DDP). `on_step(step, loss)` is called after every
-    step (tests use it to kill a run). Returns a summary with the losses of the steps run."""
+    loss. `sampling`: the run's sampling defaults (default SamplingDefaults()), written into the export
+    and used by validation and self-forcing unless `tcfg.sample_steps` names the steps. Works as one
+    process or under torchrun (DDP). `on_step(step, loss)` is called after every step (tests use it to
+    kill a run). Returns a summary with the losses of the steps run."""
     out = Path(out)
     # under torchrun the process group stays up for the rest of the process (the CLI closes it)
     return _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, info or {}, on_step,
-                        setup_distributed(tcfg.device))
+                        sampling or SamplingDefaults(), setup_distributed(tcfg.device))
 
 
 def _fit_clips(train, val, cfg: ModelConfig, tcfg: ModelTrainConfig, dist: Dist):
@@ -234,10 +237,11 @@ def _start(out: Path, model: WorldTransformer, ema: WorldTransformer, opt: torch
 
 
 def _step_inputs(train, model: WorldTransformer, cfg: ModelConfig, tcfg: ModelTrainConfig, step: int, F_: int,
-                 lo: int, hi: int, sf_steps: int, sf_real_max: int, device: torch.device, amp: bool):
+                 lo: int, hi: int, sf_steps: int, sf_real_max: int, device: torch.device, amp: bool, shift: float):
     """This rank's inputs of training step `step`: its slice [lo:hi] of the step's global batch (data,
     noise levels, noise), on `device`. On a self-forced step, K context frames are the model's own
-    rollout from `real` real ones, and the loss weights (else None) leave those frames out.
+    rollout from `real` real ones (`sf_steps` steps of the schedule of `shift`), and the loss weights
+    (else None) leave those frames out.
     Returns (x0, actions, noise levels, noise, weights)."""
     x0, a = train.batch(step, tcfg.batch, lo, hi, tcfg.seed)
     g = step_generator(tcfg.seed, step, stream=3)
@@ -247,7 +251,7 @@ def _step_inputs(train, model: WorldTransformer, cfg: ModelConfig, tcfg: ModelTr
         real = int(torch.randint(1, sf_real_max + 1, (), generator=g_sf))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             x0 = self_forced_clip(model, cfg, x0.to(device), a.to(device), real, tcfg.self_forcing, sf_steps,
-                                  seed=tcfg.seed * 1_000_003 + step)
+                                  seed=tcfg.seed * 1_000_003 + step, shift=shift)
         t, weight = self_forcing_layout(tcfg.batch, F_, real, tcfg.self_forcing, tcfg.context_max, g,
                                         tcfg.noise_shift)
         weight = weight[lo:hi].to(device)
@@ -260,9 +264,10 @@ def _step_inputs(train, model: WorldTransformer, cfg: ModelConfig, tcfg: ModelTr
 
 def validate(model: WorldTransformer, ema: WorldTransformer, autoencoder: Autoencoder | None,
              val: LatentClips | None, val_frames: FrameClips | None, cfg: ModelConfig, tcfg: ModelTrainConfig,
-             batch: int, steps: int, amp: bool, samples: Path, step: int) -> dict:
+             batch: int, steps: int, amp: bool, samples: Path, step: int, shift: float) -> dict:
     """The validation of step `step`: the loss of the model and of its EMA on `val`; with the
-    autoencoder, the EMA's teacher-forced PSNR (at `steps` sampling steps and at 1) on `val_frames`, and
+    autoencoder, the EMA's teacher-forced PSNR (at `steps` sampling steps of the schedule of `shift`,
+    and at 1) on `val_frames`, and
     a sample strip of its first 2 clips written to `samples`/step_XXXXXXXX.png and latest.png."""
     device = next(model.parameters()).device
     res: dict = {}
@@ -277,20 +282,21 @@ def validate(model: WorldTransformer, ema: WorldTransformer, autoencoder: Autoen
         ae = autoencoder.to(device).eval()
         n = min(tcfg.eval_clips, len(val_frames))
         fr, ac = val_frames.clip(torch.arange(n))
-        tf = teacher_forced(ema, ae, cfg, fr, ac, steps, seed=tcfg.seed)
-        tf1 = teacher_forced(ema, ae, cfg, fr, ac, 1, seed=tcfg.seed)
+        tf = teacher_forced(ema, ae, cfg, fr, ac, steps, seed=tcfg.seed, shift=shift)
+        tf1 = teacher_forced(ema, ae, cfg, fr, ac, 1, seed=tcfg.seed, shift=shift)
         res.update({"psnr_tf": tf["psnr"], "psnr_tf_1step": tf1["psnr"], "psnr_copy_last": tf["psnr_copy_last"],
                     "psnr_ae": tf["psnr_ae"], "psnr_pooled_tf": tf["psnr_pooled"],
                     "psnr_pooled_copy_last": tf["psnr_pooled_copy_last"], "eval_clips": n,
                     "sample_steps": steps})
-        image, stats = sample_strip(ema, ae, cfg, fr[:2], ac[:2], steps, seed=tcfg.seed)
+        image, stats = sample_strip(ema, ae, cfg, fr[:2], ac[:2], steps, seed=tcfg.seed, shift=shift)
         save_png(samples / f"step_{step:08d}.png", image)
         save_png(samples / "latest.png", image)
         res.update(stats)
     return res
 
 
-def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, info, on_step, dist: Dist) -> dict:
+def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, info, on_step,
+                 sampling: SamplingDefaults, dist: Dist) -> dict:
     device = dist.device
     train, val, F_ = _fit_clips(train, val, cfg, tcfg, dist)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +306,8 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
     opt = _optimizer(model, tcfg, device)
     start, elapsed, last_val = _start(out, model, ema, opt, cfg, tcfg, resume, dist)
     if dist.main:
-        atomic_write_json(out / "config.json", {"kind": "model", "model": cfg.to_dict(), "train": asdict(tcfg),
+        atomic_write_json(out / "config.json", {"kind": "model", "model": cfg.to_dict(),
+                                                "sampling": sampling.to_dict(), "train": asdict(tcfg),
                                                 "clip_frames": F_, "world_size": dist.world,
                                                 "train_clips": len(train), "val_clips": len(val) if val else 0,
                                                 **info})
@@ -313,7 +320,7 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
     log = MetricsLog(out, dist.main)
     b = tcfg.batch // dist.world
     lo, hi = dist.rank * b, (dist.rank + 1) * b
-    steps_eval = tcfg.sample_steps or cfg.sample_steps
+    steps_eval = tcfg.sample_steps or sampling.steps
     sf_steps = steps_eval if tcfg.self_forcing else 0  # the rollout samples as the engine does
     # 1..sf_real_max real frames start the rollout; at least one target frame follows the self-made ones
     sf_real_max = min(cfg.cache_frames, F_ - tcfg.self_forcing - 1)
@@ -333,7 +340,7 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
                    "validation": last_val, "steps": step}
         if "level" in info:  # a level model: what play, record, bench and eval read (`info.level`)
             summary["level"] = info["level"]
-        export(out, cfg, autoencoder, ema, summary)
+        export(out, cfg, autoencoder, ema, summary, sampling)
 
     bar = step_bar(tcfg, dist, start, "model")
     record = StepRecord(tcfg, elapsed, on_step)
@@ -344,7 +351,7 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
         t_step = time.perf_counter()
         lr = set_lr(opt, tcfg, step)
         x0, a, t, noise, weight = _step_inputs(train, model, cfg, tcfg, step, F_, lo, hi, sf_steps, sf_real_max,
-                                               device, amp)
+                                               device, amp, sampling.shift)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = diffusion.flow_matching_loss(net, x0, a, t, noise, weight)
         opt.zero_grad(set_to_none=True)
@@ -367,7 +374,7 @@ def _train_model(train, out, cfg, tcfg, autoencoder, val, val_frames, resume, in
         if done % tcfg.val_every == 0 or done == tcfg.steps:
             if dist.main:
                 last_val = validate(model, ema, autoencoder, val, val_frames, cfg, tcfg, b * 2, steps_eval, amp,
-                                    out / "samples", done)
+                                    out / "samples", done, sampling.shift)
                 if last_val:
                     log.write(step=done, **last_val)
                     log.plot()
