@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.training.distill import OBJECTIVES, Distillation
+from worldmodel.training.distill import OBJECTIVES, DistillConfig, Distillation
 from worldmodel.training.distill_objectives import (Clip, commit_context, schedule, student_sample, teacher_targets,
                                                     velocity)
 from worldmodel.model.transformer import WorldTransformer
@@ -49,7 +49,7 @@ def test_each_update_moves_only_its_own_model(objective):
     """The student's step leaves the teacher and the critic (the adversarial critic with its spectral-norm
     state, or DMD's fake score) bit-identical; the critic's step leaves the student and the teacher."""
     cfg = tiny_config(prev_frame=True)
-    d = Distillation(active_teacher(cfg), cfg, 2, objective, shift=1.0, lr=1e-3, critic_lr=1e-3)
+    d = Distillation(active_teacher(cfg), cfg, 2, objective, shift=1.0, config=DistillConfig(lr=1e-3, critic_lr=1e-3))
     x0, a = batch(cfg)
     g = torch.Generator().manual_seed(1)
     clip = Clip.of(cfg, x0, a, g)
@@ -81,7 +81,7 @@ def test_the_critics_say_reaches_the_student_through_its_sample(objective):
     after = []
     for weight in (0.0, 1.0):
         torch.manual_seed(2)  # the same critic in both
-        d = Distillation(teacher, cfg, 2, objective, shift=1.0, lr=1e-3, critic_lr=1e-3)
+        d = Distillation(teacher, cfg, 2, objective, shift=1.0, config=DistillConfig(lr=1e-3, critic_lr=1e-3))
         if objective == "dmd":
             with torch.no_grad():
                 for p in d.critic.parameters():

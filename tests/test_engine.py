@@ -326,7 +326,7 @@ def test_distillation_brings_a_one_step_student_to_the_teachers_many_step_result
     """The machinery of `worldmodel distill` on a tiny random teacher and random clips: the 1-step
     student's sample lands ~10x closer to the teacher's 16-step sample than the teacher's own 1 step."""
     from worldmodel.model.diffusion import add_noise
-    from worldmodel.training.distill import distill_student
+    from worldmodel.training.distill import DistillConfig, distill_student
     from worldmodel.training.distill_objectives import commit_context, teacher_targets
     from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
@@ -356,8 +356,8 @@ def test_distillation_brings_a_one_step_student_to_the_teachers_many_step_result
             x = z - model.forward_cached(z, torch.ones(n, 1), a[:, -1:])
         return (x - ref).pow(2).mean().item()
 
-    student, curves = distill_student(teacher, cfg, Clips(), 1, shift=1.0, teacher_steps=16, iters=60, batch=8, lr=1e-3,
-                                      ema=0.9, progress=False)
+    student, curves = distill_student(teacher, cfg, Clips(), 1, shift=1.0, progress=False,
+                                      config=DistillConfig(teacher_steps=16, iters=60, batch=8, lr=1e-3, ema=0.9))
     losses = curves["regression"]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     before, after = gap(teacher), gap(student)

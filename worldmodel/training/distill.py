@@ -47,6 +47,7 @@ sharpness ratio beside it): what `worldmodel distill` reports for the teacher an
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import math
 
 import torch
@@ -72,6 +73,22 @@ METHODS = {
 DEFAULT_OBJECTIVE = "regression"  # what `distill` trains unless told: the shipped method, until another measures better
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """How one student is trained: the one place for distillation's defaults (`worldmodel distill`'s
+    flags take theirs from here)."""
+    teacher_steps: int = 8  # teacher Euler steps over the whole schedule that one student schedule imitates
+    iters: int = 300  # training iterations per student
+    batch: int = 8
+    lr: float = 1e-4
+    critic_lr: float = 1e-4  # the critic's (adversarial) or the fake score's (dmd)
+    adv_weight: float = 0.1  # adversarial: the critic's loss beside the regression loss
+    dmd_weight: float = 1.0  # dmd: the distribution-matching loss beside the regression loss
+    ema: float = 0.99  # decay of the averaged student weights that are saved
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Distillation: the student, its critic, their updates
 # --------------------------------------------------------------------------------------------------
@@ -89,14 +106,14 @@ class Distillation:
     The saved student is an EMA of the student's weights (`avg`)."""
 
     def __init__(self, teacher: WorldTransformer, cfg: ModelConfig, steps: int, objective: str = DEFAULT_OBJECTIVE, *,
-                 shift: float, teacher_steps: int = 8, lr: float = 1e-4, critic_lr: float = 1e-4,
-                 adv_weight: float = 0.1, dmd_weight: float = 1.0, grad_clip: float = 1.0):
+                 shift: float, config: DistillConfig = DistillConfig()):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        self.cfg, self.steps, self.objective = cfg, steps, objective
+        self.cfg, self.steps, self.objective, self.config = cfg, steps, objective, config
         self.schedule = schedule(steps, shift)
-        self.substeps = max(1, math.ceil(teacher_steps / steps))
-        self.adv_weight, self.dmd_weight, self.grad_clip = adv_weight, dmd_weight, grad_clip
+        self.substeps = max(1, math.ceil(config.teacher_steps / steps))
+        self.adv_weight, self.dmd_weight, self.grad_clip = config.adv_weight, config.dmd_weight, config.grad_clip
+        lr, critic_lr = config.lr, config.critic_lr
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = copy.deepcopy(teacher).train().requires_grad_(True)
         self.avg = copy.deepcopy(teacher).eval().requires_grad_(False)
@@ -167,19 +184,16 @@ class Distillation:
 
 
 def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: int,
-                    objective: str = DEFAULT_OBJECTIVE, *, shift: float, teacher_steps: int = 8, iters: int = 300,
-                    batch: int = 8,
-                    lr: float = 1e-4, critic_lr: float = 1e-4, adv_weight: float = 0.1, dmd_weight: float = 1.0, ema: float = 0.99,
-                    seed: int = 0, grad_clip: float = 1.0, amp: bool = False, progress: bool = True,
-                    log=None) -> tuple[WorldTransformer, dict[str, list[float]]]:
+                    objective: str = DEFAULT_OBJECTIVE, *, shift: float, config: DistillConfig = DistillConfig(),
+                    amp: bool = False, progress: bool = True, log=None) -> tuple[WorldTransformer, dict[str, list[float]]]:
     """Train a `steps`-step student (a copy of the teacher) with `objective` (see `Distillation`) on
     `clips` (clips.LatentClips: `.batch(step, batch, lo, hi, seed)` -> latents (B, F, C, h, w), actions
     (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift); `amp`: bf16 autocast.
     Every objective sees the same batches and noise for the same seed. Returns the EMA student and the
     loss curves (by name, one value per iteration)."""
     device = next(teacher.parameters()).device
-    d = Distillation(teacher, cfg, steps, objective, shift=shift, teacher_steps=teacher_steps, lr=lr,
-                     critic_lr=critic_lr, adv_weight=adv_weight, dmd_weight=dmd_weight, grad_clip=grad_clip)
+    d = Distillation(teacher, cfg, steps, objective, shift=shift, config=config)
+    iters, batch, lr, critic_lr, ema, seed = config.iters, config.batch, config.lr, config.critic_lr, config.ema, config.seed
     curves: dict[str, list[float]] = {}
     warmup = max(1, iters // 10)
     bar = None

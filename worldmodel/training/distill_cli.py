@@ -33,7 +33,8 @@ from worldmodel.model.checkpoint import load_pretrained, sampling_defaults, save
 from worldmodel.provenance import command_line
 from worldmodel.training.clips import LatentClips, encode_dataset
 from worldmodel.training.config import check_sizes
-from worldmodel.training.distill import DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, baselines, distill_student, evaluate
+from worldmodel.training.distill import (DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, DistillConfig, baselines,
+                                         distill_student, evaluate)
 from worldmodel.training.steps import add_amp_argument, amp_enabled, hardware
 
 STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
@@ -71,6 +72,7 @@ def check_arguments(args) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    D = DistillConfig()  # the defaults
     parser.add_argument("--teacher", required=True, help="trained checkpoint folder (or Hub id) to distil")
     parser.add_argument("--data", required=True, help="dataset folder (its training maps MAP01-MAP20 are used)")
     parser.add_argument("--val-data", default=None, help="dataset with validation maps MAP21-MAP24 (default: --data)")
@@ -84,21 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "distribution matching against a fake score trained on its samples, --dmd-weight); "
                              "a list (regression,adversarial) trains and reports each on the same batches "
                              "(default %(default)s)")
-    parser.add_argument("--adv-weight", type=float, default=0.1,
+    parser.add_argument("--adv-weight", type=float, default=D.adv_weight,
                         help="adversarial objective: weight of the critic's loss beside the regression loss "
                              "(default %(default)s)")
-    parser.add_argument("--dmd-weight", type=float, default=1.0,
+    parser.add_argument("--dmd-weight", type=float, default=D.dmd_weight,
                         help="dmd objective: weight of the distribution-matching loss beside the regression loss "
                              "(default %(default)s)")
-    parser.add_argument("--critic-lr", type=float, default=1e-4,
+    parser.add_argument("--critic-lr", type=float, default=D.critic_lr,
                         help="learning rate of the critic (adversarial) or of the fake-score model (dmd) "
                              "(default %(default)s)")
-    parser.add_argument("--teacher-steps", type=int, default=8,
+    parser.add_argument("--teacher-steps", type=int, default=D.teacher_steps,
                         help="teacher Euler steps over the whole schedule that one student schedule imitates")
-    parser.add_argument("--iters", type=int, default=300, help="training iterations per student")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--ema", type=float, default=0.99, help="EMA decay of the student weights that are saved")
+    parser.add_argument("--iters", type=int, default=D.iters, help="training iterations per student")
+    parser.add_argument("--batch", type=int, default=D.batch)
+    parser.add_argument("--lr", type=float, default=D.lr)
+    parser.add_argument("--ema", type=float, default=D.ema, help="EMA decay of the student weights that are saved")
     parser.add_argument("--max-clips", type=int, default=4000,
                         help="training clips (evenly spaced over the data; a large dataset is read from shards "
                              "spread over it, not whole)")
@@ -110,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--half", action="store_true",
                         help="store the student's transformer weights in float16 (half the size; the engine "
                              "computes in its own dtype)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=D.seed)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     add_amp_argument(parser)
@@ -132,6 +134,8 @@ def run(args) -> int:
                 at_least_0=("threads",))
     check_arguments(args)
     ks = parse_steps(args.steps_student)
+    dconfig = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
+                               if hasattr(args, f.name)})
     objectives = parse_objectives(args.objective)
     check_output_path(args.out, folder=True)
     if args.threads:
@@ -180,10 +184,7 @@ def run(args) -> int:
         for k in ks:
             t1 = time.time()
             student, curves = distill_student(teacher, cfg, train, k, objective, shift=sampling.shift,
-                                              teacher_steps=args.teacher_steps,
-                                              iters=args.iters, batch=args.batch, lr=args.lr, critic_lr=args.critic_lr,
-                                              adv_weight=args.adv_weight, dmd_weight=args.dmd_weight, ema=args.ema,
-                                              seed=args.seed, amp=amp, progress=progress)
+                                              config=dconfig, amp=amp, progress=progress)
             train_s = time.time() - t1
             res = evaluate(student, ae, cfg, vf, va, context, k, seed=args.seed, shift=sampling.shift)
             n = max(1, args.iters // 10)
