@@ -1,11 +1,13 @@
 """Writing files so that nothing is half-written: every file the package writes (checkpoints, dataset
-shards and manifests, recordings' metadata, run state, results) goes through `atomic_path`; and
+shards and manifests, recordings' metadata, run state, results) goes through `atomic_path`, every
+folder written as a whole (a training checkpoint, an export) through `atomic_folder`; and
 `check_output_path`, run before long work so that its result has somewhere to go."""
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +56,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `path` to write a whole folder in (a checkpoint, an export). When the
+    block ends without an error it takes the place of `path` (an old one is moved aside, then removed),
+    so a reader finds the old folder or the whole new one; on an error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = path.with_name(f".{path.name}.old.{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_folder(path.parent)
 

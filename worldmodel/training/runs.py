@@ -18,9 +18,7 @@ time) -- no pickle anywhere. `--resume` continues from the newest one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from worldmodel.errors import UserError
-from worldmodel.files import atomic_path, atomic_write_json, atomic_write_text, check_output_path
+from worldmodel.files import atomic_folder, atomic_path, atomic_write_json, atomic_write_text, check_output_path
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.checkpoint import (CONFIG_FILE, CheckpointError, check_state_dict, load_tensors,
                                          save_pretrained, save_tensors)
@@ -156,28 +154,14 @@ def save_checkpoint(run: Path, step: int, modules: dict[str, nn.Module], optimiz
                     state: dict, keep: int = 2) -> Path:
     """RUN/checkpoints/step_XXXXXXXX/ written under a temporary name, then renamed; the oldest beyond
     `keep` are removed."""
-    root = Path(run) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}."))
-    try:
+    final = Path(run) / "checkpoints" / f"step_{step:08d}"
+    with atomic_folder(final) as tmp:  # the same step written again (a resumed run): replaced
         for name, module in modules.items():
             save_tensors(tmp / f"{name}.safetensors", module.state_dict())
         opt_tensors, opt_meta = optimizer_state(optimizer)
         save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         save_tensors(tmp / "rng.safetensors", rng_state())
         atomic_write_json(tmp / "state.json", {"format": STATE_FORMAT, "step": step, "optimizer": opt_meta, **state})
-        os.chmod(tmp, 0o755)
-        if final.exists():  # the same step written again (a resumed run): replace it
-            old = root / f".old_{final.name}.{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -303,19 +287,8 @@ def export(run: Path, cfg: ModelConfig, autoencoder: Autoencoder, transformer: W
            sampling: SamplingDefaults) -> Path:
     """RUN/export/ (sampled by default as `sampling` says), replaced as a whole (written next to it, then
     swapped in)."""
-    run = Path(run)
-    final = run / "export"
-    tmp = Path(tempfile.mkdtemp(dir=run, prefix=".export."))
-    try:
+    final = Path(run) / "export"
+    with atomic_folder(final) as tmp:
         save_pretrained(tmp, cfg, autoencoder, transformer, info, sampling)
-        os.chmod(tmp, 0o755)
-        old = run / f".export.old.{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
