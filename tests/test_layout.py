@@ -88,3 +88,12 @@ def test_play_and_kernels_are_imported_by_their_package_names():
     found = [f"{p.relative_to(ROOT)}" for folder in ("worldmodel", "play", "kernels", "tests", "benchmarks")
              for p in (ROOT / folder).rglob("*.py") if bare.search(p.read_text())]
     assert not found, "bare play/kernels imports in: " + ", ".join(found)
+
+
+def test_only_the_front_end_imports_pygame():
+    found = [str(p.relative_to(ROOT)) for p in (ROOT / "worldmodel").rglob("*.py")
+             if any(isinstance(n, (ast.Import, ast.ImportFrom)) and
+                    any((a.name if isinstance(n, ast.Import) else n.module or "").split(".")[0] == "pygame"
+                        for a in n.names)
+                    for n in ast.walk(ast.parse(p.read_text())))]
+    assert not found, "pygame imported outside play/: " + ", ".join(found)
