@@ -40,24 +40,28 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, sync: bool = True) -> Iterator[Path]:
     """A temporary path beside `path` to write the whole file to. When the block ends without an error,
-    the file is flushed to disk and renamed over `path` (which so holds either its old content or all of
-    the new); on an error it is removed. A full disk is a one-line DiskFullError naming `path`."""
+    the file is flushed to disk (`sync`; False for a small file rewritten often in a loop that must not
+    wait on the disk, e.g. a recording's periodic metadata: the rename alone keeps it whole) and renamed
+    over `path` (which so holds either its old content or all of the new); on an error it is removed. A
+    full disk is a one-line DiskFullError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
         with writing(path):
             yield tmp
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            if sync:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    if sync:
+        _fsync_folder(path.parent)
 
 
 @contextmanager
@@ -82,13 +86,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_folder(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync: bool = True) -> None:
+    with atomic_path(path, sync) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | os.PathLike, text: str, sync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), sync)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -345,7 +345,7 @@ class Recorder:
         json.dumps(fields)
         self.meta_in.update(fields)
 
-    def _write_meta(self, complete: bool = False) -> None:
+    def _write_meta(self, complete: bool = False, sync: bool = False) -> None:
         self._last_meta = time.monotonic()
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "video": self.paths["video"].name,
                 "actions": self.paths["actions"].name, "codec": self.video.codec, "fps": self.fps,
@@ -358,7 +358,8 @@ class Recorder:
         if self._timings is not None:
             meta["timings"] = self.paths["timings"].name
         meta.update({k: v for k, v in self.meta_in.items() if k not in meta})
-        atomic_write_text(self.paths["meta"], json.dumps(meta, indent=2) + "\n")
+        # the periodic writes do not wait on the disk (they run in the frame loop); the last one is durable
+        atomic_write_text(self.paths["meta"], json.dumps(meta, indent=2) + "\n", sync=sync)
 
     def close(self) -> None:
         """Finish the video, compact the actions file and write the final sidecar: complete: true, unless
@@ -375,7 +376,7 @@ class Recorder:
             except (RecordingError, UserError, OSError) as e:  # a full disk: the padded actions file is kept
                 err = err or e
         try:
-            self._write_meta(complete=err is None and self.interrupted is None)
+            self._write_meta(complete=err is None and self.interrupted is None, sync=True)
         except (UserError, OSError) as e:
             err = err or e
         if err is not None:
