@@ -167,3 +167,23 @@ def test_close_ends_the_engine_and_its_watchdog():
     assert env.engine_pid in engines_of(os.getpid()) and env._watchdog.poll() is None
     env.close()
     assert env.engine_pid not in engines_of(os.getpid()) and env._watchdog.poll() is not None
+
+
+def test_an_interrupt_as_the_engine_starts_leaves_no_engine(monkeypatch):
+    """A signal handled just after ViZDoom's engine started (a collect worker's SIGTERM becomes SystemExit
+    there) must stop that engine: the constructor never returned, so no `with` or close() can."""
+    import vizdoom
+
+    from helpers import engines_of
+
+    class Interrupted(vizdoom.DoomGame):
+        def init(self):
+            super().init()
+            raise SystemExit(143)
+
+    before = set(engines_of(os.getpid()))  # (other tests' envs may still be open here)
+    monkeypatch.setattr(vizdoom, "DoomGame", Interrupted)
+    with pytest.raises(SystemExit) as raised:
+        DoomEnv(map="MAP01", frame_size=(24, 32))
+    # checked while the traceback (and with it the half-made env) is alive, as in a process that is exiting
+    assert raised.tb is not None and set(engines_of(os.getpid())) <= before
