@@ -242,28 +242,23 @@ class DoomEnv:
         runtime_dir = os.path.join(os.getcwd(), "_vizdoom")
         existed = os.path.exists(runtime_dir)
         os.makedirs(runtime_dir, exist_ok=True)
-        self._watchdog, self._closed, self._started = None, True, False
+        self._watchdog, self._closed, self._started = None, False, False  # close() now stops what has started
         try:
-            try:
-                g.init()
-            except Exception as e:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                raise UserError(f"cannot start ViZDoom on {wad} {self.map}: {e}") from None
-            finally:
-                if not existed:
-                    try:
-                        os.rmdir(runtime_dir)
-                    except OSError:
-                        pass
+            g.init()
             engines = find_engines(self._tmp)
             self.engine_pid = engines[0] if engines else None  # the engine's process (None without /proc)
             self._watchdog = _start_watchdog(self.engine_pid, self._tmp) if self.engine_pid else None
-            self._closed = False
-        except BaseException as e:
-            if not isinstance(e, UserError):  # interrupted once the engine may run (a worker's SIGTERM): stop it
-                self._closed = False
-                self.close()
+        except BaseException as e:  # a failed start, or a signal as it started (a worker's SIGTERM): no engine left
+            self.close()
+            if isinstance(e, Exception):
+                raise UserError(f"cannot start ViZDoom on {wad} {self.map}: {e}") from None
             raise
+        finally:
+            if not existed:
+                try:
+                    os.rmdir(runtime_dir)
+                except OSError:
+                    pass
 
     # -- episode control ---------------------------------------------------------------------------
     def _new_episode(self, seed: int | None = None) -> np.ndarray:

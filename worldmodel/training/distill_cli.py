@@ -74,8 +74,10 @@ def check_arguments(args) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     D = DistillConfig()  # the defaults
     parser.add_argument("--teacher", required=True, help="trained checkpoint folder (or Hub id) to distil")
-    parser.add_argument("--data", required=True, help="dataset folder (its training maps MAP01-MAP20 are used; a level's dataset: its level)")
-    parser.add_argument("--val-data", default=None, help="dataset with validation maps MAP21-MAP24, or a level's held-out episodes (default: --data)")
+    parser.add_argument("--data", required=True,
+                        help="dataset folder (its training maps MAP01-MAP20 are used; a level's dataset: its level)")
+    parser.add_argument("--val-data", default=None,
+                        help="dataset with validation maps MAP21-MAP24, or a level's held-out episodes (default: --data)")
     parser.add_argument("--out", required=True, help="output folder: the student checkpoint (one objective and one "
                                                      "value of --steps-student), else OUT/OBJECTIVE and/or "
                                                      "OUT/steps-K for each")

@@ -40,9 +40,11 @@ from worldmodel.training.transformer import cfg_latent, train_model
 
 
 def _add_common(p: argparse.ArgumentParser, defaults) -> None:
-    p.add_argument("--data", required=True, help="dataset folder (training maps MAP01-MAP20 are used; a level's dataset: its level)")
+    p.add_argument("--data", required=True,
+                   help="dataset folder (training maps MAP01-MAP20 are used; a level's dataset: its level)")
     p.add_argument("--val-data", default=None,
-                   help="dataset folder with validation maps MAP21-MAP24, or a level's held-out episodes (default: --data, its validation maps)")
+                   help="dataset folder with validation maps MAP21-MAP24, or a level's held-out episodes "
+                        "(default: --data, its validation maps)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, nfd-310m)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
