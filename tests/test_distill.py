@@ -44,16 +44,19 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_each_update_moves_only_its_own_model(objective):
+@pytest.mark.parametrize("objective, self_forcing", [(o, 0) for o in OBJECTIVES] + [("regression", 2), ("dmd", 2)])
+def test_each_update_moves_only_its_own_model(objective, self_forcing):
     """The student's step leaves the teacher and the critic (the adversarial critic with its spectral-norm
-    state, or DMD's fake score) bit-identical; the critic's step leaves the student and the teacher."""
+    state, or DMD's fake score) bit-identical; the critic's step leaves the student and the teacher.
+    Self-forced clips too: the student's rollout that makes them moves nothing."""
     cfg = tiny_config(prev_frame=True)
-    d = Distillation(active_teacher(cfg), cfg, 2, objective, shift=1.0, config=DistillConfig(lr=1e-3, critic_lr=1e-3))
+    d = Distillation(active_teacher(cfg), cfg, 2, objective, shift=1.0,
+                     config=DistillConfig(lr=1e-3, critic_lr=1e-3, self_forcing=self_forcing))
     x0, a = batch(cfg)
     g = torch.Generator().manual_seed(1)
-    clip = Clip.of(cfg, x0, a, g)
     teacher, student = state(d.teacher), state(d.student)
+    clip = d.clip(x0, a, g, seed=9)
+    assert same(state(d.teacher), teacher) and same(state(d.student), student)
     critic = None if d.critic is None else state(d.critic)
     losses, sample = d.student_step(clip, g)
     assert all(math.isfinite(v) for v in losses.values())
@@ -68,6 +71,32 @@ def test_each_update_moves_only_its_own_model(objective):
     assert math.isfinite(d.critic_step(clip, sample, g)["critic"])
     assert same(state(d.teacher), teacher) and same(state(d.student), student)
     assert not same(state(d.critic), critic)
+
+
+def test_self_forced_clips_hold_the_students_own_rollout():
+    """With --self-forcing K the last K context frames are what the engine's sampler makes from the real
+    frames before them with the student (its steps, the given seed), committed at the context noise
+    level like the real ones; the real frames before them and the real target are left as they were."""
+    from worldmodel.model.sampler import FrameSampler
+
+    cfg = tiny_config(prev_frame=True)
+    k, steps, seed = 2, 2, 9
+    d = Distillation(active_teacher(cfg), cfg, steps, "dmd", shift=1.0, config=DistillConfig(self_forcing=k))
+    with torch.no_grad():  # the student has moved off the teacher: its own rollout, not the teacher's
+        for p in d.student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x0, a = batch(cfg)
+    real = cfg.cache_frames - k
+    clip = d.clip(x0, a, torch.Generator().manual_seed(1), seed)
+    sampler = FrameSampler(d.student.eval(), cfg, steps, shift=1.0, seed=seed, batch_size=x0.shape[0])
+    sampler.reset(x0[:, :real], a[:, :real])
+    own = torch.cat([sampler.next(a[:, real + i:real + i + 1]) for i in range(k)], 1)
+    expected = Clip.of(cfg, torch.cat((x0[:, :real], own, x0[:, real + k:]), 1), a, torch.Generator().manual_seed(1))
+    plain = Clip.of(cfg, x0, a, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(clip.ctx, expected.ctx, atol=1e-5, rtol=1e-4)
+    assert torch.equal(clip.ctx[:, :real], plain.ctx[:, :real]) and torch.equal(clip.target, plain.target)
+    assert (clip.ctx[:, real:] - plain.ctx[:, real:]).abs().mean() > 0.1  # not the real frames
+    assert torch.equal(clip.t_ctx, plain.t_ctx) and torch.equal(clip.actions, a)
 
 
 @pytest.mark.parametrize("objective", ["adversarial", "dmd"])
@@ -137,16 +166,17 @@ def test_one_ema_serves_training_and_distillation():
     assert same(state(avg), state(model))
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--objective", "gan"), ("--objective", "regression,gan"), ("--objective", ","),
-    ("--adv-weight", "0"), ("--adv-weight", "-1"), ("--adv-weight", "nan"),
-    ("--dmd-weight", "0"), ("--dmd-weight", "inf"), ("--critic-lr", "0"), ("--critic-lr", "-1e-4"),
-    ("--iters", "0"), ("--ema", "1"),
+@pytest.mark.parametrize("flag, value, more", [
+    ("--objective", "gan", []), ("--objective", "regression,gan", []), ("--objective", ",", []),
+    ("--adv-weight", "0", []), ("--adv-weight", "-1", []), ("--adv-weight", "nan", []),
+    ("--dmd-weight", "0", []), ("--dmd-weight", "inf", []), ("--critic-lr", "0", []), ("--critic-lr", "-1e-4", []),
+    ("--iters", "0", []), ("--ema", "1", []), ("--self-forcing", "-1", []),
+    ("--self-forcing", "2", ["--objective", "dmd,adversarial"]),
 ])
-def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value):
+def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value, more):
     from worldmodel.cli import main
     rc = main(["distill", "--teacher", str(tmp_path / "none"), "--data", str(tmp_path / "none"), "--out",
-               str(tmp_path / "out"), f"{flag}={value}"])
+               str(tmp_path / "out"), f"{flag}={value}", *more])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and flag in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
@@ -192,3 +222,35 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
         wm.reset(frames, [Action()] * cfg.cache_frames)
         frame = wm.step(Action(move=1))
         assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
+
+
+def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
+    """`--self-forcing K` with dmd: refused in one line when K leaves no real context frame for this
+    teacher; otherwise the run's report and the student's card say so, and the student plays."""
+    from worldmodel.game.action import Action
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.cli import main
+    from worldmodel.inference.engine import WorldModel
+    from worldmodel.model.sampler import SamplingDefaults
+
+    cfg = tiny_config(prev_frame=True)
+    torch.manual_seed(0)
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), active_teacher(cfg), device="cpu",
+               sampling=SamplingDefaults(steps=2)).save_pretrained(tmp_path / "t")
+    data = make_dataset(tmp_path / "data", frames=40)
+    args = ["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--objective", "dmd",
+            "--steps-student", "2", "--iters", "2", "--batch", "2", "--teacher-steps", "2", "--max-clips", "8",
+            "--eval-clips", "2", "--rollout", "2", "--threads", "1", "--no-progress"]
+    rc = main([*args, "--out", str(tmp_path / "bad"), "--self-forcing", str(cfg.cache_frames)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--self-forcing" in err, err
+    assert main([*args, "--out", str(tmp_path / "out"), "--self-forcing", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
+    assert report["self_forcing"] == 2 and "Self Forcing" in report["methods"]["dmd"]
+    entry = report["students"]["dmd-2"]
+    assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
+    wm = WorldModel.from_pretrained(tmp_path / "out", device="cpu")
+    assert wm.info["distill"]["self_forcing"] == 2 and "Self Forcing" in wm.info["distill"]["method"]
+    frames = np.zeros((cfg.cache_frames, 32, 32, 3), np.uint8)
+    wm.reset(frames, [Action()] * cfg.cache_frames)
+    assert wm.step(Action(move=1)).shape == (32, 32, 3)

@@ -281,7 +281,7 @@ def test_killing_collect_leaves_its_workers_quiet(tmp_path):
     err = tmp_path / "stderr.txt"
     with open(err, "w") as f:
         proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=f)
-    workers = []
+    workers, engines = [], []
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:  # until the workers are playing
@@ -297,15 +297,30 @@ def test_killing_collect_leaves_its_workers_quiet(tmp_path):
         deadline = time.time() + 60
         while time.time() < deadline and any(_alive(w) for w in workers + engines):
             time.sleep(0.1)
-        assert not any(_alive(w) for w in workers + engines), "a worker or an engine outlived the main process"
+        survivors = [_describe(p) for p in workers + engines if _alive(p)]
+        assert not survivors, f"outlived the main process: {survivors}; stderr: {err.read_text()[-2000:]}"
     finally:
-        for w in workers:
+        for w in workers + engines:
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = err.read_text()
     assert "Traceback" not in text and "BrokenPipe" not in text, text[-3000:]
+
+
+def _describe(pid: int) -> str:
+    """pid, state and command line of a live process, for a failure message."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().split(")")[-1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+    except OSError as e:
+        return f"{pid} ({e})"
+    return f"{pid} {state} wchan={wchan} {cmd}"
 
 
 def _alive(pid: int) -> bool:

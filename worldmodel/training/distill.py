@@ -41,6 +41,15 @@ The student's sample is drawn as the engine draws it (its k Euler steps after th
 gradient goes through its last step only. Each objective sees the same batches and noise for a seed,
 so a list (`--objective regression,adversarial`) compares them in one run.
 
+Self Forcing (`--self-forcing K`, regression and dmd): the last K context frames of every clip are the
+student's own rollout from the real frames before them, made by the engine's sampler with its KV
+cache (`training.transformer.self_forced_clip`), so the student is trained on the contexts it makes
+itself when it plays. With dmd this is Self Forcing's own recipe: the student's next frame after its
+own frames is judged by the teacher's score *given that context* -- what a plausible next frame is
+there -- instead of being regressed onto the real game's next frame, which a drifted rollout no
+longer predicts (what `train model --self-forcing` does, and why it learns to hedge). The adversarial
+critic judges a frame beside the real previous frame, so it does not take self-forced clips.
+
 `evaluate` measures a model against the real game (PSNR one frame ahead and over a rollout, with a
 sharpness ratio beside it): what `worldmodel distill` reports for the teacher and each student.
 """
@@ -53,6 +62,7 @@ import math
 import torch
 import torch.nn as nn
 
+from worldmodel.errors import UserError
 from worldmodel.model.sampler import FrameSampler
 from worldmodel.metrics import psnr_frames
 from worldmodel.model.autoencoder import Autoencoder
@@ -60,6 +70,7 @@ from worldmodel.model.transformer import ModelConfig, WorldTransformer
 from worldmodel.training.distill_objectives import (Clip, LatentCritic, critic_hinge_loss, dmd_loss, fake_score_loss,
                                                     regression_loss, schedule, student_sample)
 from worldmodel.training.steps import ema_update
+from worldmodel.training.transformer import self_forced_clip
 
 OBJECTIVES = ("regression", "adversarial", "dmd")
 METHODS = {
@@ -70,6 +81,7 @@ METHODS = {
     "dmd": "trajectory distillation + distribution matching (DMD): the student's samples moved along the "
            "difference of a fake score (trained online on them) and the teacher's score",
 }
+SELF_FORCED = "; Self Forcing: the last {k} context frames of each clip are the student's own rollout"
 DEFAULT_OBJECTIVE = "regression"  # what `distill` trains unless told: the shipped method, until another measures better
 
 
@@ -85,6 +97,7 @@ class DistillConfig:
     adv_weight: float = 0.1  # adversarial: the critic's loss beside the regression loss
     dmd_weight: float = 1.0  # dmd: the distribution-matching loss beside the regression loss
     ema: float = 0.99  # decay of the averaged student weights that are saved
+    self_forcing: int = 0  # > 0: the last K context frames are the student's own rollout (regression, dmd)
     grad_clip: float = 1.0
     seed: int = 0
 
@@ -103,13 +116,15 @@ class Distillation:
       fake-score model (a copy of the teacher) trained beside it on its samples by flow matching.
     `student_step` moves the student only, `critic_step` the critic only; the teacher never moves.
     The student's schedule is the engine's for `steps` and `shift` (the teacher's SamplingDefaults.shift).
-    The saved student is an EMA of the student's weights (`avg`)."""
+    `clip` lays a batch out, self-forced with `config.self_forcing`. The saved student is an EMA of the
+    student's weights (`avg`)."""
 
     def __init__(self, teacher: WorldTransformer, cfg: ModelConfig, steps: int, objective: str = DEFAULT_OBJECTIVE, *,
                  shift: float, config: DistillConfig = DistillConfig()):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        self.cfg, self.steps, self.objective, self.config = cfg, steps, objective, config
+        check_self_forcing(config.self_forcing, objective, cfg.cache_frames)
+        self.cfg, self.steps, self.objective, self.config, self.shift = cfg, steps, objective, config, shift
         self.schedule = schedule(steps, shift)
         self.substeps = max(1, math.ceil(config.teacher_steps / steps))
         self.adv_weight, self.dmd_weight, self.grad_clip = config.adv_weight, config.dmd_weight, config.grad_clip
@@ -128,6 +143,16 @@ class Distillation:
         betas = (0.0, 0.99) if objective == "adversarial" else (0.9, 0.99)
         self.critic_opt = None if self.critic is None else torch.optim.AdamW(
             self.critic.parameters(), lr=critic_lr, weight_decay=0.0, betas=betas)
+
+    def clip(self, x0: torch.Tensor, actions: torch.Tensor, g: torch.Generator, seed: int) -> Clip:
+        """Latent clips (B, K+1, C, h, w) and their actions laid out for a step (`Clip.of`); with
+        self-forcing, their last `config.self_forcing` context frames first replaced by the student's
+        own rollout (the engine's sampler at the student's steps, its noise seeded by `seed`)."""
+        k = self.config.self_forcing
+        if k:
+            x0 = self_forced_clip(self.student, self.cfg, x0, actions, x0.shape[1] - 1 - k, k, self.steps, seed,
+                                  shift=self.shift)
+        return Clip.of(self.cfg, x0, actions, g)
 
     def student_step(self, clip: Clip, g: torch.Generator, lr: float | None = None,
                      extra_weight: float = 1.0) -> tuple[dict[str, float], torch.Tensor | None]:
@@ -183,6 +208,20 @@ class Distillation:
         ema_update(self.avg, self.student, decay)
 
 
+def check_self_forcing(k: int, objective: str, cache_frames: int | None = None) -> None:
+    """Self-forced frames take the place of context frames: at least one real frame must start the
+    rollout (`cache_frames`: the model's context, when known), and the adversarial critic's condition
+    (the real previous frame) does not exist."""
+    if k < 0:
+        raise UserError(f"--self-forcing must be at least 0, got {k}")
+    if cache_frames is not None and k >= cache_frames:
+        raise UserError(f"--self-forcing must be below {cache_frames} (this model's context holds {cache_frames} "
+                        f"frames, at least one of them real), got {k}")
+    if k and objective == "adversarial":
+        raise UserError("--self-forcing works with the regression and dmd objectives, not adversarial (its critic "
+                        "judges a frame beside the real previous one)")
+
+
 def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: int,
                     objective: str = DEFAULT_OBJECTIVE, *, shift: float, config: DistillConfig = DistillConfig(),
                     amp: bool = False, progress: bool = True, log=None) -> tuple[WorldTransformer, dict[str, list[float]]]:
@@ -204,8 +243,8 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
         g = torch.Generator().manual_seed(seed * 1_000_003 + it)
         x0, a = clips.batch(it, batch, 0, batch, seed)
         ramp = min(1.0, (it + 1) / warmup)  # short warm-up of the learning rates and of the critic's say
+        clip = d.clip(x0.to(device), a.to(device), g, seed * 1_000_003 + it)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            clip = Clip.of(cfg, x0.to(device), a.to(device), g)
             losses, sample = d.student_step(clip, g, lr=lr * ramp, extra_weight=ramp)
             if sample is not None:
                 losses.update(d.critic_step(clip, sample, g, lr=critic_lr * ramp))

@@ -33,8 +33,8 @@ from worldmodel.model.checkpoint import load_pretrained, sampling_defaults, save
 from worldmodel.provenance import command_line
 from worldmodel.training.clips import LatentClips, encode_dataset
 from worldmodel.training.config import check_sizes
-from worldmodel.training.distill import (DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, DistillConfig, baselines,
-                                         distill_student, evaluate)
+from worldmodel.training.distill import (DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, SELF_FORCED, DistillConfig,
+                                         baselines, check_self_forcing, distill_student, evaluate)
 from worldmodel.training.steps import add_amp_argument, amp_enabled, hardware
 
 STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
@@ -69,6 +69,8 @@ def check_arguments(args) -> None:
             raise UserError(f"{name} must be a positive number, got {v:g}")
     if not 0.0 <= args.ema < 1.0:
         raise UserError(f"--ema must be within [0, 1), got {args.ema:g}")
+    for objective in parse_objectives(args.objective):
+        check_self_forcing(args.self_forcing, objective)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--teacher-steps", type=int, default=D.teacher_steps,
                         help="teacher Euler steps over the whole schedule that one student schedule imitates")
+    parser.add_argument("--self-forcing", type=int, default=D.self_forcing, metavar="K",
+                        help="Self Forcing: the last K context frames of every training clip are the student's own "
+                             "rollout (the engine's sampler), so it learns from the contexts it makes when it plays; "
+                             "with dmd, the teacher judges its next frame after them (regression and dmd; default "
+                             "%(default)s: all real)")
     parser.add_argument("--iters", type=int, default=D.iters, help="training iterations per student")
     parser.add_argument("--batch", type=int, default=D.batch)
     parser.add_argument("--lr", type=float, default=D.lr)
@@ -119,6 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     add_amp_argument(parser)
     parser.add_argument("--no-progress", action="store_true")
+
+
+def method(objective: str, self_forcing: int) -> str:
+    return METHODS[objective] + (SELF_FORCED.format(k=self_forcing) if self_forcing else "")
 
 
 def student_table(report: dict) -> str:
@@ -146,6 +157,7 @@ def run(args) -> int:
     amp = amp_enabled(not args.no_amp, device)
     cfg, ae, teacher, config, folder = load_pretrained(args.teacher, device=device)
     sampling = sampling_defaults(config, folder)  # the teacher's; a student's steps are its own
+    check_self_forcing(args.self_forcing, objectives[0], cfg.cache_frames)
     teacher.attention = "sdpa" if device.type != "cuda" else teacher.attention
     progress = not args.no_progress
     context = cfg.cache_frames  # sinks + window: the context fits the cache without wrapping
@@ -168,10 +180,10 @@ def run(args) -> int:
           file=sys.stderr)
 
     report = {"teacher": str(args.teacher), "objectives": objectives,
-              "methods": {o: METHODS[o] for o in objectives}, "data": str(args.data), "val_data": str(val_source),
+              "methods": {o: method(o, args.self_forcing) for o in objectives}, "data": str(args.data), "val_data": str(val_source),
               "train_clips": len(train), "teacher_steps": args.teacher_steps, "iters": args.iters,
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "adv_weight": args.adv_weight,
-              "dmd_weight": args.dmd_weight, "ema": args.ema, "seed": args.seed, "device": str(device),
+              "dmd_weight": args.dmd_weight, "ema": args.ema, "self_forcing": args.self_forcing, "seed": args.seed, "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "baselines": baselines(ae, vf, context),
@@ -199,7 +211,7 @@ def run(args) -> int:
             dest = dest / f"steps-{k}" if len(ks) > 1 else dest
             info = {**(config.get("info") or {}),
                     "distill": {k_: v for k_, v in report.items() if k_ != "students"}
-                    | {"objective": objective, "method": METHODS[objective], "student_steps": k, "eval": res,
+                    | {"objective": objective, "method": method(objective, args.self_forcing), "student_steps": k, "eval": res,
                        "losses": losses}}
             save_pretrained(dest, cfg, ae, copy.deepcopy(student).half() if args.half else student, info,
                             dataclasses.replace(sampling, steps=k))
