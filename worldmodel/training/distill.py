@@ -81,7 +81,6 @@ METHODS = {
     "dmd": "trajectory distillation + distribution matching (DMD): the student's samples moved along the "
            "difference of a fake score (trained online on them) and the teacher's score",
 }
-SELF_FORCED = "; Self Forcing: the last {k} context frames of each clip are the student's own rollout"
 DEFAULT_OBJECTIVE = "regression"  # what `distill` trains unless told: the shipped method, until another measures better
 
 
@@ -208,6 +207,12 @@ class Distillation:
         ema_update(self.avg, self.student, decay)
 
 
+def method_of(objective: str, self_forcing: int = 0) -> str:
+    """What a student's report and card say of how it was trained."""
+    forced = f"; Self Forcing: the last {self_forcing} context frames of each clip are the student's own rollout"
+    return METHODS[objective] + (forced if self_forcing else "")
+
+
 def check_self_forcing(k: int, objective: str, cache_frames: int | None = None) -> None:
     """Self-forced frames take the place of context frames: at least one real frame must start the
     rollout (`cache_frames`: the model's context, when known), and the adversarial critic's condition
@@ -240,10 +245,11 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
         from worldmodel.progress import progress_bar
         bar = progress_bar(total=iters, desc=f"distill {steps}-step {objective}", unit="it", disable=None)
     for it in range(iters):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + it)
+        it_seed = seed * 1_000_003 + it  # this iteration's noise, and its self-forced rollout's
+        g = torch.Generator().manual_seed(it_seed)
         x0, a = clips.batch(it, batch, 0, batch, seed)
         ramp = min(1.0, (it + 1) / warmup)  # short warm-up of the learning rates and of the critic's say
-        clip = d.clip(x0.to(device), a.to(device), g, seed * 1_000_003 + it)
+        clip = d.clip(x0.to(device), a.to(device), g, it_seed)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             losses, sample = d.student_step(clip, g, lr=lr * ramp, extra_weight=ramp)
             if sample is not None:

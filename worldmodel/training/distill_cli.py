@@ -33,8 +33,8 @@ from worldmodel.model.checkpoint import load_pretrained, sampling_defaults, save
 from worldmodel.provenance import command_line
 from worldmodel.training.clips import LatentClips, encode_dataset
 from worldmodel.training.config import check_sizes
-from worldmodel.training.distill import (DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, SELF_FORCED, DistillConfig,
-                                         baselines, check_self_forcing, distill_student, evaluate)
+from worldmodel.training.distill import (DEFAULT_OBJECTIVE, OBJECTIVES, DistillConfig, baselines, check_self_forcing,
+                                         distill_student, evaluate, method_of)
 from worldmodel.training.steps import add_amp_argument, amp_enabled, hardware
 
 STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="dataset folder (its training maps MAP01-MAP20 are used; a level's dataset: its level)")
     parser.add_argument("--val-data", default=None,
-                        help="dataset with validation maps MAP21-MAP24, or a level's held-out episodes (default: --data)")
+                        help="dataset with validation maps MAP21-MAP24, or a level's held-out episodes "
+                             "(default: --data)")
     parser.add_argument("--out", required=True, help="output folder: the student checkpoint (one objective and one "
                                                      "value of --steps-student), else OUT/OBJECTIVE and/or "
                                                      "OUT/steps-K for each")
@@ -126,10 +127,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     add_amp_argument(parser)
     parser.add_argument("--no-progress", action="store_true")
-
-
-def method(objective: str, self_forcing: int) -> str:
-    return METHODS[objective] + (SELF_FORCED.format(k=self_forcing) if self_forcing else "")
 
 
 def student_table(report: dict) -> str:
@@ -180,10 +177,12 @@ def run(args) -> int:
           file=sys.stderr)
 
     report = {"teacher": str(args.teacher), "objectives": objectives,
-              "methods": {o: method(o, args.self_forcing) for o in objectives}, "data": str(args.data), "val_data": str(val_source),
+              "methods": {o: method_of(o, args.self_forcing) for o in objectives}, "data": str(args.data),
+              "val_data": str(val_source),
               "train_clips": len(train), "teacher_steps": args.teacher_steps, "iters": args.iters,
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "adv_weight": args.adv_weight,
-              "dmd_weight": args.dmd_weight, "ema": args.ema, "self_forcing": args.self_forcing, "seed": args.seed, "device": str(device),
+              "dmd_weight": args.dmd_weight, "ema": args.ema, "self_forcing": args.self_forcing, "seed": args.seed,
+              "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "baselines": baselines(ae, vf, context),
@@ -211,8 +210,8 @@ def run(args) -> int:
             dest = dest / f"steps-{k}" if len(ks) > 1 else dest
             info = {**(config.get("info") or {}),
                     "distill": {k_: v for k_, v in report.items() if k_ != "students"}
-                    | {"objective": objective, "method": method(objective, args.self_forcing), "student_steps": k, "eval": res,
-                       "losses": losses}}
+                    | {"objective": objective, "method": method_of(objective, args.self_forcing), "student_steps": k,
+                       "eval": res, "losses": losses}}
             save_pretrained(dest, cfg, ae, copy.deepcopy(student).half() if args.half else student, info,
                             dataclasses.replace(sampling, steps=k))
             if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():
