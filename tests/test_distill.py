@@ -254,3 +254,50 @@ def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     frames = np.zeros((cfg.cache_frames, 32, 32, 3), np.uint8)
     wm.reset(frames, [Action()] * cfg.cache_frames)
     assert wm.step(Action(move=1)).shape == (32, 32, 3)
+
+
+def test_a_student_trained_further_starts_from_itself_and_counts_all_its_iterations(tmp_path, capsys):
+    """`--init-student`: the student and its average start from the earlier student's weights (not the
+    teacher's), the teacher stays; the new card counts both runs' iterations. A student of another model,
+    of another autoencoder or with other steps is refused in one line, before any training."""
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.cli import main
+    from worldmodel.inference.engine import WorldModel
+    from worldmodel.model.sampler import SamplingDefaults
+
+    cfg = tiny_config(prev_frame=True)
+    teacher, other = active_teacher(cfg), active_teacher(cfg, seed=3)
+    d = Distillation(teacher, cfg, 2, "dmd", shift=1.0, init=other)
+    assert same(state(d.student), state(other)) and same(state(d.avg), state(other))
+    assert same(state(d.critic), state(teacher)) and not same(state(d.student), state(teacher))
+
+    torch.manual_seed(0)
+    ae = Autoencoder(cfg.autoencoder)
+    WorldModel(cfg, ae, teacher, device="cpu", sampling=SamplingDefaults(steps=2)).save_pretrained(tmp_path / "t")
+    data = make_dataset(tmp_path / "data", frames=40)
+    args = ["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--objective", "dmd",
+            "--iters", "2", "--batch", "2", "--teacher-steps", "2", "--max-clips", "8",
+            "--eval-clips", "2", "--rollout", "2", "--threads", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "first"), "--steps-student", "2", "--self-forcing", "2"]) == 0
+    first = WorldModel.from_pretrained(tmp_path / "first", device="cpu")
+    assert first.info["distill"]["iters_total"] == 2 and first.info["distill"]["init_student"] is None
+
+    torch.manual_seed(1)
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), teacher, device="cpu").save_pretrained(tmp_path / "other-ae")
+    bigger = tiny_config(prev_frame=True, depth=cfg.depth + 1)
+    WorldModel(bigger, ae, WorldTransformer(bigger), device="cpu").save_pretrained(tmp_path / "other-model")
+    capsys.readouterr()
+    for init, steps, says in ((tmp_path / "first", "1", "--steps-student 2"), (tmp_path / "other-ae", "2", "autoencoder"),
+                              (tmp_path / "other-model", "2", "depth")):
+        rc = main([*args, "--out", str(tmp_path / "bad"), "--steps-student", steps, "--init-student", str(init)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "--init-student" in err and says in err, err
+        assert not (tmp_path / "bad").exists()
+
+    assert main([*args, "--out", str(tmp_path / "second"), "--steps-student", "2", "--self-forcing", "2",
+                 "--init-student", str(tmp_path / "first")]) == 0
+    report = json.loads((tmp_path / "second" / "distill_report.json").read_text())
+    assert report["init_student"] == str(tmp_path / "first") and report["iters_total"] == 4
+    second = WorldModel.from_pretrained(tmp_path / "second", device="cpu")
+    assert second.info["distill"]["iters_total"] == 4 and second.steps == 2
+    assert all(math.isfinite(v) for c in report["students"]["dmd-2"]["losses"].values() for v in c.values())

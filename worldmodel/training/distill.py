@@ -116,10 +116,11 @@ class Distillation:
     `student_step` moves the student only, `critic_step` the critic only; the teacher never moves.
     The student's schedule is the engine's for `steps` and `shift` (the teacher's SamplingDefaults.shift).
     `clip` lays a batch out, self-forced with `config.self_forcing`. The saved student is an EMA of the
-    student's weights (`avg`)."""
+    student's weights (`avg`). The student (and its average) starts as a copy of the teacher, or of `init`
+    (a student of this teacher trained before: training it further); the critic always starts afresh."""
 
     def __init__(self, teacher: WorldTransformer, cfg: ModelConfig, steps: int, objective: str = DEFAULT_OBJECTIVE, *,
-                 shift: float, config: DistillConfig = DistillConfig()):
+                 shift: float, config: DistillConfig = DistillConfig(), init: WorldTransformer | None = None):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         check_self_forcing(config.self_forcing, objective, cfg.cache_frames)
@@ -129,8 +130,9 @@ class Distillation:
         self.adv_weight, self.dmd_weight, self.grad_clip = config.adv_weight, config.dmd_weight, config.grad_clip
         lr, critic_lr = config.lr, config.critic_lr
         self.teacher = teacher.eval().requires_grad_(False)
-        self.student = copy.deepcopy(teacher).train().requires_grad_(True)
-        self.avg = copy.deepcopy(teacher).eval().requires_grad_(False)
+        start = teacher if init is None else init
+        self.student = copy.deepcopy(start).train().requires_grad_(True)
+        self.avg = copy.deepcopy(start).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
         self.critic: nn.Module | None = None
         if objective == "adversarial":
@@ -229,14 +231,15 @@ def check_self_forcing(k: int, objective: str, cache_frames: int | None = None) 
 
 def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: int,
                     objective: str = DEFAULT_OBJECTIVE, *, shift: float, config: DistillConfig = DistillConfig(),
-                    amp: bool = False, progress: bool = True, log=None) -> tuple[WorldTransformer, dict[str, list[float]]]:
-    """Train a `steps`-step student (a copy of the teacher) with `objective` (see `Distillation`) on
+                    amp: bool = False, progress: bool = True, log=None,
+                    init: WorldTransformer | None = None) -> tuple[WorldTransformer, dict[str, list[float]]]:
+    """Train a `steps`-step student (a copy of the teacher, or of `init`) with `objective` (see `Distillation`) on
     `clips` (clips.LatentClips: `.batch(step, batch, lo, hi, seed)` -> latents (B, F, C, h, w), actions
     (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift); `amp`: bf16 autocast.
     Every objective sees the same batches and noise for the same seed. Returns the EMA student and the
     loss curves (by name, one value per iteration)."""
     device = next(teacher.parameters()).device
-    d = Distillation(teacher, cfg, steps, objective, shift=shift, config=config)
+    d = Distillation(teacher, cfg, steps, objective, shift=shift, config=config, init=init)
     iters, batch, lr, critic_lr, ema, seed = config.iters, config.batch, config.lr, config.critic_lr, config.ema, config.seed
     curves: dict[str, list[float]] = {}
     warmup = max(1, iters // 10)

@@ -107,6 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rollout (the engine's sampler), so it learns from the contexts it makes when it plays; "
                              "with dmd, the teacher judges its next frame after them (regression and dmd; default "
                              "%(default)s: all real)")
+    parser.add_argument("--init-student", default=None, metavar="CHECKPOINT",
+                        help="train a student of this teacher further: it (and its average) starts from this "
+                             "checkpoint, e.g. an earlier run's --out, instead of from the teacher; the fake score or "
+                             "critic starts afresh; its card counts all the iterations (one --steps-student: its own)")
     parser.add_argument("--iters", type=int, default=D.iters, help="training iterations per student")
     parser.add_argument("--batch", type=int, default=D.batch)
     parser.add_argument("--lr", type=float, default=D.lr)
@@ -139,6 +143,25 @@ def student_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def load_init_student(path, cfg, ae, ks: list[int], device) -> tuple[torch.nn.Module, int]:
+    """`--init-student`: a student trained before from this teacher, to be trained further. It must be the
+    teacher's model with the teacher's autoencoder (a student keeps its teacher's latent space) and sample
+    in the one `--steps-student` asked for. -> (its transformer, the distillation iterations it has had)."""
+    icfg, iae, student, iconfig, ifolder = load_pretrained(path, device=device)
+    differ = [f.name for f in dataclasses.fields(cfg) if getattr(icfg, f.name) != getattr(cfg, f.name)]
+    if differ:
+        raise UserError(f"--init-student {path}: its model is not the teacher's (it differs in {', '.join(differ)})")
+    mine, theirs = iae.state_dict(), ae.state_dict()
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+        raise UserError(f"--init-student {path}: its autoencoder is not the teacher's (a student keeps its teacher's "
+                        f"latent space)")
+    steps = sampling_defaults(iconfig, ifolder).steps
+    if ks != [steps]:
+        raise UserError(f"--init-student {path} samples in {steps} steps: train it further with --steps-student {steps}")
+    prior = (iconfig.get("info") or {}).get("distill") or {}
+    return student, int(prior.get("iters_total", prior.get("iters", 0)))
+
+
 def run(args) -> int:
     check_sizes(args, at_least_1=("teacher_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
                 at_least_0=("threads",))
@@ -156,6 +179,9 @@ def run(args) -> int:
     sampling = sampling_defaults(config, folder)  # the teacher's; a student's steps are its own
     check_self_forcing(args.self_forcing, objectives[0], cfg.cache_frames)
     teacher.attention = "sdpa" if device.type != "cuda" else teacher.attention
+    init, init_iters = load_init_student(args.init_student, cfg, ae, ks, device) if args.init_student else (None, 0)
+    if init is not None:
+        init.attention = teacher.attention
     progress = not args.no_progress
     context = cfg.cache_frames  # sinks + window: the context fits the cache without wrapping
     t0 = time.time()
@@ -180,6 +206,7 @@ def run(args) -> int:
               "methods": {o: method_of(o, args.self_forcing) for o in objectives}, "data": str(args.data),
               "val_data": str(val_source),
               "train_clips": len(train), "teacher_steps": args.teacher_steps, "iters": args.iters,
+              "init_student": args.init_student, "iters_total": init_iters + args.iters,
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "adv_weight": args.adv_weight,
               "dmd_weight": args.dmd_weight, "ema": args.ema, "self_forcing": args.self_forcing, "seed": args.seed,
               "device": str(device),
@@ -197,7 +224,7 @@ def run(args) -> int:
         for k in ks:
             t1 = time.time()
             student, curves = distill_student(teacher, cfg, train, k, objective, shift=sampling.shift,
-                                              config=dconfig, amp=amp, progress=progress)
+                                              config=dconfig, amp=amp, progress=progress, init=init)
             train_s = time.time() - t1
             res = evaluate(student, ae, cfg, vf, va, context, k, seed=args.seed, shift=sampling.shift)
             n = max(1, args.iters // 10)
