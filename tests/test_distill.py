@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.training.distill import OBJECTIVES, DistillConfig, Distillation
+from worldmodel.training.distill import OBJECTIVES, DistillConfig, Distillation, distill_student
 from worldmodel.training.distill_objectives import (Clip, commit_context, schedule, student_sample, teacher_targets,
                                                     velocity)
 from worldmodel.model.transformer import WorldTransformer
@@ -166,11 +166,45 @@ def test_one_ema_serves_training_and_distillation():
     assert same(state(avg), state(model))
 
 
+class FixedClips:
+    """`LatentClips`' `batch` for a test: the same latent clips every step."""
+    def __init__(self, cfg):
+        self.x0, self.actions = batch(cfg, n=2)
+
+    def batch(self, step, n, lo, hi, seed):
+        return self.x0[lo:hi], self.actions[lo:hi]
+
+
+@pytest.mark.parametrize("objective, critic_steps", [("dmd", 3), ("adversarial", 2), ("regression", 3)])
+def test_the_critic_takes_critic_steps_updates_per_student_update(monkeypatch, objective, critic_steps):
+    """`--critic-steps N`: N critic (or fake-score) updates on each student update's samples, each a
+    real optimizer step; none for the regression objective, which has no critic."""
+    cfg = tiny_config(prev_frame=True)
+    updates = []
+    original = Distillation.critic_step
+
+    def counted(self, clip, sample, g, lr=None):
+        before = state(self.critic)
+        out = original(self, clip, sample, g, lr)
+        updates.append(not same(state(self.critic), before))
+        return out
+
+    monkeypatch.setattr(Distillation, "critic_step", counted)
+    iters = 2
+    _, curves = distill_student(active_teacher(cfg), cfg, FixedClips(cfg), 2, objective, shift=1.0, progress=False,
+                                config=DistillConfig(iters=iters, batch=2, lr=1e-3, critic_lr=1e-3,
+                                                     critic_steps=critic_steps))
+    if objective == "regression":
+        assert updates == [] and "critic" not in curves
+    else:
+        assert updates == [True] * (iters * critic_steps) and len(curves["critic"]) == iters
+
+
 @pytest.mark.parametrize("flag, value, more", [
     ("--objective", "gan", []), ("--objective", "regression,gan", []), ("--objective", ",", []),
     ("--adv-weight", "0", []), ("--adv-weight", "-1", []), ("--adv-weight", "nan", []),
     ("--dmd-weight", "0", []), ("--dmd-weight", "inf", []), ("--critic-lr", "0", []), ("--critic-lr", "-1e-4", []),
-    ("--iters", "0", []), ("--ema", "1", []), ("--self-forcing", "-1", []),
+    ("--iters", "0", []), ("--ema", "1", []), ("--self-forcing", "-1", []), ("--critic-steps", "0", []),
     ("--self-forcing", "2", ["--objective", "dmd,adversarial"]),
 ])
 def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value, more):

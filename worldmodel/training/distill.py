@@ -93,6 +93,7 @@ class DistillConfig:
     batch: int = 8
     lr: float = 1e-4
     critic_lr: float = 1e-4  # the critic's (adversarial) or the fake score's (dmd)
+    critic_steps: int = 1  # updates of the critic or fake score per student update (DMD2's two time-scale rule: 5)
     adv_weight: float = 0.1  # adversarial: the critic's loss beside the regression loss
     dmd_weight: float = 1.0  # dmd: the distribution-matching loss beside the regression loss
     ema: float = 0.99  # decay of the averaged student weights that are saved
@@ -256,7 +257,8 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             losses, sample = d.student_step(clip, g, lr=lr * ramp, extra_weight=ramp)
             if sample is not None:
-                losses.update(d.critic_step(clip, sample, g, lr=critic_lr * ramp))
+                for _ in range(config.critic_steps):  # the critic keeps up with the student (the last loss is logged)
+                    losses.update(d.critic_step(clip, sample, g, lr=critic_lr * ramp))
         d.update_average(ema if it >= iters // 10 else 0.0)  # the average starts after the warm-up
         if not all(math.isfinite(v) for v in losses.values()):
             raise RuntimeError(f"distillation diverged at iteration {it + 1}: losses {losses}")

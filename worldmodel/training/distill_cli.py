@@ -100,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--critic-lr", type=float, default=D.critic_lr,
                         help="learning rate of the critic (adversarial) or of the fake-score model (dmd) "
                              "(default %(default)s)")
+    parser.add_argument("--critic-steps", type=int, default=D.critic_steps,
+                        help="updates of the critic or fake score per student update, on the same samples, so it "
+                             "keeps up with the student (DMD2's two time-scale rule uses 5; default %(default)s)")
     parser.add_argument("--teacher-steps", type=int, default=D.teacher_steps,
                         help="teacher Euler steps over the whole schedule that one student schedule imitates")
     parser.add_argument("--self-forcing", type=int, default=D.self_forcing, metavar="K",
@@ -163,7 +166,7 @@ def load_init_student(path, cfg, ae, ks: list[int], device) -> tuple[torch.nn.Mo
 
 
 def run(args) -> int:
-    check_sizes(args, at_least_1=("teacher_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
+    check_sizes(args, at_least_1=("teacher_steps", "critic_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
                 at_least_0=("threads",))
     check_arguments(args)
     ks = parse_steps(args.steps_student)
@@ -207,7 +210,7 @@ def run(args) -> int:
               "val_data": str(val_source),
               "train_clips": len(train), "teacher_steps": args.teacher_steps, "iters": args.iters,
               "init_student": args.init_student, "iters_total": init_iters + args.iters,
-              "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "adv_weight": args.adv_weight,
+              "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps, "adv_weight": args.adv_weight,
               "dmd_weight": args.dmd_weight, "ema": args.ema, "self_forcing": args.self_forcing, "seed": args.seed,
               "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),
