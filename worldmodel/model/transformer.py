@@ -129,6 +129,11 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def differences(self, other: "ModelConfig") -> dict[str, tuple]:
+        """The fields where `other` differs from this config: name -> (other's value, this one's)."""
+        theirs = other.to_dict()
+        return {k: (theirs[k], v) for k, v in self.to_dict().items() if theirs[k] != v}
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """The config of `to_dict()`. The sampling defaults that configs written before they left it

@@ -232,12 +232,12 @@ def check_self_forcing(k: int, objective: str, cache_frames: int | None = None) 
 
 def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: int,
                     objective: str = DEFAULT_OBJECTIVE, *, shift: float, config: DistillConfig = DistillConfig(),
-                    amp: bool = False, progress: bool = True, log=None,
-                    init: WorldTransformer | None = None) -> tuple[WorldTransformer, dict[str, list[float]]]:
-    """Train a `steps`-step student (a copy of the teacher, or of `init`) with `objective` (see `Distillation`) on
-    `clips` (clips.LatentClips: `.batch(step, batch, lo, hi, seed)` -> latents (B, F, C, h, w), actions
-    (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift); `amp`: bf16 autocast.
-    Every objective sees the same batches and noise for the same seed. Returns the EMA student and the
+                    amp: bool = False, progress: bool = True, log=None, init: WorldTransformer | None = None
+                    ) -> tuple[WorldTransformer, dict[str, list[float]]]:
+    """Train a `steps`-step student (a copy of the teacher, or of `init`) with `objective` (see
+    `Distillation`) on `clips` (clips.LatentClips: `.batch(step, batch, lo, hi, seed)` -> latents
+    (B, F, C, h, w), actions (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift);
+    `amp`: bf16 autocast. Every objective sees the same batches and noise for the same seed. Returns the EMA student and the
     loss curves (by name, one value per iteration)."""
     device = next(teacher.parameters()).device
     d = Distillation(teacher, cfg, steps, objective, shift=shift, config=config, init=init)

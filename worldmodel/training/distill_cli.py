@@ -151,23 +151,25 @@ def load_init_student(path, cfg, ae, ks: list[int], device) -> tuple[torch.nn.Mo
     teacher's model with the teacher's autoencoder (a student keeps its teacher's latent space) and sample
     in the one `--steps-student` asked for. -> (its transformer, the distillation iterations it has had)."""
     icfg, iae, student, iconfig, ifolder = load_pretrained(path, device=device)
-    differ = [f.name for f in dataclasses.fields(cfg) if getattr(icfg, f.name) != getattr(cfg, f.name)]
+    differ = cfg.differences(icfg)
     if differ:
-        raise UserError(f"--init-student {path}: its model is not the teacher's (it differs in {', '.join(differ)})")
+        raise UserError(f"--init-student {path}: its model is not the teacher's (it differs in "
+                        + ", ".join(f"{k}: {theirs} vs {ours}" for k, (theirs, ours) in differ.items()) + ")")
     mine, theirs = iae.state_dict(), ae.state_dict()
     if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
         raise UserError(f"--init-student {path}: its autoencoder is not the teacher's (a student keeps its teacher's "
                         f"latent space)")
     steps = sampling_defaults(iconfig, ifolder).steps
     if ks != [steps]:
-        raise UserError(f"--init-student {path} samples in {steps} steps: train it further with --steps-student {steps}")
+        raise UserError(f"--init-student {path} samples in {steps} steps: train it further with "
+                        f"--steps-student {steps}")
     prior = (iconfig.get("info") or {}).get("distill") or {}
     return student, int(prior.get("iters_total", prior.get("iters", 0)))
 
 
 def run(args) -> int:
-    check_sizes(args, at_least_1=("teacher_steps", "critic_steps", "iters", "batch", "max_clips", "eval_clips", "rollout"),
-                at_least_0=("threads",))
+    check_sizes(args, at_least_0=("threads",), at_least_1=("teacher_steps", "critic_steps", "iters", "batch",
+                                                            "max_clips", "eval_clips", "rollout"))
     check_arguments(args)
     ks = parse_steps(args.steps_student)
     dconfig = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
@@ -210,7 +212,8 @@ def run(args) -> int:
               "val_data": str(val_source),
               "train_clips": len(train), "teacher_steps": args.teacher_steps, "iters": args.iters,
               "init_student": args.init_student, "iters_total": init_iters + args.iters,
-              "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps, "adv_weight": args.adv_weight,
+              "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps,
+              "adv_weight": args.adv_weight,
               "dmd_weight": args.dmd_weight, "ema": args.ema, "self_forcing": args.self_forcing, "seed": args.seed,
               "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),

@@ -43,12 +43,11 @@ def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> No
 
     icfg, _, transformer, _, _ = load_pretrained(path)
     free = ("context_noise",)
-    theirs, ours = icfg.to_dict(), cfg.to_dict()
-    diff = [k for k in ours if k not in free and theirs.get(k) != ours[k]
-            and not (k == "prev_frame" and ours[k] and not theirs.get(k))]
+    diff = {k: v for k, v in cfg.differences(icfg).items()
+            if k not in free and not (k == "prev_frame" and cfg.prev_frame)}
     if diff:
         raise UserError(f"--init {path}: its model config differs from this run's in "
-                        + ", ".join(f"{k} ({theirs.get(k)} vs {ours[k]})" for k in diff))
+                        + ", ".join(f"{k} ({theirs} vs {ours})" for k, (theirs, ours) in diff.items()))
     state = transformer.state_dict()
     w = state["patch_embed.weight"]
     if model.patch_embed.weight.shape != w.shape:  # prev_frame switched on: [old weights, zeros]
