@@ -258,6 +258,29 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
         assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
 
 
+def test_without_a_latent_cache_only_shards_spread_over_the_data_are_encoded(tmp_path, capsys):
+    """A large dataset is not encoded whole for a few training clips: --max-clips N reads whole shards
+    spread over it holding about N clips' frames, and the report says how many frames it read."""
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.cli import main
+    from worldmodel.inference.engine import WorldModel
+    from worldmodel.model.sampler import SamplingDefaults
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    WorldModel(cfg, Autoencoder(cfg.autoencoder), active_teacher(cfg), device="cpu",
+               sampling=SamplingDefaults(steps=2)).save_pretrained(tmp_path / "t")
+    train_maps = [f"MAP{i:02d}" for i in range(1, 9)]  # one 40-frame shard each
+    data = make_dataset(tmp_path / "data", maps=(*train_maps, "MAP21"), frames=40)
+    clip = cfg.cache_frames + 1
+    rc = main(["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--out", str(tmp_path / "out"),
+               "--steps-student", "2", "--iters", "1", "--batch", "2", "--teacher-steps", "2", "--max-clips", "8",
+               "--eval-clips", "2", "--rollout", "2", "--threads", "1", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
+    assert report["train_clips"] == 8 and 8 * clip <= report["train_frames"] < 40 * len(train_maps)
+
+
 def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     """`--self-forcing K` with dmd: refused in one line when K leaves no real context frame for this
     teacher; otherwise the run's report and the student's card say so, and the student plays."""

@@ -119,8 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=D.lr)
     parser.add_argument("--ema", type=float, default=D.ema, help="EMA decay of the student weights that are saved")
     parser.add_argument("--max-clips", type=int, default=4000,
-                        help="training clips (evenly spaced over the data; a large dataset is read from shards "
-                             "spread over it, not whole)")
+                        help="training clips (evenly spaced over the data; without --latents they come from whole "
+                             "shards spread over it holding about this many clips' frames, not from all of it)")
     parser.add_argument("--latents", default=None,
                         help="reuse a `train model` latent cache (RUN/cache/train_latents.safetensors, made with the "
                              "teacher's autoencoder) instead of encoding --data's training maps")
@@ -199,18 +199,21 @@ def run(args) -> int:
                             f"frames do not fit this teacher ({cfg.latent_channels}, {cfg.latent_size}, {context + 1} frames)")
         train = train.with_clip_frames(context + 1)
     else:
-        train, _ = encode_dataset(ae, args.data, "train", context + 1, max_clips=args.max_clips, progress=progress)
+        # whole shards spread over the data, about as many frames as the clips hold: a million-frame level
+        # dataset is not encoded whole (hours on a CPU) for 4,000 clips
+        train, _ = encode_dataset(ae, args.data, "train", context + 1, max_clips=args.max_clips, progress=progress,
+                                  max_frames=args.max_clips * (context + 1))
     val_source = args.val_data or args.data
     _, val = encode_dataset(ae, val_source, "val", context + args.rollout, max_clips=args.eval_clips,
                             keep_frames=args.eval_clips, progress=progress)
     vf, va = val.clip(torch.arange(len(val)))
-    print(f"distill: {len(train)} training clips, {len(val)} validation clips ({time.time() - t0:.0f} s to encode)",
-          file=sys.stderr)
+    print(f"distill: {len(train)} training clips from {len(train.latents)} frames, {len(val)} validation clips "
+          f"({time.time() - t0:.0f} s to encode)", file=sys.stderr)
 
     report = {"teacher": str(args.teacher), "objectives": objectives,
               "methods": {o: method_of(o, args.self_forcing) for o in objectives}, "data": str(args.data),
               "val_data": str(val_source),
-              "train_clips": len(train), "teacher_steps": args.teacher_steps, "iters": args.iters,
+              "train_clips": len(train), "train_frames": len(train.latents), "teacher_steps": args.teacher_steps, "iters": args.iters,
               "init_student": args.init_student, "iters_total": init_iters + args.iters,
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps,
               "adv_weight": args.adv_weight,
