@@ -344,8 +344,8 @@ def test_a_student_trained_further_starts_from_itself_and_counts_all_its_iterati
     bigger = tiny_config(prev_frame=True, depth=cfg.depth + 1)
     WorldModel(bigger, ae, WorldTransformer(bigger), device="cpu").save_pretrained(tmp_path / "other-model")
     capsys.readouterr()
-    for init, steps, says in ((tmp_path / "first", "1", "--steps-student 2"), (tmp_path / "other-ae", "2", "autoencoder"),
-                              (tmp_path / "other-model", "2", "depth")):
+    for init, steps, says in ((tmp_path / "first", "1", "--steps-student 2"),
+                              (tmp_path / "other-ae", "2", "autoencoder"), (tmp_path / "other-model", "2", "depth")):
         rc = main([*args, "--out", str(tmp_path / "bad"), "--steps-student", steps, "--init-student", str(init)])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and "--init-student" in err and says in err, err

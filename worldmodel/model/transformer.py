@@ -134,6 +134,11 @@ class ModelConfig:
         theirs = other.to_dict()
         return {k: (theirs[k], v) for k, v in self.to_dict().items() if theirs[k] != v}
 
+    @staticmethod
+    def describe(differences: dict[str, tuple]) -> str:
+        """`differences()` in an error message: "name (theirs vs ours), ..."."""
+        return ", ".join(f"{k} ({theirs} vs {ours})" for k, (theirs, ours) in differences.items())
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """The config of `to_dict()`. The sampling defaults that configs written before they left it

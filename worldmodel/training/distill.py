@@ -237,8 +237,8 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
     """Train a `steps`-step student (a copy of the teacher, or of `init`) with `objective` (see
     `Distillation`) on `clips` (clips.LatentClips: `.batch(step, batch, lo, hi, seed)` -> latents
     (B, F, C, h, w), actions (B, F, A)); `shift`: the schedule's (the teacher's SamplingDefaults.shift);
-    `amp`: bf16 autocast. Every objective sees the same batches and noise for the same seed. Returns the EMA student and the
-    loss curves (by name, one value per iteration)."""
+    `amp`: bf16 autocast. Every objective sees the same batches and noise for the same seed. Returns the
+    EMA student and the loss curves (by name, one value per iteration)."""
     device = next(teacher.parameters()).device
     d = Distillation(teacher, cfg, steps, objective, shift=shift, config=config, init=init)
     iters, batch, lr, critic_lr, ema, seed = config.iters, config.batch, config.lr, config.critic_lr, config.ema, config.seed

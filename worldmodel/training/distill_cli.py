@@ -30,6 +30,7 @@ from worldmodel.device import resolve_device
 from worldmodel.errors import UserError
 from worldmodel.files import atomic_write_json, check_output_path
 from worldmodel.model.checkpoint import load_pretrained, sampling_defaults, save_pretrained
+from worldmodel.model.transformer import ModelConfig
 from worldmodel.provenance import command_line
 from worldmodel.training.clips import LatentClips, encode_dataset
 from worldmodel.training.config import check_sizes
@@ -154,7 +155,7 @@ def load_init_student(path, cfg, ae, ks: list[int], device) -> tuple[torch.nn.Mo
     differ = cfg.differences(icfg)
     if differ:
         raise UserError(f"--init-student {path}: its model is not the teacher's (it differs in "
-                        + ", ".join(f"{k}: {theirs} vs {ours}" for k, (theirs, ours) in differ.items()) + ")")
+                        f"{ModelConfig.describe(differ)})")
     mine, theirs = iae.state_dict(), ae.state_dict()
     if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
         raise UserError(f"--init-student {path}: its autoencoder is not the teacher's (a student keeps its teacher's "
@@ -213,7 +214,8 @@ def run(args) -> int:
     report = {"teacher": str(args.teacher), "objectives": objectives,
               "methods": {o: method_of(o, args.self_forcing) for o in objectives}, "data": str(args.data),
               "val_data": str(val_source),
-              "train_clips": len(train), "train_frames": len(train.latents), "teacher_steps": args.teacher_steps, "iters": args.iters,
+              "train_clips": len(train), "train_frames": len(train.latents), "teacher_steps": args.teacher_steps,
+              "iters": args.iters,
               "init_student": args.init_student, "iters_total": init_iters + args.iters,
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps,
               "adv_weight": args.adv_weight,

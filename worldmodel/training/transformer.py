@@ -46,8 +46,7 @@ def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> No
     diff = {k: v for k, v in cfg.differences(icfg).items()
             if k not in free and not (k == "prev_frame" and cfg.prev_frame)}
     if diff:
-        raise UserError(f"--init {path}: its model config differs from this run's in "
-                        + ", ".join(f"{k} ({theirs} vs {ours})" for k, (theirs, ours) in diff.items()))
+        raise UserError(f"--init {path}: its model config differs from this run's in {ModelConfig.describe(diff)}")
     state = transformer.state_dict()
     w = state["patch_embed.weight"]
     if model.patch_embed.weight.shape != w.shape:  # prev_frame switched on: [old weights, zeros]
