@@ -1,4 +1,5 @@
-"""Benchmark block-causal frame attention: Triton kernels vs SDPA (explicit mask) vs FlexAttention.
+"""Benchmark block-causal frame attention: Triton kernels vs SDPA (explicit mask) vs two GEMMs (matmul) vs
+FlexAttention.
 
 Shapes are the presets' (tiny / small / nfd-310m): inference (``cached_attention``, F = 1, 4, 8 new frames
 against a static cache of sink + window slots with 1 frame valid up to the full window, valid slots wrapped
@@ -317,7 +318,7 @@ def main(argv=None, meta: dict | None = None):
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                     help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    ap.add_argument("--backends", nargs="+", default=["triton", "sdpa", "flex"])
+    ap.add_argument("--backends", nargs="+", default=["triton", "sdpa", "matmul", "flex"])
     ap.add_argument("--kinds", nargs="+", default=["cached", "train_fwd", "train_fwd_bwd"],
                     choices=["cached", "train_fwd", "train_fwd_bwd"])
     ap.add_argument("--frames", nargs="+", type=int, default=[1, 4, 8], help="new frames F (inference)")

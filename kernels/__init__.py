@@ -8,7 +8,11 @@ Backends (chosen explicitly; an unavailable one raises, it never falls back to a
 
 * ``torch``  — plain reference, explicit boolean mask, softmax in fp32 (:mod:`kernels.reference`).
 * ``sdpa``   — ``F.scaled_dot_product_attention`` with an explicit boolean mask (cached per shape).
-  The CPU default.
+  The CPU default in float32.
+* ``matmul`` — two matrix multiplications in the inputs' dtype around a float32 softmax, masked in
+  place. The CPU default in bfloat16: at a frame's shapes (tens of queries, hundreds of keys) sdpa's CPU
+  kernel spends most of its time on its blocking, and this takes about half as long
+  (``benchmarks/bench_attention.py``).
 * ``flex``   — FlexAttention with a block mask (:mod:`kernels.flex`); compiled by default
   (``KERNELS_FLEX_COMPILE=0`` for eager). No backward on CPU.
 * ``triton`` — the Triton kernels (:mod:`kernels.triton_attention`); CUDA, or the slow Triton
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -39,7 +44,7 @@ from .reference import (block_causal_mask, reference_block_causal_attention,
 __all__ = ["BACKENDS", "Backend", "block_causal_attention", "cached_attention", "available_backends", "check_backend",
            "resolve_backend"]
 
-BACKENDS = ("torch", "sdpa", "flex", "triton")
+BACKENDS = ("torch", "sdpa", "matmul", "flex", "triton")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +87,7 @@ def _unavailable_reason(name: str, device) -> str | None:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return f"{name} backend: CUDA is not available"
-    if name in ("torch", "sdpa"):
+    if name in ("torch", "sdpa", "matmul"):
         return None
     if name == "flex":
         from . import flex
@@ -123,6 +128,43 @@ def _sdpa_cached(q, k, v, k_cache, v_cache, cache_valid, tokens_per_frame):
     mask[..., s:] = new_mask
     return F.scaled_dot_product_attention(q, torch.cat([k_cache, k], dim=-2), torch.cat([v_cache, v], dim=-2),
                                           attn_mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# matmul: two GEMMs in the inputs' dtype, the softmax in float32
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _cached_block_causal_bias(length: int, tokens_per_frame: int, device: torch.device) -> Tensor:
+    """The block-causal mask as a float32 bias to add to scores: 0 where visible, -inf where not; (1, L)
+    zeros for a single frame (all visible), else (L, L)."""
+    if length <= tokens_per_frame:
+        return torch.zeros((1, length), device=device)
+    return torch.zeros((length, length), device=device).masked_fill_(
+        ~block_causal_mask(length, tokens_per_frame, device), float("-inf"))
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, cache_valid: Tensor | None, tokens_per_frame: int) -> Tensor:
+    """q (B, H, M, D) against k, v (B, H, S + M, D): the first S keys (a cache) visible where
+    cache_valid (B, S) says (None: S = 0), the last M (the new frames) block-causal."""
+    m = q.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    new = _cached_block_causal_bias(m, tokens_per_frame, q.device)
+    if cache_valid is not None:  # (B, 1, M or 1, S + M) float32: 0 where visible, -inf where not
+        bias = torch.cat((torch.zeros((), device=q.device).masked_fill(~cache_valid, float("-inf"))[:, None, None, :]
+                          .expand(-1, 1, new.shape[0], -1), new.expand(cache_valid.shape[0], 1, -1, -1)), dim=-1)
+    else:
+        bias = new
+    scores = torch.add(bias, torch.matmul(q, k.transpose(-1, -2)), alpha=scale)  # (B, H, M, S + M) float32
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def _matmul_block_causal(q: Tensor, k: Tensor, v: Tensor, tokens_per_frame: int) -> Tensor:
+    return _matmul_attention(q, k, v, None, tokens_per_frame)
+
+
+def _matmul_cached(q, k, v, k_cache, v_cache, cache_valid, tokens_per_frame):
+    return _matmul_attention(q, torch.cat([k_cache, k], dim=-2), torch.cat([v_cache, v], dim=-2), cache_valid,
+                             tokens_per_frame)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,6 +218,8 @@ def resolve_backend(name: str, device) -> Backend:
         return Backend(name, reference_block_causal_attention, reference_cached_attention)
     if name == "sdpa":
         return Backend(name, _sdpa_block_causal, _sdpa_cached)
+    if name == "matmul":
+        return Backend(name, _matmul_block_causal, _matmul_cached)
     if name == "flex":
         from . import flex
         return Backend(name, flex.block_causal_attention, flex.cached_attention)

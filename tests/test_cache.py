@@ -122,7 +122,7 @@ class SlidingWindowReference:
             att = torch.softmax(qr @ torch.cat(keys, 1).transpose(-1, -2) / math.sqrt(D), dim=-1) @ torch.cat(vals, 1)
             h = h + g1 * blk.attn.proj(att.transpose(0, 1).reshape(T, H * D))
             h = h + g2 * blk.mlp(modulate(blk.norm2(h), s2, sc2))
-        out = m._untokens(m.final(h[None, None], c[None, None]))
+        out = m._untokens(m.final(h[None, None], F.silu(c)[None, None]))
         if commit:
             self.frames.append(mine)
         return out

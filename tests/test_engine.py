@@ -313,7 +313,7 @@ def test_load_start_clips(tmp_path):
 def test_pretrained_round_trip_with_settings(tmp_path):
     wm = small_model(seed=2)
     wm.save_pretrained(tmp_path / "ckpt")
-    wm2 = WorldModel.from_pretrained(tmp_path / "ckpt", device="cpu", steps=1, speculative=2, seed=2)
+    wm2 = WorldModel.from_pretrained(tmp_path / "ckpt", device="cpu", steps=1, speculative=2, seed=2, dtype="float32")
     assert (wm2.steps, wm2.speculative, wm2.seed) == (1, 2, 2)
     wm.steps = 1
     wm.speculative = 2

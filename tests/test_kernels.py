@@ -57,7 +57,7 @@ def _qkv(b, h, length, d, dtype, device=DEV, seed=0):
 
 
 def _cpu_backends():
-    return [b for b in ("sdpa", "flex", "triton") if b in available_backends(DEV)]
+    return [b for b in ("sdpa", "matmul", "flex", "triton") if b in available_backends(DEV)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ SHAPES = [  # (B, H, T, frames, D): T not a multiple of the 16-blocks, T < block
 ]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "matmul", "flex", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_block_causal_forward_matches_reference(backend, dtype, shape):
@@ -159,7 +159,7 @@ def test_triton_forward_writes_every_output(dtype, ta):
     torch.testing.assert_close(lse.view(b, h, -1), ref_lse, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "matmul", "triton"])
 @pytest.mark.parametrize("shape", [(2, 2, 20, 3, 32), (1, 1, 7, 5, 16)], ids=lambda s: "x".join(map(str, s)))
 def test_block_causal_gradients_match_reference(backend, shape):
     if backend not in available_backends(DEV):
@@ -212,7 +212,7 @@ def _cache_inputs(case, dtype, seed=0):
     return q, k, v, kc, vc, valid, t
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "matmul", "flex", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: f"{c[6]}-F{c[3]}")
 def test_cached_attention_matches_reference(backend, dtype, case):
@@ -224,6 +224,18 @@ def test_cached_attention_matches_reference(backend, dtype, case):
         out = cached_attention(*args, backend=backend)
     assert out.shape == args[0].shape and out.dtype == dtype
     torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_matmul_bf16_matches_reference_at_a_frames_shapes(frames):
+    # the CPU default in bfloat16, at the tiny model's shapes: 48 tokens a frame, 8 cached frames (the
+    # first empty), 4 heads of 64; fresh random inputs, against the float32 reference
+    q, k, v, kc, vc, valid, t = _cache_inputs((1, 4, 48, frames, 8, 64, "sinks_wrap"), torch.float32, seed=11 + frames)
+    ref = reference_cached_attention(q, k, v, kc, vc, valid, t)
+    with torch.no_grad():
+        out = cached_attention(*[x.bfloat16() for x in (q, k, v, kc, vc)], valid, t, backend="matmul")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

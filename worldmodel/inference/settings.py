@@ -118,7 +118,7 @@ class EngineSettings:
     speculative_tolerance: float = _setting(DEFAULT_TOLERANCE, _check_tolerance,
                                             "degrees of turn a draft may be off and still be served", "DEG",
                                             recorded=True)
-    attention: str | None = _setting(None, _check_attention, "attention backend: torch, sdpa, flex or triton "
+    attention: str | None = _setting(None, _check_attention, "attention backend: torch, sdpa, matmul, flex or triton "
                                      "(default: the best for the device)", "B", recorded=True, swept=True)
     seed: int = _setting(0, _check_seed, "seed of the sampling noise", "S", recorded=True)
     compile: bool | str = _setting(False, _check_compile, "torch.compile the per-frame passes: off, on (inductor + "

@@ -99,7 +99,7 @@ class KVCache(nn.Module):
     def write(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor) -> None:
         """k (unrotated), v: (B, H, F*T, D) of F new frames, into their rows `index` (F*T,); then the
-        rotated keys are refreshed for the positions after the commit (cos, sin: (S*T, D/2))."""
+        rotated keys are refreshed for the positions after the commit (cos, sin: (S*T, D))."""
         self.k.index_copy_(2, index, k.to(self.k.dtype))
         self.v.index_copy_(2, index, v.to(self.v.dtype))
         self.k_rot.copy_(apply_rope(self.k, cos, sin))

@@ -56,8 +56,10 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     """`layer(x)`, optionally followed by tanh-GELU. On CPU without autograd (inference) this runs
     through oneDNN's linear with the GELU fused in (with the weight packed by `pack_linears`, if it
     was): about 2x faster than the BLAS (MKL) path on AMD CPUs with AVX-512 at these small shapes, equal
-    to float rounding (~1e-6). Under torch.compile: F.linear (inductor picks its own GEMM)."""
-    if (x.dtype in _ONEDNN_LINEAR and x.device.type == "cpu" and not torch.is_grad_enabled()
+    to float rounding (~1e-6). Under torch.compile: F.linear (inductor picks its own GEMM); under autocast
+    (validation during bf16 training: a bf16 input, a float32 weight) too, so that autocast casts."""
+    if (x.dtype in _ONEDNN_LINEAR and x.dtype == layer.weight.dtype and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()):
         packed = _PACKED.get(layer)
         w = packed[1] if packed is not None and packed[0] == _weight_key(layer) else layer.weight

@@ -46,7 +46,7 @@ from worldmodel.game.action import ACTION_DIM
 from worldmodel.model.autoencoder import AutoencoderConfig
 from worldmodel.model.kv_cache import FrameSlots, KVCache
 from worldmodel.model.linear import linear
-from worldmodel.model.rope import apply_rope, rope_freqs, rope_split
+from worldmodel.model.rope import apply_rope, rope_freqs, rope_split, rope_tables
 
 # --------------------------------------------------------------------------------------------------
 # Config and presets
@@ -182,18 +182,18 @@ class _AttnContext:
     Without a cache: cos, sin rotate the whole clip. With a cache (`cached`), the new frames are two
     groups: the first `commit` frames (rotated by commit_cos/sin, attending the cache as it is, then
     written into it) and the rest (rotated by cos/sin, attending the cache with the committed frames in it)."""
-    cos: torch.Tensor  # (L, D/2) rotation of the new (non-committed) tokens
+    cos: torch.Tensor  # (L, D) rotation of the new (non-committed) tokens
     sin: torch.Tensor
     attend: kernels.Backend  # the model's attention backend, resolved
     tokens_per_frame: int
     cached: bool = False
     valid: torch.Tensor | None = None  # (B, S*T) bool: cache slots the non-committed frames see
     commit: int = 0  # frames committed by this pass (the first ones)
-    commit_cos: torch.Tensor | None = None  # (commit*T, D/2)
+    commit_cos: torch.Tensor | None = None  # (commit*T, D)
     commit_sin: torch.Tensor | None = None
     commit_valid: torch.Tensor | None = None  # (B, S*T) bool: cache slots the committed frames see
     commit_index: torch.Tensor | None = None  # (commit*T,) the cache rows the committed frames go to
-    key_cos: torch.Tensor | None = None  # (S*T, D/2) rotation of the cache slots after the commit
+    key_cos: torch.Tensor | None = None  # (S*T, D) rotation of the cache slots after the commit
     key_sin: torch.Tensor | None = None
 
 
@@ -216,7 +216,7 @@ class WorldTransformer(nn.Module):
         cols = torch.arange(gw, dtype=torch.float32).repeat(gh)
         self.register_buffer("spatial_angles", torch.cat(
             (rows[:, None] * self.freq_r, cols[:, None] * self.freq_c), dim=-1), persistent=False)  # (T, nr+nc)
-        # rotation tables for every position a clip, a cached rollout or a draft can use: (P, T, D/2)
+        # rotation tables for every position a clip, a cached rollout or a draft can use: (P, T, D)
         cos, sin = self._rope(torch.arange(cfg.clip_frames))
         self.register_buffer("rope_cos", cos.view(cfg.clip_frames, cfg.tokens_per_frame, -1), persistent=False)
         self.register_buffer("rope_sin", sin.view(cfg.clip_frames, cfg.tokens_per_frame, -1), persistent=False)
@@ -287,12 +287,11 @@ class WorldTransformer(nn.Module):
 
     # -- positions ---------------------------------------------------------------------------------
     def _rope(self, time_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """time_pos: (F,) frame positions -> cos, sin: (F*T, D/2) for all their tokens."""
+        """time_pos: (F,) frame positions -> cos, sin: (F*T, D) for all their tokens (`rope_tables`)."""
         T = self.cfg.tokens_per_frame
         t_ang = time_pos.float()[:, None, None] * self.freq_t  # (F, 1, nt)
         angles = torch.cat((t_ang.expand(-1, T, -1), self.spatial_angles.expand(len(time_pos), -1, -1)), dim=-1)
-        angles = angles.flatten(0, 1)  # (F*T, D/2)
-        return angles.cos(), angles.sin()
+        return rope_tables(angles.flatten(0, 1))  # angles (F*T, D/2)
 
     def _rope_at(self, time_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `_rope` (same values), from the tables; positions must be < clip_frames."""
@@ -320,7 +319,7 @@ class WorldTransformer(nn.Module):
             prev = torch.cat((first_prev[:, None].to(x.dtype), x[:, :-1]), dim=1)
             tokens = torch.cat((tokens, self._tokens(prev)), dim=-1)  # (B, F, T, 2c)
         h = linear(tokens, self.patch_embed)  # (B, F, T, C)
-        c = self.noise_embed(t) + self.action_embed(actions.to(h.dtype))  # (B, F, C)
+        c = F.silu(self.noise_embed(t) + self.action_embed(actions.to(h.dtype)))  # (B, F, C), activated once
         for block in self.blocks:
             h = block(h, c, ctx)
         return self._untokens(self.final(h, c))
@@ -391,11 +390,12 @@ class NoiseLevelEmbedding(nn.Module):
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift
 
 
 class Block(nn.Module):
-    """DiT block with adaLN-Zero; x: (B, F, T, C), c: (B, F, C) one conditioning vector a frame."""
+    """DiT block with adaLN-Zero; x: (B, F, T, C), c: (B, F, C) one conditioning vector a frame (after
+    its SiLU, which every block shares)."""
 
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
@@ -407,11 +407,11 @@ class Block(nn.Module):
         self.modulation = nn.Linear(cfg.dim, 6 * cfg.dim)
 
     def forward(self, x, c, ctx: _AttnContext):
-        mod = linear(F.silu(c), self.modulation).unsqueeze(2)  # (B, F, 1, 6C)
+        mod = linear(c, self.modulation).unsqueeze(2)  # (B, F, 1, 6C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), ctx)
+        x = torch.addcmul(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), ctx))  # x + gate1 * attn
         h = linear(modulate(self.norm2(x), shift2, scale2), self.mlp[0], gelu=True)
-        return x + gate2 * linear(h, self.mlp[2])
+        return torch.addcmul(x, gate2, linear(h, self.mlp[2]))  # x + gate2 * mlp
 
 
 class RMSNorm(nn.RMSNorm):
@@ -478,6 +478,6 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Linear(dim, 2 * dim)
         self.linear = nn.Linear(dim, out_dim)
 
-    def forward(self, x, c):  # (B, F, T, C), (B, F, C) -> (B, F, T, out)
-        shift, scale = linear(F.silu(c), self.modulation).unsqueeze(2).chunk(2, dim=-1)
+    def forward(self, x, c):  # (B, F, T, C), (B, F, C) after SiLU -> (B, F, T, out)
+        shift, scale = linear(c, self.modulation).unsqueeze(2).chunk(2, dim=-1)
         return linear(modulate(self.norm(x), shift, scale), self.linear)
