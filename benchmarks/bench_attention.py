@@ -338,6 +338,9 @@ def main(argv=None, meta: dict | None = None):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":  # the allocator as the engine sets it (no page faults on every call's scores)
+        from worldmodel.device import keep_freed_memory
+        keep_freed_memory()
     # compiled flex recompiles per shape: keep dynamo from giving up (and silently running eager) mid-run
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):

@@ -23,9 +23,9 @@ Sections (--only / --skip pick them):
 - play: `worldmodel play --autoplay play/demo_actions.jsonl --max-frames N --report` (SDL dummy
   driver): old defaults (--threads 2 --pipeline off --speculative 1), the new arrangement without
   drafts (--speculative 1) and the new defaults, idle and with one core busy;
-- compile: eager against torch.compile (inductor) of the per-frame passes and decoder, with and without
-  inductor's weight freezing: steady-state frames/s (one thread, plain loop) and the first frame's
-  compile time from a cold cache, each in a fresh process;
+- compile: eager against the engine's torch.compile (inductor) of the per-frame passes and decoder (on a
+  CPU with the weights frozen into the graph: engine.compile_options): steady-state frames/s (one thread,
+  plain loop) and the first frame's compile time from a cold cache, each in a fresh process;
 - quality: PSNR of rollouts against the real game on the eval's setting (`worldmodel eval`'s maps,
   episodes, context and warm-up; horizons 1, 8, 35): float32 at the checkpoint's steps (reference)
   against bfloat16, one step fewer, and speculative N = 2, 4, all from the same contexts and actions.
@@ -209,14 +209,10 @@ def compile_job(spec: dict) -> dict:
     from worldmodel.evaluation.traces import load_trace
     from worldmodel.inference.loading import load_model
 
-    if spec["freezing"]:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
     wm = load_model(argparse.Namespace(**spec["model"]), threads=1, pipeline=False)
     trace, _ = load_trace(None, 1000)
     f, a = context_frames(wm, wm.cfg.cache_frames)
-    out = {"freezing": spec["freezing"]}
+    out = {}
     if spec["compile"]:
         wm.reset(f, a)
         wm.step(trace[0])  # eager: the first frame after a reset commits nothing (another graph), not timed
@@ -234,9 +230,7 @@ def compile_job(spec: dict) -> dict:
 
 def compile_section(args, progress) -> dict:
     res = {}
-    for name, spec in (("eager", {"compile": False, "freezing": False}),
-                       ("compiled", {"compile": True, "freezing": False}),
-                       ("compiled, frozen weights", {"compile": True, "freezing": True})):
+    for name, spec in (("eager", {"compile": False}), ("compiled", {"compile": True})):
         progress(f"compile: {name}")
         spec = dict(spec, frames=args.frames, warmup=args.warmup, model=vars(args.model_ns))
         with tempfile.TemporaryDirectory() as cache:

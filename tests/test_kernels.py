@@ -5,6 +5,8 @@ Without CUDA the Triton kernels run in the Triton interpreter (fp32/fp16, small 
 """
 import math
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -236,6 +238,35 @@ def test_matmul_bf16_matches_reference_at_a_frames_shapes(frames):
         out = cached_attention(*[x.bfloat16() for x in (q, k, v, kc, vc)], valid, t, backend="matmul")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
+
+
+_FAULTS = """
+import resource, sys, torch
+from worldmodel.device import keep_freed_memory
+from worldmodel.kernels import resolve_backend
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+attend = resolve_backend("matmul", torch.device("cpu"))
+q, k, v = [torch.randn(1, 4, 4 * 48, 64, dtype=torch.bfloat16) for _ in range(3)]  # a pass of 4 frames
+kc, vc = [torch.randn(1, 4, 8 * 48, 64, dtype=torch.bfloat16) for _ in range(2)]
+valid = torch.ones(1, 8 * 48, dtype=torch.bool)
+with torch.inference_mode():
+    attend.cached(q, k, v, kc, vc, valid, 48)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        attend.cached(q, k, v, kc, vc, valid, 48)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_keeping_freed_memory_stops_the_page_faults_of_every_pass():
+    # the engine's allocator setting (worldmodel.device.keep_freed_memory, process-wide: fresh processes):
+    # without it, glibc hands the scores of a 4-frame pass back to the OS and faults them in on every call
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep")}
+    assert faults["keep"] < faults["default"] / 10, faults
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
