@@ -42,8 +42,11 @@ def bench_once(tree: Path, flags: list[str], out: Path) -> dict:
                          f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     result = json.loads(out.read_text())
     base = result["baseline"]
+    variants = {f"{v['factor']}={v['value']}": {"fps": v.get("fps"), "latency_ms": v.get("latency_ms"),
+                                                 "acceptance_rate": v.get("acceptance_rate"), "status": v["status"]}
+                for v in result["variants"]}
     return {"fps": base["fps"], "latency_ms": base["latency_ms"], "settings": result["baseline_settings"],
-            "commit": result["commit"]}
+            "commit": result["commit"], "variants": variants}
 
 
 def main(argv=None) -> int:
@@ -92,16 +95,32 @@ def main(argv=None) -> int:
             for name in ("old", "new"):
                 if trees[name] != ROOT:
                     git("worktree", "remove", "--force", str(trees[name]))
-    fps = {name: sorted(x["fps"] for x in runs)[len(runs) // 2] for name, runs in rounds.items()}  # median round
+    def median(values):
+        values = sorted(v for v in values if v is not None)
+        return values[len(values) // 2] if values else None
+
+    fps = {name: median(x["fps"] for x in runs) for name, runs in rounds.items()}
+    variants = {name: {key: median(x["variants"][key]["fps"] for x in runs if key in x["variants"])
+                       for key in runs[0]["variants"]} for name, runs in rounds.items()}
     report = {"tool": "benchmarks/bench_commits.py", "command": "python " + " ".join(["benchmarks/bench_commits.py", *sys.argv[1:]]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "box": machine,
-              "old": {"commit": old_rev, "rounds": rounds["old"], "fps_median": fps["old"]},
-              "new": {"commit": new_rev or new_name, "rounds": rounds["new"], "fps_median": fps["new"]},
-              "bench_flags": flags, "x_old": fps["new"] / fps["old"], "wall_s": time.perf_counter() - t0}
+              "old": {"commit": old_rev, "rounds": rounds["old"], "fps_median": fps["old"],
+                      "variants_fps_median": variants["old"]},
+              "new": {"commit": new_rev or new_name, "rounds": rounds["new"], "fps_median": fps["new"],
+                      "variants_fps_median": variants["new"]},
+              "bench_flags": flags, "x_old": fps["new"] / fps["old"],
+              "variants_x_old": {k: (variants["new"][k] / variants["old"][k]
+                                     if variants["new"].get(k) and variants["old"].get(k) else None)
+                                 for k in variants["new"]},
+              "wall_s": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"old {old_rev[:10]}: {fps['old']:.1f} frames/s, new {new_name}: {fps['new']:.1f} frames/s "
-          f"(x{report['x_old']:.2f}); wrote {out}")
+          f"(x{report['x_old']:.2f})")
+    for key, x in report["variants_x_old"].items():
+        if x is not None:
+            print(f"  {key}: {variants['old'][key]:.1f} -> {variants['new'][key]:.1f} frames/s (x{x:.2f})")
+    print(f"wrote {out}")
     return 0
 
 

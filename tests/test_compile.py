@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from worldmodel.inference.engine import compile_options
+from worldmodel.inference.engine import compile_options, freeze_weights_when_compiling
 from worldmodel.model.sampler import FrameSampler
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
@@ -37,7 +37,10 @@ def rollout(model: WorldTransformer, options: dict | None, n: int = 5) -> torch.
 
 
 @pytest.mark.skipif(_no_compiler() is not None, reason=str(_no_compiler()))
-def test_compiled_per_frame_step_matches_eager_on_cpu():
+def test_compiled_per_frame_step_matches_eager_on_cpu(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # restored after the test
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = WorldTransformer(CFG).eval()
@@ -45,7 +48,8 @@ def test_compiled_per_frame_step_matches_eager_on_cpu():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (1 / math.sqrt(p.shape[-1]) if p.ndim > 1 else 0.1))
     eager = rollout(model, None)
-    compiled = rollout(model, compile_options("on", torch.device("cpu")))  # the engine's: inductor, frozen weights
+    freeze_weights_when_compiling()  # as the engine compiles on a CPU: inductor, weights frozen into the graph
+    compiled = rollout(model, compile_options("on", torch.device("cpu")))
     assert compiled.shape == eager.shape and torch.isfinite(compiled).all()
     assert (compiled - eager).abs().max() < 1e-4
     assert (eager[:, 1] - eager[:, 2]).abs().max() > 1e-2  # the frames move: the comparison is not trivial

@@ -35,8 +35,10 @@ to the host. `compile=True` wraps the cached pass (the transformer with its KV c
 FrameSampler.compile) and the decoder in torch.compile (mode
 "reduce-overhead", CUDA graphs, on CUDA); `compile="inductor"` compiles without CUDA graphs and
 `compile="graphs"` replays the traced passes as CUDA graphs without inductor's code generation (CUDA
-only; seconds to compile instead of minutes). On CPU compiling is slower than eager here (inductor's
-GEMMs vs oneDNN) and is off by default.
+only; seconds to compile instead of minutes). On a CPU the compile freezes the weights into the graph
+(`freeze_weights_when_compiling`) and pays where bf16 is native (about 1.3x the frames/s of eager on a
+2-core AVX512-BF16 EPYC, benchmarks/speed_doom-tiny_cpu_bf16.json), after 40-50 s of compiling before
+the first frames and again for each new shape (a speculative batch): off by default.
 """
 from __future__ import annotations
 
@@ -60,20 +62,27 @@ from worldmodel.inference.settings import AUTO, DEFAULT_TOLERANCE, SETTINGS, Eng
 
 
 def compile_options(mode: str, device: torch.device) -> dict:
-    """torch.compile keyword arguments of a compile mode (settings.COMPILE_MODES) other than "off" on `device`.
-    On a CPU, "on" and "inductor" freeze the weights (inductor folds them into the graph as constants and
-    packs them for oneDNN once): 1.2-1.3x the frames/s of a compile without it here (the engine never
-    changes its weights, and its passes run under inference mode, which freezing needs)."""
-    cpu = {"options": {"freezing": True}} if device.type == "cpu" else {}
+    """torch.compile keyword arguments of a compile mode (settings.COMPILE_MODES) other than "off" on `device`."""
     if mode == "on":
-        return {"mode": "reduce-overhead"} if device.type == "cuda" else cpu
+        return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
     if mode == "inductor":
-        return cpu
+        return {}
     if mode == "graphs":
         if device.type != "cuda":
             raise ValueError(f"compile='graphs' replays CUDA graphs: it needs a CUDA device, not {device.type}")
         return {"backend": "cudagraphs"}
     raise ValueError(f"no torch.compile options for compile mode {mode!r}")
+
+
+def freeze_weights_when_compiling() -> None:
+    """Have inductor fold the weights into what it compiles under no_grad (its `freezing` config), which
+    lets it pack them for oneDNN once: on a CPU the compiled per-frame step took 12.6 ms instead of 15.8
+    (17.4 eager) here. Process-wide (inductor reads its config when it compiles; passing it as
+    torch.compile's `options` reached only part of the work): fine for the engine, which never changes its
+    weights, and compiles for training (with gradients) are not affected."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
 
 
 def speculative_match(assumed: Action, real: Action, tolerance: float = DEFAULT_TOLERANCE) -> bool:
@@ -256,6 +265,8 @@ class WorldModel:
     def _compile(self, mode: bool | str) -> None:
         """torch.compile the cached pass and the decoder in `mode` (False: eager again)."""
         options = None if mode is False else compile_options("on" if mode is True else mode, self.device)
+        if options is not None and self.device.type == "cpu":
+            freeze_weights_when_compiling()
         self.sampler.compile(options)
         self._decode = (self._decode_eager if options is None
                         else torch.compile(self._decode_eager, dynamic=False, **options))
