@@ -369,7 +369,8 @@ class PlayApp:
         white, grey, red = (255, 255, 255), (190, 190, 190), (255, 90, 90)
         s = self.summary(now)
         lat = s["latency_ms_p50"]
-        lines = [(f"{s['checkpoint']}  [{self.game.kind}]  {s['device']}", grey),
+        lines = [(f"{s['checkpoint']}  [{self.game.kind}]  {s['device']}" + (f" {s['dtype']}" if s["dtype"] else ""),
+                  grey),
                  (f"FPS {s['hud_fps']:.1f}  (target {self.fps})", white),
                  ("latency " + ("-" if lat is None else f"{lat:.0f} ms p50 / {s['latency_ms_p99']:.0f} ms p99"),
                   white)]
@@ -506,6 +507,7 @@ class PlayApp:
         stats = dict(self._stats)
         s = {"checkpoint": self.opt.checkpoint or self.game.name, "game": self.game.kind,
              "device": str(m.device) if m is not None else "cpu",
+             "dtype": str(m.dtype).removeprefix("torch.") if m is not None else None,
              "hud_fps": round(self.meter.fps_now(now), 2),
              "steps": self.steps, "speculative": m.speculative if m is not None else None,
              "pipelined": self.worker.pipelined if self.worker is not None else None,
@@ -521,7 +523,7 @@ class PlayApp:
                      recordings=self.recordings, screenshots=self.screenshots,
                      start_scene=self.game.scene.label if self.game.scene is not None else None,
                      attention=m.attention if m is not None else None,
-                     torch_threads=_torch_threads(), dtype=str(m.dtype) if m is not None else None,
+                     torch_threads=_torch_threads(),
                      started_at=self.started_at)
         return s
 

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pygame  # noqa: E402
 import torch  # noqa: E402
 
+from worldmodel.device import native_bf16  # noqa: E402
 from worldmodel.play.app import PlayApp, Options  # noqa: E402
 from worldmodel.play.keymap import COMMANDS, HELD, KEYMAP, MOUSE_BUTTONS, InputState, key_table  # noqa: E402
 from worldmodel.play.sources import ClipStarts, DreamGame, RealGame, RealStarts  # noqa: E402
@@ -264,6 +265,7 @@ def test_autoplay_and_report_through_the_cli_from_a_checkpoint_with_start_clips(
               "speculative", "acceptance_rate", "speculative_stats", "target_fps"):
         assert k in r
     assert r["speculative"] == 2 and r["speculative_stats"]["frames"] == 12  # drafts on by default in play
+    assert r["dtype"] == ("bfloat16" if native_bf16() else "float32")  # the precision the engine chose
     assert r["pipelined"] is (r["cpu_count"] >= 2) and r["torch_threads"] == max(1, r["cpu_count"] // 2)
     assert r["max_wait_asked_ms"] <= PERIOD_MS
     assert "displayed frames/s" in capsys.readouterr().out
