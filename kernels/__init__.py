@@ -9,10 +9,10 @@ Backends (chosen explicitly; an unavailable one raises, it never falls back to a
 * ``torch``  — plain reference, explicit boolean mask, softmax in fp32 (:mod:`kernels.reference`).
 * ``sdpa``   — ``F.scaled_dot_product_attention`` with an explicit boolean mask (cached per shape).
   The CPU default in float32.
-* ``matmul`` — two matrix multiplications in the inputs' dtype around a float32 softmax, masked in
-  place. The CPU default in bfloat16: at a frame's shapes (tens of queries, hundreds of keys) sdpa's CPU
-  kernel spends most of its time on its blocking, and this takes about half as long
-  (``benchmarks/bench_attention.py``).
+* ``matmul`` — two matrix multiplications in the inputs' dtype around a float32 softmax, the mask added
+  to the scores as a float32 bias. The CPU default in bfloat16: at a frame's shapes (tens of queries,
+  hundreds of keys) it takes about half as long as sdpa's CPU kernel
+  (``benchmarks/attention_cpu_bf16.json``, from ``benchmarks/bench_attention.py``).
 * ``flex``   — FlexAttention with a block mask (:mod:`kernels.flex`); compiled by default
   (``KERNELS_FLEX_COMPILE=0`` for eager). No backward on CPU.
 * ``triton`` — the Triton kernels (:mod:`kernels.triton_attention`); CUDA, or the slow Triton
