@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_speed import box  # noqa: E402  (the same description of the machine)
+from worldmodel.provenance import git_commit, now  # noqa: E402
 
 
 def git(*args: str, cwd: Path = ROOT) -> str:
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
         except subprocess.CalledProcessError:
             ap.error(f"not a commit of this repository: {rev}")
     old_rev, new_rev = revs["old"], revs["new"]
-    head = git("rev-parse", "HEAD")
-    new_name = new_rev[:10] if new_rev else head[:10] + ("-dirty" if git("status", "--porcelain") else "")
+    new_name = new_rev[:10] if new_rev else git_commit(short=True)  # the working tree: "-dirty" if changed
     out = Path(args.out or ROOT / "benchmarks" / f"commits_{old_rev[:7]}_{new_name[:7]}_cpu.json")
     flags = ["--frames", str(args.frames), *bench_flags]
     rounds: dict[str, list[dict]] = {"old": [], "new": []}
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     variants = {name: {key: median(x["variants"][key]["fps"] for x in runs if key in x["variants"])
                        for key in runs[0]["variants"]} for name, runs in rounds.items()}
     report = {"tool": "benchmarks/bench_commits.py", "command": "python " + " ".join(["benchmarks/bench_commits.py", *sys.argv[1:]]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "box": machine,
+              "created": now(), "box": machine,
               "old": {"commit": old_rev, "rounds": rounds["old"], "fps_median": fps["old"],
                       "variants_fps_median": variants["old"]},
               "new": {"commit": new_rev or new_name, "rounds": rounds["new"], "fps_median": fps["new"],
