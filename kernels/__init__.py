@@ -150,8 +150,8 @@ def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, cache_valid: Tensor | Non
     scale = 1.0 / math.sqrt(q.shape[-1])
     new = _cached_block_causal_bias(m, tokens_per_frame, q.device)
     if cache_valid is not None:  # (B, 1, M or 1, S + M) float32: 0 where visible, -inf where not
-        bias = torch.cat((torch.zeros((), device=q.device).masked_fill(~cache_valid, float("-inf"))[:, None, None, :]
-                          .expand(-1, 1, new.shape[0], -1), new.expand(cache_valid.shape[0], 1, -1, -1)), dim=-1)
+        cache = torch.where(cache_valid, 0.0, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
+        bias = torch.cat((cache.expand(-1, 1, new.shape[0], -1), new.expand(cache_valid.shape[0], 1, -1, -1)), dim=-1)
     else:
         bias = new
     scores = torch.add(bias, torch.matmul(q, k.transpose(-1, -2)), alpha=scale)  # (B, H, M, S + M) float32
