@@ -168,8 +168,7 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     out, seen = [], set()
     shards = _dataset_module().iter_shards(path, allowed, names=names)
     if progress:
-        shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False,
-                              disable=None)
+        shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False)
     for arrays in shards:
         out.append(torch.from_numpy(arrays["frames"][::every].copy()))
         seen.update(str(m) for m in set(arrays["map"].tolist()))
@@ -224,8 +223,7 @@ def encode_dataset(autoencoder: Autoencoder, path: str | Path, split: str, clip_
     lat, act, ep, fi, mp, frames = [], [], [], [], [], []
     shards = _dataset_module().iter_shards(path, allowed, names=names)
     if progress:
-        shards = progress_bar(shards, desc=f"encoding {Path(path).name} ({split})", unit="shard", leave=False,
-                              disable=None)
+        shards = progress_bar(shards, desc=f"encoding {Path(path).name} ({split})", unit="shard", leave=False)
     for arrays in shards:
         f = torch.from_numpy(arrays["frames"])
         lat.append(torch.cat([autoencoder.encode(c.to(device)).half().cpu() for c in f.split(batch)]))

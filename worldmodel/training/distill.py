@@ -247,7 +247,7 @@ def distill_student(teacher: WorldTransformer, cfg: ModelConfig, clips, steps: i
     bar = None
     if progress:
         from worldmodel.progress import progress_bar
-        bar = progress_bar(total=iters, desc=f"distill {steps}-step {objective}", unit="it", disable=None)
+        bar = progress_bar(total=iters, desc=f"distill {steps}-step {objective}", unit="it")
     for it in range(iters):
         it_seed = seed * 1_000_003 + it  # this iteration's noise, and its self-forced rollout's
         g = torch.Generator().manual_seed(it_seed)
