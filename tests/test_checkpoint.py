@@ -111,7 +111,7 @@ def test_an_old_format_checkpoint_loads_with_its_sampling_steps(tmp_path, ckpt):
     del config["model"]["sample_steps"], config["model"]["sample_shift"]  # older still: the defaults then
     assert sampling_defaults(config) == SamplingDefaults()
     root = Path(__file__).resolve().parents[1]
-    for name in ("doom-tiny", "doom-map01", "doom-map01-sf"):  # the shipped checkpoints: 2-step students
+    for name in ("doom-tiny", "doom-map01", "doom-map01-sf", "doom-map01-dense"):  # the shipped 2-step checkpoints
         assert sampling_defaults(read_config(root / "checkpoints" / name)) == SamplingDefaults(steps=2, shift=1.0)
 
 
