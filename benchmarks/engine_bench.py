@@ -66,7 +66,7 @@ def measure(job: dict) -> dict:
         wm.speculative_tolerance = job["tolerance"]
     if knobs.get("channels_last") is False:
         wm.autoencoder.to(memory_format=torch.contiguous_format)
-        wm._decode = lambda z: wm.autoencoder.decode_uint8(z.float().contiguous())
+        wm._decode = lambda z, shown: wm.autoencoder.decode_uint8(z.float().contiguous(), shown)
     if job.get("compile"):
         wm.compile = True
     trace = load_actions(job["trace"])

@@ -191,6 +191,9 @@ class FrameWorker:
         r = Result("reset", self.frames)
         r.t_action = self.clock()
         try:
+            # the frames still being decoded finish first: a P-frame decoder decodes each frame against
+            # the one shown before it, so the render thread must not decode an old frame after the reset
+            self._pipe.flush()
             r.frame = self.game.reset()
             r.companion = self.game.companion_frame
         except BaseException as e:  # handed to the UI thread, which reports it

@@ -271,7 +271,7 @@ def test_adversarial_losses_each_train_only_their_own_side():
     g_ae, g_critic = grads(ae), grads(critic)
     for m in (ae, critic):
         m.zero_grad()
-    x, recon = ae.reconstruct_noisy(frames, torch.Generator().manual_seed(1))
+    x, recon, _ = ae.reconstruct_noisy(frames, torch.Generator().manual_seed(1))
     (reconstruction_loss(recon, x) + 0.3 * -critic(recon).mean()).backward(inputs=list(ae.parameters()))
     critic_loss = torch.relu(1 - critic(x)).mean() + torch.relu(1 + critic(recon.detach())).mean()
     critic_loss.backward(inputs=list(critic.parameters()))

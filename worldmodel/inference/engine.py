@@ -162,6 +162,8 @@ class WorldModel:
         self.sampler = FrameSampler(self.transformer, cfg, settings.steps or self.sampling.steps,
                                     shift=self.sampling.shift, seed=settings.seed, fused=fused)
         self._decode = self._decode_eager
+        # the frame shown last, uint8 (1, H, W, 3): a P-frame decoder (cfg.ae_p_frame) decodes the next against it
+        self._shown: torch.Tensor | None = None
         self._drafts: deque = deque()  # (latent (1, 1, C, h, w), assumed Action) waiting to be served
         self._last_action: Action | None = None
         self._ready = False
@@ -343,6 +345,7 @@ class WorldModel:
         keep = self.sampler.context_frames(len(actions))  # only the frames the cache keeps are encoded
         latents = self.encode(frames[keep])[None]  # (1, n, C, h, w)
         self.sampler.reset(latents, encode_actions([actions[i] for i in keep])[None])
+        self._shown = frames[-1:].to(self.device)
         self._ready = True
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
@@ -351,15 +354,18 @@ class WorldModel:
             return torch.cat([self.autoencoder.encode(f.to(self.device)).to(self.dtype)
                               for f in frames.split(64)], dim=0)
 
-    def _decode_eager(self, latent: torch.Tensor) -> torch.Tensor:
-        """latents (B, C, h, w) -> uint8 (B, H, W, 3): Autoencoder.decode_uint8 with the engine's decoder."""
+    def _decode_eager(self, latent: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, h, w), the frames shown before them uint8 (B, H, W, 3) -> uint8 (B, H, W, 3):
+        Autoencoder.decode_uint8 with the engine's decoder."""
         ae = self.autoencoder
         z = latent.float() * ae.latent_std.view(1, -1, 1, 1) + ae.latent_mean.view(1, -1, 1, 1)
         p = next(self._decoder.parameters())
+        prev = ae.to_float(shown).to(p.dtype) if self.cfg.ae_p_frame else None
         z = z.to(p.dtype)
         if self.device.type == "cpu":
             z = z.contiguous(memory_format=torch.channels_last)
-        return ae.to_uint8(self._decoder(z).float())
+            prev = prev.contiguous(memory_format=torch.channels_last) if prev is not None else None
+        return ae.to_uint8(self._decoder(z, prev).float())
 
     @torch.inference_mode()
     def step(self, action: Action) -> np.ndarray:
@@ -400,5 +406,9 @@ class WorldModel:
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
-        """Stage 2 of `step`: a latent (1, C, h, w) from `step_latent` -> uint8 (H, W, 3) on the host."""
-        return self._decode(latent)[0].cpu().numpy()  # 3. decode
+        """Stage 2 of `step`: a latent (1, C, h, w) from `step_latent` -> uint8 (H, W, 3) on the host.
+        Frames are decoded in the order they are shown (a P-frame decoder decodes each against the last)."""
+        frame = self._decode(latent, self._shown)  # 3. decode
+        if self.cfg.ae_p_frame:
+            self._shown = frame.clone()  # its own tensor: a CUDA graph's output is overwritten by the next replay
+        return frame[0].cpu().numpy()

@@ -65,6 +65,7 @@ class ModelConfig:
     latent_channels: int = 16
     ae_channels: tuple[int, ...] = (16, 32, 64, 128)
     ae_res_blocks: tuple[int, ...] = (0, 0, 1, 1)
+    ae_p_frame: bool = False  # the decoder also sees the previous displayed frame (autoencoder.py: MotionBlend)
     # the transformer
     patch_size: int = 1  # latent pixels per token side
     prev_frame: bool = False  # each frame's tokens also carry the previous frame's latent (channel concat)
@@ -98,7 +99,7 @@ class ModelConfig:
     @property
     def autoencoder(self) -> AutoencoderConfig:
         return AutoencoderConfig(frame_size=self.frame_size, latent_channels=self.latent_channels,
-                                 channels=self.ae_channels, res_blocks=self.ae_res_blocks)
+                                 channels=self.ae_channels, res_blocks=self.ae_res_blocks, p_frame=self.ae_p_frame)
 
     @property
     def latent_size(self) -> tuple[int, int]:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from worldmodel.errors import UserError
 from worldmodel.files import atomic_write_json
 from worldmodel.metrics import psnr_frames
-from worldmodel.model.autoencoder import Autoencoder, AutoencoderConfig, PatchDiscriminator, reconstruction_loss
+from worldmodel.model.autoencoder import (Autoencoder, AutoencoderConfig, PatchDiscriminator, motion_loss,
+                                         reconstruction_loss)
 from worldmodel.model.checkpoint import (CONFIG_FILE, FORMAT_VERSION, check_state_dict, load_tensors, read_config,
                                          save_tensors)
 from worldmodel.model.transformer import ModelConfig
@@ -56,6 +57,9 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
     return ae.eval(), config
 
 
+P_FRAME_VAL_CLIP = 8  # a P-frame decoder's validation clips: the first frame shown, 7 decoded in a chain
+
+
 def ae_shape(c: AutoencoderConfig) -> tuple:
     return (tuple(c.frame_size), c.latent_channels, tuple(c.channels), tuple(c.res_blocks))
 
@@ -73,10 +77,12 @@ def train_autoencoder(frames: torch.Tensor, out: str | Path, cfg: ModelConfig, t
 
 
 def _check_frames(frames: torch.Tensor, cfg: ModelConfig, what: str) -> None:
+    """uint8 frames (N, H, W, 3), or for a P-frame decoder clips (N, F, H, W, 3)."""
     H, W = cfg.frame_size
-    if frames.ndim != 4 or tuple(frames.shape[1:]) != (H, W, 3) or frames.dtype != torch.uint8:
+    ndim, shape = (5, "(N, F, ") if cfg.autoencoder.p_frame else (4, "(N, ")
+    if frames.ndim != ndim or tuple(frames.shape[-3:]) != (H, W, 3) or frames.dtype != torch.uint8:
         raise UserError(f"{what}: frames are {tuple(frames.shape)} {frames.dtype}; the model expects uint8 "
-                        f"(N, {H}, {W}, 3) (change the frame size with --set frame_size={H},{W})")
+                        f"{shape}{H}, {W}, 3) (change the frame size with --set frame_size={H},{W})")
 
 
 def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step, dist: Dist) -> dict:
@@ -101,7 +107,11 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
         if ae_shape(init.cfg) != ae_shape(ae.cfg):
             raise UserError(f"--init {tcfg.init}: the autoencoder {ae_shape(init.cfg)} does not match this run's "
                             f"{ae_shape(ae.cfg)}")
-        ae.load_state_dict(init.state_dict())
+        # a P-frame decoder may start from a decoder without: its MotionBlend starts as initialised
+        missing, unexpected = ae.load_state_dict(init.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("decoder.p_frame.") for k in missing):
+            raise UserError(f"--init {tcfg.init}: its weights do not fit this autoencoder "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     ae.encoder.requires_grad_(not tcfg.decoder_only)
     critic = PatchDiscriminator().to(device) if tcfg.adv_weight > 0 else None
     modules: dict[str, nn.Module] = {"autoencoder": ae, **({"discriminator": critic} if critic else {})}
@@ -135,8 +145,15 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
         if val_frames is None or not len(val_frames):
             return {}
         ae.eval()
-        v = val_frames[:tcfg.val_frames]
-        rec = torch.cat([ae.reconstruct(c.to(device)).cpu() for c in v.split(64)])
+        if val_frames.ndim == 5:  # clips: the first frame shown, the others decoded one after the other
+            clips = val_frames[:max(1, tcfg.val_frames // val_frames.shape[1])]
+            with torch.no_grad():
+                rec = torch.cat([ae.decode_sequence(_encode_clips(ae, c[:, 1:].to(device)), c[:, 0].to(device)).cpu()
+                                 for c in clips.split(16)])
+            v, rec = clips[:, 1:].flatten(0, 1), rec.flatten(0, 1)
+        else:
+            v = val_frames[:tcfg.val_frames]
+            rec = torch.cat([ae.reconstruct(c.to(device)).cpu() for c in v.split(64)])
         ae.train()
         pick = torch.linspace(0, len(v) - 1, min(8, len(v))).round().long()  # real above, reconstruction below
         H, W = v.shape[1:3]
@@ -190,10 +207,11 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
     if dist.main:
         if not tcfg.decoder_only:  # a new encoder: measure its latents' statistics
             g = step_generator(tcfg.seed, 0, stream=5)
-            calib = frames[torch.randperm(len(frames), generator=g)[:tcfg.calibrate_frames]]
+            pool = frames.flatten(0, 1) if frames.ndim == 5 else frames
+            calib = pool[torch.randperm(len(pool), generator=g)[:tcfg.calibrate_frames]]
             ae.calibrate(calib.to(device), batch_size=128)
         val = eval_psnr() or val
-        summary = {"steps": tcfg.steps, "frames": len(frames), "batch": tcfg.batch, "time_s": round(record.elapsed, 1),
+        summary = {"steps": tcfg.steps, "frames": frames.shape[0] * (frames.shape[1] if frames.ndim == 5 else 1), "batch": tcfg.batch, "time_s": round(record.elapsed, 1),
                    "hardware": hardware(device), "world_size": dist.world, **val, **info}
         save_autoencoder(out, cfg, ae, summary)
         log.write(step=tcfg.steps, final=True, **val)
@@ -209,17 +227,24 @@ def median_sharpness(frames: torch.Tensor) -> float:
     return float(np.median([frame_stats(f)["sharpness"] for f in frames.numpy()]))
 
 
+def _encode_clips(ae: Autoencoder, clips: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (B, F, H, W, 3) -> normalised latents (B, F, C, h, w)."""
+    z = ae.encode(clips.flatten(0, 1))
+    return z.view(*clips.shape[:2], *z.shape[1:])
+
+
 def random_crops(frames: torch.Tensor, crop: tuple[int, int] | None, g: torch.Generator) -> torch.Tensor:
-    """A random (h, w) window of each frame (B, H, W, 3); the frames as they are without `crop`."""
+    """A random (h, w) window of each frame (B, H, W, 3), or of each clip (B, F, H, W, 3) (the same
+    window for all its frames); the frames as they are without `crop`."""
     if not crop:
         return frames
     h, w = crop
-    B, H, W, _ = frames.shape
+    B, H, W = frames.shape[0], frames.shape[-3], frames.shape[-2]
     if (h, w) == (H, W):
         return frames
     ys = torch.randint(0, H - h + 1, (B,), generator=g).tolist()
     xs = torch.randint(0, W - w + 1, (B,), generator=g).tolist()
-    return torch.stack([f[y:y + h, x:x + w] for f, y, x in zip(frames, ys, xs)])
+    return torch.stack([f[..., y:y + h, x:x + w, :] for f, y, x in zip(frames, ys, xs)])
 
 
 class AutoencoderLoss(nn.Module):
@@ -235,12 +260,29 @@ class AutoencoderLoss(nn.Module):
 
     def forward(self, frames: torch.Tensor, generator: torch.Generator | None = None,
                 adv_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, recon = self.autoencoder.reconstruct_noisy(frames, generator)
+        if frames.ndim == 5:  # a P-frame decoder's clips (B, F, H, W, 3): frame 0 is shown, the others
+            # decoded in a chain, each against the reconstruction before it (gradients through the chain)
+            ae = self.autoencoder
+            prev, xs, recons, warps = ae.to_float(frames[:, 0]).to(ae.latent_mean.device), [], [], []
+            for j in range(1, frames.shape[1]):
+                x, prev, warped = ae.reconstruct_noisy(frames[:, j], generator, prev)
+                xs.append(x)
+                recons.append(prev)
+                warps.append(warped)
+            x, recon = torch.cat(xs), torch.cat(recons)
+            motion = motion_loss(torch.cat(warps), x)
+        else:
+            x, recon, _ = self.autoencoder.reconstruct_noisy(frames, generator)
+            motion = None
         rec = reconstruction_loss(recon, x)
+        parts = {"loss": rec.detach()}
+        if motion is not None:  # the motion estimate's own signal (see `motion_loss`)
+            parts["motion_loss"] = motion.detach()
+            rec = rec + motion
         if self.critic is None:
-            return rec, {"loss": rec.detach()}
+            return rec, parts
         critic_loss = F.relu(1 - self.critic(x)).mean() + F.relu(1 + self.critic(recon.detach())).mean()
         frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
         adv = -torch.func.functional_call(self.critic, frozen, (recon,)).mean()
         total = rec + critic_loss + (adv_weight * adv if adv_weight else 0.0)
-        return total, {"loss": rec.detach(), "critic_loss": critic_loss.detach(), "adv_loss": adv.detach()}
+        return total, {**parts, "critic_loss": critic_loss.detach(), "adv_loss": adv.detach()}

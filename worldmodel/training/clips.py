@@ -180,6 +180,33 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
     return frames, sorted(seen)
 
 
+def read_clips(path: str | Path, split: str, clip_frames: int, max_clips: int | None = None,
+               maps: list[str] | None = None, progress: bool = True) -> torch.Tensor:
+    """Clips of `clip_frames` consecutive frames of one episode, uint8 (N, clip_frames, H, W, 3), from
+    the dataset at `path` on the maps of `split`: non-overlapping windows inside each shard, about
+    `max_clips` of them spread over the dataset (whole shards, as `read_frames` reads them)."""
+    allowed = split_maps(split, maps, path)
+    names, total = spread_shards(_check_dataset(path), allowed, READ_SPREAD * max_clips * clip_frames if max_clips else None)
+    every = max(1, math.ceil(total / (max_clips * clip_frames))) if (max_clips and total) else 1
+    shards = _dataset_module().iter_shards(path, allowed, names=names)
+    if progress:
+        shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False)
+    out = []
+    for arrays in shards:
+        episode = torch.from_numpy(arrays["episode"].astype("int64"))
+        frame_index = torch.from_numpy(arrays["frame_index"].astype("int64"))
+        order = torch.from_numpy(np.lexsort((frame_index.numpy(), episode.numpy())))
+        starts = clip_starts(episode[order], frame_index[order], clip_frames, stride=clip_frames)[::every]
+        if len(starts):
+            out.append(torch.from_numpy(arrays["frames"])[order[starts[:, None] + torch.arange(clip_frames)]])
+    if not out:
+        raise UserError(f"{path}: no clip of {clip_frames} consecutive frames on the {split} maps")
+    clips = torch.cat(out)
+    if max_clips and len(clips) > max_clips:
+        clips = clips[torch.linspace(0, len(clips) - 1, max_clips).round().long()]
+    return clips
+
+
 def spread_shards(manifest: dict, maps: list[str], max_frames: int | None) -> tuple[set[str], int]:
     """The shards of `maps` to read (names) and their frames: all of them, or whole shards spread evenly
     over the dataset holding about `max_frames` frames."""

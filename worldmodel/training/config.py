@@ -34,6 +34,8 @@ class AutoencoderTrainConfig:
     init: str | None = None  # an autoencoder (run folder, file or checkpoint folder) whose weights start the run
     decoder_only: bool = False  # train the decoder alone: the encoder (and the latents' statistics) stay
                                 # as `init` has them, so a transformer trained on its latents still fits
+    clip_frames: int = 4  # a P-frame decoder (`--set ae_p_frame=true`) trains on clips of this many
+                          # consecutive frames: the first is shown, each next decoded against the one before
     calibrate_frames: int = 4096
     device: str = "auto"
     progress: bool = True
@@ -42,6 +44,8 @@ class AutoencoderTrainConfig:
         check_sizes(self, at_least_1=("steps", "batch", "log_every", "val_every", "ckpt_every", "keep_checkpoints",
                                       "calibrate_frames"),
                     at_least_0=("warmup", "val_frames", "adv_start"))
+        if self.clip_frames < 2:
+            raise UserError(f"--clip-frames must be at least 2 (a frame shown, one decoded against it), got {self.clip_frames}")
 
 
 @dataclass

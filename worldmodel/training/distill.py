@@ -294,10 +294,10 @@ def evaluate(model: WorldTransformer, ae: Autoencoder, cfg: ModelConfig, frames:
         lat = torch.cat([ae.encode(f.to(device)) for f in fr.flatten(0, 1).split(256)]).view(B, F_, -1, *cfg.latent_size)
         sampler = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
         sampler.reset(lat[:, :context], ac[:, :context])
-        gen = []
+        gen = [fr[:, context - 1]]  # each frame decoded against the one shown before it
         for j in range(context, F_):
-            gen.append(ae.decode_uint8(sampler.next(ac[:, j:j + 1])[:, 0]).cpu())
-        gen = torch.stack(gen, 1)  # (B, R, H, W, 3)
+            gen.append(ae.decode_uint8(sampler.next(ac[:, j:j + 1])[:, 0], gen[-1]).cpu())
+        gen = torch.stack(gen[1:], 1)  # (B, R, H, W, 3)
         real = fr[:, context:]
         p = psnr_frames(gen, real)  # (B, R)
         one.append(p[:, 0])
@@ -325,7 +325,8 @@ def baselines(ae: Autoencoder, frames: torch.Tensor, context: int) -> dict:
     copy_last = frames[:, context - 1:context].expand_as(real)
     with torch.no_grad():
         device = ae.latent_mean.device
-        recon = torch.stack([ae.reconstruct(f.to(device)).cpu() for f in real], 0)
+        recon = torch.stack([ae.reconstruct(f.to(device), shown).cpu()
+                             for f, shown in zip(real, frames[:, context - 1:-1])], 0)
     return {"copy_last_psnr_1": round(psnr_frames(copy_last[:, 0], real[:, 0]).mean().item(), 3),
             "copy_last_psnr_rollout": round(psnr_frames(copy_last, real).mean().item(), 3),
             "autoencoder_psnr": round(psnr_frames(recon, real).mean().item(), 3)}

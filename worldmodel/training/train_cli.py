@@ -1,19 +1,24 @@
-"""`worldmodel train autoencoder`, `worldmodel train model` and `worldmodel train throughput`.
+"""`worldmodel train autoencoder`, `worldmodel train model`, `worldmodel train throughput` and
+`worldmodel train attach-decoder`.
 
     worldmodel train autoencoder --data data/train --val-data data/val --out runs/ae
     worldmodel train model --data data/train --val-data data/val --autoencoder runs/ae --out runs/dit
+    worldmodel train autoencoder --init CKPT --decoder-only --set ae_p_frame=true ... --out runs/dec
+    worldmodel train attach-decoder --checkpoint CKPT --autoencoder runs/dec --out checkpoints/NEW
     torchrun --nproc_per_node 8 -m worldmodel.cli train model ...      # DDP, the same command
 
 The autoencoder is trained first (`training.autoencoder`), then the transformer on latent clips of the
 frozen autoencoder (`training.clips`, `training.transformer`); the run folder is described in
 `training.runs`, determinism and resuming in `training.steps`. `train throughput` times training steps
-of the transformer on random latents (no data needed)."""
+of the transformer on random latents (no data needed). `attach-decoder` gives a checkpoint a decoder
+fine-tuned alone (its encoder bit-identical), e.g. the P-frame decoder."""
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,13 +30,13 @@ from worldmodel.errors import UserError
 from worldmodel.files import atomic_write_json, check_output_path
 from worldmodel.device import resolve_device
 from worldmodel.model import diffusion
-from worldmodel.model.checkpoint import WEIGHT_FILES
+from worldmodel.model.checkpoint import WEIGHT_FILES, save_tensors
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 from worldmodel.parsing import parse_hw
 from worldmodel.provenance import git_commit
-from worldmodel.training.autoencoder import ae_shape, load_autoencoder, train_autoencoder
-from worldmodel.training.clips import (OnlineClips, file_digest, level_dataset, prepare_latents, read_eval_clips,
-                                       read_frames, split_maps)
+from worldmodel.training.autoencoder import P_FRAME_VAL_CLIP, ae_shape, load_autoencoder, train_autoencoder
+from worldmodel.training.clips import (OnlineClips, file_digest, level_dataset, prepare_latents, read_clips,
+                                       read_eval_clips, read_frames, split_maps)
 from worldmodel.training.config import (AutoencoderTrainConfig, ModelTrainConfig, check_sizes, parse_overrides,
                                         resolve_config, resolve_sampling)
 from worldmodel.training.runs import AE_FILE, claim_run_folder
@@ -90,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--decoder-only", action="store_true",
                    help="with --init: train the decoder alone (the encoder and its latents stay exactly as they "
                         "are, so a transformer trained on them still fits); e.g. a sharper decoder with --adv-weight")
+    a.add_argument("--clip-frames", type=int, default=ad.clip_frames,
+                   help="a P-frame decoder (--set ae_p_frame=true) trains on clips of this many consecutive frames: "
+                        "the first is shown, each next one decoded against the one decoded before it")
     a.set_defaults(_train=run_autoencoder)
     m = sub.add_parser("model", help="train the diffusion transformer",
                        description="Train the block-causal diffusion transformer on latents of the frozen autoencoder.")
@@ -143,6 +151,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_amp_argument(b)
     b.add_argument("--out", default=None, help="write the result as JSON here")
     b.set_defaults(_train=run_throughput)
+    x = sub.add_parser("attach-decoder", help="give a checkpoint the decoder of a `train autoencoder --decoder-only` run",
+                       description="Write a copy of a checkpoint whose autoencoder is a decoder-only fine-tune of its "
+                                   "own (e.g. a P-frame decoder, --set ae_p_frame=true): the transformer, sampling "
+                                   "defaults and start clips as they are; refused unless the encoder and the latent "
+                                   "statistics are bit-identical, so that the transformer's latents keep their meaning.")
+    x.add_argument("--checkpoint", required=True, help="the checkpoint folder")
+    x.add_argument("--autoencoder", required=True, help="the decoder-only run folder (or its .safetensors)")
+    x.add_argument("--out", required=True, help="the new checkpoint folder (must not exist)")
+    x.set_defaults(_train=run_attach_decoder, threads=0)
 
 
 def measure_throughput(cfg: ModelConfig, batch: int, steps: int = 10, warmup: int = 3, device: str = "auto",
@@ -244,29 +261,75 @@ def run_autoencoder(args) -> int:
                                   val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
                                   val_frames=args.val_frames, device=args.device, progress=not args.no_progress,
                                   crop=parse_hw(args.crop, "48x64") if args.crop else None, adv_weight=args.adv_weight,
-                                  adv_start=args.adv_start, init=args.init, decoder_only=args.decoder_only)
+                                  adv_start=args.adv_start, init=args.init, decoder_only=args.decoder_only,
+                                  clip_frames=args.clip_frames)
     if tcfg.adv_weight < 0 or tcfg.adv_start < 0:
         raise UserError("--adv-weight and --adv-start must not be negative")
     check_sizes(args, at_least_1=("max_frames",))
     main = int(os.environ.get("RANK", "0")) == 0
     claim_run_folder(Path(args.out), "autoencoder", cfg, tcfg, args.resume, args.overwrite, main)
     progress = tcfg.progress and main
-    frames, maps = read_frames(args.data, "train", _maps(args), args.max_frames, progress)
+    if cfg.autoencoder.p_frame:  # clips of consecutive frames (N, clip_frames, H, W, 3)
+        frames = read_clips(args.data, "train", tcfg.clip_frames,
+                            max(1, args.max_frames // tcfg.clip_frames) if args.max_frames else None, _maps(args), progress)
+        maps = split_maps("train", _maps(args), args.data)
+    else:
+        frames, maps = read_frames(args.data, "train", _maps(args), args.max_frames, progress)
     val_frames = None
     try:
-        val_frames, _ = read_frames(_val_source(args), "val", None, tcfg.val_frames, progress)
+        if cfg.autoencoder.p_frame:
+            val_frames = read_clips(_val_source(args), "val", P_FRAME_VAL_CLIP, max(1, tcfg.val_frames // P_FRAME_VAL_CLIP),
+                                    None, progress)
+        else:
+            val_frames, _ = read_frames(_val_source(args), "val", None, tcfg.val_frames, progress)
     except UserError as e:
         if main:
             print(f"worldmodel train: no validation frames ({e}); PSNR is not measured", file=sys.stderr)
     info = {"data": str(args.data), "maps": maps, "val_data": _val_source(args) if val_frames is not None else None}
     s = train_autoencoder(frames, args.out, cfg, tcfg, val_frames, resume=args.resume, info=info)
     if main:
-        where = f"autoencoder: {Path(args.out) / AE_FILE} ({len(frames)} frames, {tcfg.steps} steps)"
+        n = f"{len(frames)} clips of {tcfg.clip_frames} frames" if frames.ndim == 5 else f"{len(frames)} frames"
+        where = f"autoencoder: {Path(args.out) / AE_FILE} ({n}, {tcfg.steps} steps)"
         if "val_psnr" in s:
             print(f"{where}; validation PSNR {s['val_psnr']:.2f} dB on {s['val_frames']} frames, sharpness "
                   f"(median Laplacian variance) {s['val_sharpness']:.0f} vs {s['val_sharpness_real']:.0f} real")
         else:
             print(f"{where}; no validation frames")
+    return 0
+
+
+def run_attach_decoder(args) -> int:
+    from worldmodel.files import atomic_folder
+    from worldmodel.model.checkpoint import CONFIG_FILE, read_config, resolve
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"--out {out}: already exists (a new checkpoint folder is written there)")
+    check_output_path(out, folder=True)
+    folder = resolve(args.checkpoint)
+    config = read_config(folder)
+    old, _ = load_autoencoder(folder)
+    new, new_config = load_autoencoder(args.autoencoder)
+    a, b = old.state_dict(), new.state_dict()
+    same = ae_shape(old.cfg) == ae_shape(new.cfg) and all(
+        k in b and torch.equal(v, b[k]) for k, v in a.items() if not k.startswith("decoder."))
+    if not same:
+        raise UserError(f"{args.autoencoder}: its encoder is not the one of {args.checkpoint} (train it with "
+                        f"--init {args.checkpoint} --decoder-only): the transformer's latents would change meaning")
+    trained = new_config.get("info") or {}
+    config["model"] = {**config["model"], "ae_p_frame": new.cfg.p_frame}
+    config["info"] = {**(config.get("info") or {}), "decoder": {
+        "autoencoder": str(args.autoencoder), "p_frame": new.cfg.p_frame,
+        **{k: trained[k] for k in ("steps", "val_psnr", "val_sharpness", "val_sharpness_real", "data") if k in trained}}}
+    with atomic_folder(out) as tmp:
+        for f in folder.iterdir():  # the transformer's weights byte for byte (in their stored precision)
+            if f.name in (CONFIG_FILE, WEIGHT_FILES["autoencoder"], "README.md"):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        save_tensors(tmp / WEIGHT_FILES["autoencoder"], new.state_dict(), {"format": "pt"})
+        atomic_write_json(tmp / CONFIG_FILE, config)
+    print(f"{out}: {args.checkpoint} with the decoder of {args.autoencoder}"
+          f"{' (P-frame)' if new.cfg.p_frame else ''}; write its model card (README.md)")
     return 0
 
 
@@ -282,7 +345,8 @@ def run_model(args) -> int:
     ae_model = ae_config.get("model")
     base = {}
     if isinstance(ae_model, dict):  # the autoencoder's shape, unless --set overrides it
-        base = {k: ae_model[k] for k in ("frame_size", "latent_channels", "ae_channels", "ae_res_blocks") if k in ae_model}
+        base = {k: ae_model[k] for k in ("frame_size", "latent_channels", "ae_channels", "ae_res_blocks", "ae_p_frame")
+                if k in ae_model}
     cfg = resolve_config(args.preset, overrides, base)
     if ae_shape(cfg.autoencoder) != ae_shape(ae.cfg):
         raise UserError(f"{args.autoencoder}: the autoencoder {ae_shape(ae.cfg)} does not match the model config "

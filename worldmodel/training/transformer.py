@@ -128,9 +128,10 @@ def teacher_forced(model: WorldTransformer, autoencoder: Autoencoder, cfg: Model
     sampler = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
     sampler.reset(ctx.to(device), actions[:, :k].to(device))
     latent = sampler.generate(actions[:, k:k + 1].to(device))[:, 0]
-    pred = autoencoder.decode_uint8(latent).cpu()
+    shown = frames[:, k - 1]  # the frame before: a P-frame decoder's reference
+    pred = autoencoder.decode_uint8(latent, shown).cpu()
     real = frames[:, k]
-    recon = autoencoder.reconstruct(real.to(device)).cpu()
+    recon = autoencoder.reconstruct(real.to(device), shown).cpu()
     return {"psnr": psnr_frames(pred, real).mean().item(), "psnr_copy_last": psnr_frames(frames[:, k - 1], real).mean().item(),
             "psnr_ae": psnr_frames(recon, real).mean().item(), "psnr_pooled": psnr_pooled(pred, real),
             "psnr_pooled_copy_last": psnr_pooled(frames[:, k - 1], real), "clips": B, "context": k}
@@ -155,10 +156,13 @@ def sample_strip(model: WorldTransformer, autoencoder: Autoencoder, cfg: ModelCo
     for j in range(k, Fr):
         s = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
         s.reset(lat[:, :j], act[:, :j])
-        tf.append(autoencoder.decode_uint8(s.generate(act[:, j:j + 1])[:, 0]).cpu())
+        tf.append(autoencoder.decode_uint8(s.generate(act[:, j:j + 1])[:, 0], frames[:, j - 1]).cpu())
     s = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
     s.reset(lat[:, :k], act[:, :k])
-    ar = [autoencoder.decode_uint8(s.next(act[:, j:j + 1])[:, 0]).cpu() for j in range(k, Fr)]
+    ar = [frames[:, k - 1]]  # each rollout frame decoded against the one shown before it
+    for j in range(k, Fr):
+        ar.append(autoencoder.decode_uint8(s.next(act[:, j:j + 1])[:, 0], ar[-1]).cpu())
+    ar = ar[1:]
     tf, ar, real = torch.stack(tf, 1), torch.stack(ar, 1), frames[:, k:]  # (B, R, H, W, 3)
     rows = torch.stack((real, tf, ar), 1).flatten(0, 1)  # (3B, R, H, W, 3)
     image = rows.permute(0, 2, 1, 3, 4).reshape(rows.shape[0] * H, rows.shape[1] * W, 3)
