@@ -158,3 +158,28 @@ def test_attach_decoder_refuses_another_encoder_and_the_checkpoint_plays(tmp_pat
     H, W = wm.frame_size
     wm.reset(np.zeros((3, H, W, 3), np.uint8), [Action()] * 3)
     assert wm.step(Action(move=1)).shape == (H, W, 3)
+
+
+def test_read_clips_cuts_consecutive_frames_of_one_episode(tmp_path):
+    """Clips for a P-frame decoder: each is consecutive frames of one episode (episodes that end in the
+    middle of a shard and go on in the next), never across an episode's end."""
+    from worldmodel.data import dataset as D, writer
+    from worldmodel.training.clips import read_clips
+
+    manifest = writer.new_manifest((8, 8))
+    rows = [(e, i) for e, n in ((0, 11), (1, 9), (2, 12)) for i in range(n)]
+    for s in range(0, len(rows), 16):  # shards of 16 rows
+        part = rows[s:s + 16]
+        ep = np.array([e for e, _ in part], np.int64)
+        fi = np.array([i for _, i in part], np.int32)
+        frames = np.zeros((len(part), 8, 8, 3), np.uint8)
+        frames[..., 0], frames[..., 1] = ep[:, None, None], fi[:, None, None]  # each frame says which it is
+        arrays = {"frames": frames, "actions": np.zeros((len(part), 5), np.float32), "episode": ep,
+                  "frame_index": fi, "map": np.array(["MAP01"] * len(part), D.MAP_DTYPE)}
+        manifest["shards"].append(writer.write_shard(tmp_path, f"shards/s{s:03d}.npz", arrays))
+    writer.write_manifest(tmp_path, manifest)
+    clips = read_clips(tmp_path, "train", 3, progress=False)
+    assert len(clips) >= 6
+    for clip in clips:
+        episode, index = clip[:, 0, 0, 0].long(), clip[:, 0, 0, 1].long()
+        assert (episode == episode[0]).all() and torch.equal(index - index[0], torch.arange(3)), clip[:, 0, 0]
