@@ -211,7 +211,8 @@ def _train_autoencoder(frames, out, cfg, tcfg, val_frames, resume, info, on_step
             calib = pool[torch.randperm(len(pool), generator=g)[:tcfg.calibrate_frames]]
             ae.calibrate(calib.to(device), batch_size=128)
         val = eval_psnr() or val
-        summary = {"steps": tcfg.steps, "frames": frames.shape[0] * (frames.shape[1] if frames.ndim == 5 else 1), "batch": tcfg.batch, "time_s": round(record.elapsed, 1),
+        n_frames = frames.shape[0] * (frames.shape[1] if frames.ndim == 5 else 1)
+        summary = {"steps": tcfg.steps, "frames": n_frames, "batch": tcfg.batch, "time_s": round(record.elapsed, 1),
                    "hardware": hardware(device), "world_size": dist.world, **val, **info}
         save_autoencoder(out, cfg, ae, summary)
         log.write(step=tcfg.steps, final=True, **val)
@@ -252,7 +253,9 @@ class AutoencoderLoss(nn.Module):
     through): L1 + MSE reconstruction and, with a critic, the hinge GAN losses. One backward trains
     both sides: the critic's loss sees detached reconstructions, and the autoencoder's adversarial term
     goes through a detached copy of the critic's weights, so neither loss moves the other's weights.
-    Returns (the total to backpropagate, {"loss": reconstruction, "critic_loss", "adv_loss"} detached)."""
+    A P-frame decoder's clips add the motion loss (`motion_loss`) of each frame's warped predecessor.
+    Returns (the total to backpropagate, {"loss": reconstruction, "motion_loss", "critic_loss", "adv_loss"}
+    detached)."""
 
     def __init__(self, autoencoder: Autoencoder, critic: PatchDiscriminator | None = None):
         super().__init__()
