@@ -178,8 +178,8 @@ def test_read_clips_cuts_consecutive_frames_of_one_episode(tmp_path):
                   "frame_index": fi, "map": np.array(["MAP01"] * len(part), D.MAP_DTYPE)}
         manifest["shards"].append(writer.write_shard(tmp_path, f"shards/s{s:03d}.npz", arrays))
     writer.write_manifest(tmp_path, manifest)
-    clips = read_clips(tmp_path, "train", 3, progress=False)
-    assert len(clips) >= 6
+    clips, maps = read_clips(tmp_path, "train", 3, progress=False)
+    assert len(clips) >= 6 and maps == ["MAP01"]
     for clip in clips:
         episode, index = clip[:, 0, 0, 0].long(), clip[:, 0, 0, 1].long()
         assert (episode == episode[0]).all() and torch.equal(index - index[0], torch.arange(3)), clip[:, 0, 0]

@@ -10,7 +10,7 @@ runs = {"doom-tiny (shipped, plain)": "checkpoints/doom-tiny",
         "P-frame, L1+MSE (runs/pdec-adv0, 2000 steps)": "runs/pdec-adv0",
         "P-frame, + adversarial 0.005 (runs/pdec-adv0.005, 2000 steps)": "runs/pdec-adv0.005",
         "P-frame, + adversarial 0.02 (runs/pdec-adv0.02, 2000 steps)": "runs/pdec-adv0.02"}
-c = read_clips("data/map01-val", "val", 8, 64, progress=False)
+c, _ = read_clips("data/map01-val", "val", 8, 64, progress=False)
 real = c[:, 1:]
 res, rows = {}, [real[[3, 11, 20, 29, 40, 52], -1]]
 for name, path in runs.items():

@@ -181,18 +181,20 @@ def read_frames(path: str | Path, split: str, maps: list[str] | None = None, max
 
 
 def read_clips(path: str | Path, split: str, clip_frames: int, max_clips: int | None = None,
-               maps: list[str] | None = None, progress: bool = True) -> torch.Tensor:
+               maps: list[str] | None = None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """Clips of `clip_frames` consecutive frames of one episode, uint8 (N, clip_frames, H, W, 3), from
     the dataset at `path` on the maps of `split`: non-overlapping windows inside each shard, about
-    `max_clips` of them spread over the dataset (whole shards, as `read_frames` reads them)."""
+    `max_clips` of them spread over the dataset (whole shards, as `read_frames` reads them); and the
+    maps they came from."""
     allowed = split_maps(split, maps, path)
     names, total = spread_shards(_check_dataset(path), allowed, READ_SPREAD * max_clips * clip_frames if max_clips else None)
     every = max(1, math.ceil(total / (max_clips * clip_frames))) if (max_clips and total) else 1
     shards = _dataset_module().iter_shards(path, allowed, names=names)
     if progress:
         shards = progress_bar(shards, desc=f"reading {Path(path).name} ({split})", unit="shard", leave=False)
-    out = []
+    out, seen = [], set()
     for arrays in shards:
+        seen.update(str(m) for m in set(arrays["map"].tolist()))
         episode = torch.from_numpy(arrays["episode"].astype("int64"))
         frame_index = torch.from_numpy(arrays["frame_index"].astype("int64"))
         order = torch.from_numpy(np.lexsort((frame_index.numpy(), episode.numpy())))
@@ -204,7 +206,7 @@ def read_clips(path: str | Path, split: str, clip_frames: int, max_clips: int | 
     clips = torch.cat(out)
     if max_clips and len(clips) > max_clips:
         clips = clips[torch.linspace(0, len(clips) - 1, max_clips).round().long()]
-    return clips
+    return clips, sorted(seen)
 
 
 def spread_shards(manifest: dict, maps: list[str], max_frames: int | None) -> tuple[set[str], int]:

@@ -294,10 +294,8 @@ def evaluate(model: WorldTransformer, ae: Autoencoder, cfg: ModelConfig, frames:
         lat = torch.cat([ae.encode(f.to(device)) for f in fr.flatten(0, 1).split(256)]).view(B, F_, -1, *cfg.latent_size)
         sampler = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
         sampler.reset(lat[:, :context], ac[:, :context])
-        gen = [fr[:, context - 1]]  # each frame decoded against the one shown before it
-        for j in range(context, F_):
-            gen.append(ae.decode_uint8(sampler.next(ac[:, j:j + 1])[:, 0], gen[-1]).cpu())
-        gen = torch.stack(gen[1:], 1)  # (B, R, H, W, 3)
+        rollout = torch.stack([sampler.next(ac[:, j:j + 1])[:, 0] for j in range(context, F_)], 1)
+        gen = ae.decode_sequence(rollout, fr[:, context - 1]).cpu()  # (B, R, H, W, 3)
         real = fr[:, context:]
         p = psnr_frames(gen, real)  # (B, R)
         one.append(p[:, 0])

@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from worldmodel.errors import UserError
-from worldmodel.files import atomic_write_json, check_output_path
+from worldmodel.files import atomic_folder, atomic_write_json, check_output_path
 from worldmodel.device import resolve_device
 from worldmodel.model import diffusion
-from worldmodel.model.checkpoint import WEIGHT_FILES, save_tensors
+from worldmodel.model.checkpoint import CONFIG_FILE, WEIGHT_FILES, read_config, resolve, save_tensors
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 from worldmodel.parsing import parse_hw
 from worldmodel.provenance import git_commit
@@ -269,19 +269,16 @@ def run_autoencoder(args) -> int:
     main = int(os.environ.get("RANK", "0")) == 0
     claim_run_folder(Path(args.out), "autoencoder", cfg, tcfg, args.resume, args.overwrite, main)
     progress = tcfg.progress and main
-    if cfg.autoencoder.p_frame:  # clips of consecutive frames (N, clip_frames, H, W, 3)
-        frames = read_clips(args.data, "train", tcfg.clip_frames,
-                            max(1, args.max_frames // tcfg.clip_frames) if args.max_frames else None, _maps(args), progress)
-        maps = split_maps("train", _maps(args), args.data)
-    else:
-        frames, maps = read_frames(args.data, "train", _maps(args), args.max_frames, progress)
+
+    def read(path, split, maps, n, clip_frames):  # frames (N, H, W, 3), or a P-frame decoder's clips (N, F, H, W, 3)
+        if not cfg.autoencoder.p_frame:
+            return read_frames(path, split, maps, n, progress)
+        return read_clips(path, split, clip_frames, max(1, n // clip_frames) if n else None, maps, progress)
+
+    frames, maps = read(args.data, "train", _maps(args), args.max_frames, tcfg.clip_frames)
     val_frames = None
     try:
-        if cfg.autoencoder.p_frame:
-            val_frames = read_clips(_val_source(args), "val", P_FRAME_VAL_CLIP, max(1, tcfg.val_frames // P_FRAME_VAL_CLIP),
-                                    None, progress)
-        else:
-            val_frames, _ = read_frames(_val_source(args), "val", None, tcfg.val_frames, progress)
+        val_frames, _ = read(_val_source(args), "val", None, tcfg.val_frames, P_FRAME_VAL_CLIP)
     except UserError as e:
         if main:
             print(f"worldmodel train: no validation frames ({e}); PSNR is not measured", file=sys.stderr)
@@ -299,9 +296,6 @@ def run_autoencoder(args) -> int:
 
 
 def run_attach_decoder(args) -> int:
-    from worldmodel.files import atomic_folder
-    from worldmodel.model.checkpoint import CONFIG_FILE, read_config, resolve
-
     out = Path(args.out)
     if out.exists():
         raise UserError(f"--out {out}: already exists (a new checkpoint folder is written there)")

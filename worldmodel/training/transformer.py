@@ -159,11 +159,9 @@ def sample_strip(model: WorldTransformer, autoencoder: Autoencoder, cfg: ModelCo
         tf.append(autoencoder.decode_uint8(s.generate(act[:, j:j + 1])[:, 0], frames[:, j - 1]).cpu())
     s = FrameSampler(model, cfg, steps, shift=shift, seed=seed, batch_size=B)
     s.reset(lat[:, :k], act[:, :k])
-    ar = [frames[:, k - 1]]  # each rollout frame decoded against the one shown before it
-    for j in range(k, Fr):
-        ar.append(autoencoder.decode_uint8(s.next(act[:, j:j + 1])[:, 0], ar[-1]).cpu())
-    ar = ar[1:]
-    tf, ar, real = torch.stack(tf, 1), torch.stack(ar, 1), frames[:, k:]  # (B, R, H, W, 3)
+    rollout = torch.stack([s.next(act[:, j:j + 1])[:, 0] for j in range(k, Fr)], 1)  # (B, R, C, h, w)
+    ar = autoencoder.decode_sequence(rollout, frames[:, k - 1]).cpu()
+    tf, real = torch.stack(tf, 1), frames[:, k:]  # (B, R, H, W, 3), as ar
     rows = torch.stack((real, tf, ar), 1).flatten(0, 1)  # (3B, R, H, W, 3)
     image = rows.permute(0, 2, 1, 3, 4).reshape(rows.shape[0] * H, rows.shape[1] * W, 3)
     stats = {"psnr_rollout": psnr_frames(ar, real).mean().item(),
