@@ -122,6 +122,32 @@ def test_the_critics_say_reaches_the_student_through_its_sample(objective):
     assert not same(*after)
 
 
+def test_action_guidance_amplifies_only_what_the_action_changes():
+    """DMD's guided teacher score, v_still + w (v_action - v_still): for a frame whose action is standing
+    still it is the plain score whatever w is; for a moving one, w moves the student's gradient; and a
+    teacher that ignores actions (its action embedding zeroed) is not guided at all."""
+    from worldmodel.training.distill_objectives import dmd_loss
+
+    cfg = tiny_config(prev_frame=True)
+    teacher, fake = active_teacher(cfg, seed=0), active_teacher(cfg, seed=1)
+    x0, a = batch(cfg)
+    sample = torch.randn(x0[:, -1:].shape, generator=torch.Generator().manual_seed(5))
+
+    def loss(model, actions, w):
+        clip = Clip.of(cfg, x0, actions, torch.Generator().manual_seed(1))
+        return dmd_loss(sample, model, fake, clip, torch.Generator().manual_seed(3), w).item()
+
+    still = a.clone()
+    still[:, -1] = 0.0
+    assert loss(teacher, still, 1.0) == loss(teacher, still, 3.0)
+    moving = [loss(teacher, a, w) for w in (1.0, 2.0, 3.0)]
+    assert all(math.isfinite(v) for v in moving) and len(set(moving)) == 3
+    blind = active_teacher(cfg, seed=0)
+    with torch.no_grad():
+        blind.action_embed[2].weight.zero_()
+    assert loss(blind, a, 1.0) == loss(blind, a, 3.0)
+
+
 @pytest.mark.parametrize("prev_frame", [False, True])
 def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     """What the student is trained through (one pass over context + target frame) is what the teacher's
@@ -206,6 +232,9 @@ def test_the_critic_takes_critic_steps_updates_per_student_update(monkeypatch, o
     ("--dmd-weight", "0", []), ("--dmd-weight", "inf", []), ("--critic-lr", "0", []), ("--critic-lr", "-1e-4", []),
     ("--iters", "0", []), ("--ema", "1", []), ("--self-forcing", "-1", []), ("--critic-steps", "0", []),
     ("--self-forcing", "2", ["--objective", "dmd,adversarial"]),
+    ("--guidance", "0", ["--objective", "dmd"]), ("--guidance", "-2", ["--objective", "dmd"]),
+    ("--guidance", "nan", ["--objective", "dmd"]), ("--guidance", "2", []),
+    ("--guidance", "2", ["--objective", "regression,adversarial"]),
 ])
 def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value, more):
     from worldmodel.cli import main
@@ -283,7 +312,8 @@ def test_without_a_latent_cache_only_shards_spread_over_the_data_are_encoded(tmp
 
 def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     """`--self-forcing K` with dmd: refused in one line when K leaves no real context frame for this
-    teacher; otherwise the run's report and the student's card say so, and the student plays."""
+    teacher; otherwise the run's report and the student's card say so (and the action guidance of the
+    teacher's score), and the student plays."""
     from worldmodel.game.action import Action
     from worldmodel.model.autoencoder import Autoencoder
     from worldmodel.cli import main
@@ -301,9 +331,10 @@ def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     rc = main([*args, "--out", str(tmp_path / "bad"), "--self-forcing", str(cfg.cache_frames)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--self-forcing" in err, err
-    assert main([*args, "--out", str(tmp_path / "out"), "--self-forcing", "2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "out"), "--self-forcing", "2", "--guidance", "2.5"]) == 0
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["self_forcing"] == 2 and "Self Forcing" in report["methods"]["dmd"]
+    assert report["guidance"] == 2.5 and "guided by the action, w = 2.5" in report["methods"]["dmd"]
     entry = report["students"]["dmd-2"]
     assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
     wm = WorldModel.from_pretrained(tmp_path / "out", device="cpu")

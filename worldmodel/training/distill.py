@@ -96,6 +96,7 @@ class DistillConfig:
     critic_steps: int = 1  # updates of the critic or fake score per student update (DMD2's two time-scale rule: 5)
     adv_weight: float = 0.1  # adversarial: the critic's loss beside the regression loss
     dmd_weight: float = 1.0  # dmd: the distribution-matching loss beside the regression loss
+    guidance: float = 1.0  # dmd: action guidance of the teacher's score (1: none)
     ema: float = 0.99  # decay of the averaged student weights that are saved
     self_forcing: int = 0  # > 0: the last K context frames are the student's own rollout (regression, dmd)
     grad_clip: float = 1.0
@@ -173,7 +174,7 @@ class Distillation:
                 extra = -self.critic(sample[:, 0], clip.prev, clip.actions[:, -1]).mean()
                 weight = self.adv_weight
             else:
-                extra = dmd_loss(sample, self.teacher, self.critic, clip, g)
+                extra = dmd_loss(sample, self.teacher, self.critic, clip, g, self.config.guidance)
                 weight = self.dmd_weight
             self.critic.train().requires_grad_(True)
             out[self.objective] = extra.item()
@@ -210,10 +211,11 @@ class Distillation:
         ema_update(self.avg, self.student, decay)
 
 
-def method_of(objective: str, self_forcing: int = 0) -> str:
+def method_of(objective: str, self_forcing: int = 0, guidance: float = 1.0) -> str:
     """What a student's report and card say of how it was trained."""
     forced = f"; Self Forcing: the last {self_forcing} context frames of each clip are the student's own rollout"
-    return METHODS[objective] + (forced if self_forcing else "")
+    guided = f"; the teacher's score guided by the action, w = {guidance:g}"
+    return METHODS[objective] + (forced if self_forcing else "") + (guided if objective == "dmd" and guidance != 1 else "")
 
 
 def check_self_forcing(k: int, objective: str, cache_frames: int | None = None) -> None:

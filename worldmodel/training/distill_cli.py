@@ -64,14 +64,18 @@ def check_arguments(args) -> None:
     """One clear line for a rate, weight or decay out of range (before anything is loaded); counts are
     `config.check_sizes`'."""
     positive = {"--lr": args.lr, "--critic-lr": args.critic_lr, "--adv-weight": args.adv_weight,
-                "--dmd-weight": args.dmd_weight}
+                "--dmd-weight": args.dmd_weight, "--guidance": args.guidance}
     for name, v in positive.items():
         if not (math.isfinite(v) and v > 0):
             raise UserError(f"{name} must be a positive number, got {v:g}")
     if not 0.0 <= args.ema < 1.0:
         raise UserError(f"--ema must be within [0, 1), got {args.ema:g}")
-    for objective in parse_objectives(args.objective):
+    objectives = parse_objectives(args.objective)
+    for objective in objectives:
         check_self_forcing(args.self_forcing, objective)
+    if args.guidance != 1.0 and "dmd" not in objectives:
+        raise UserError(f"--guidance guides the teacher's score of the dmd objective; the objective here is "
+                        f"{args.objective}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dmd-weight", type=float, default=D.dmd_weight,
                         help="dmd objective: weight of the distribution-matching loss beside the regression loss "
                              "(default %(default)s)")
+    parser.add_argument("--guidance", type=float, default=D.guidance, metavar="W",
+                        help="dmd objective: action guidance of the teacher's score, v_still + W (v_action - "
+                             "v_still): the teacher's response to each action (against standing still) amplified W "
+                             "times, as DMD guides its real score by the prompt; the student learns it at no cost "
+                             "per frame (default %(default)s: none)")
     parser.add_argument("--critic-lr", type=float, default=D.critic_lr,
                         help="learning rate of the critic (adversarial) or of the fake-score model (dmd) "
                              "(default %(default)s)")
@@ -212,14 +221,16 @@ def run(args) -> int:
           f"({time.time() - t0:.0f} s to encode)", file=sys.stderr)
 
     report = {"teacher": str(args.teacher), "objectives": objectives,
-              "methods": {o: method_of(o, args.self_forcing) for o in objectives}, "data": str(args.data),
+              "methods": {o: method_of(o, args.self_forcing, args.guidance) for o in objectives},
+              "data": str(args.data),
               "val_data": str(val_source),
               "train_clips": len(train), "train_frames": len(train.latents), "teacher_steps": args.teacher_steps,
               "iters": args.iters,
               "init_student": args.init_student, "iters_total": init_iters + args.iters,
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps,
               "adv_weight": args.adv_weight,
-              "dmd_weight": args.dmd_weight, "ema": args.ema, "self_forcing": args.self_forcing, "seed": args.seed,
+              "dmd_weight": args.dmd_weight, "guidance": args.guidance, "ema": args.ema,
+              "self_forcing": args.self_forcing, "seed": args.seed,
               "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -248,8 +259,8 @@ def run(args) -> int:
             dest = dest / f"steps-{k}" if len(ks) > 1 else dest
             info = {**(config.get("info") or {}),
                     "distill": {k_: v for k_, v in report.items() if k_ != "students"}
-                    | {"objective": objective, "method": method_of(objective, args.self_forcing), "student_steps": k,
-                       "eval": res, "losses": losses}}
+                    | {"objective": objective, "method": method_of(objective, args.self_forcing, args.guidance),
+                       "student_steps": k, "eval": res, "losses": losses}}
             save_pretrained(dest, cfg, ae, copy.deepcopy(student).half() if args.half else student, info,
                             dataclasses.replace(sampling, steps=k))
             if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():

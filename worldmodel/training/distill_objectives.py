@@ -3,7 +3,7 @@ the teacher's targets, the regression loss, the student's sample, distribution m
 fake score, and the latent critic of the adversarial objective with its hinge loss."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,11 @@ class Clip:
         t_ctx = torch.full((B, F_ - 1), cfg.context_noise, device=x0.device)
         ctx = add_noise(x0[:, :-1], torch.randn(x0[:, :-1].shape, generator=g).to(x0), t_ctx)
         return cls(ctx, t_ctx, actions, x0[:, -1:], x0[:, -2])
+
+    def without_action(self) -> "Clip":
+        """The same clip with the target frame's action the no-op (standing still, no turn): the
+        unconditional side of action guidance."""
+        return replace(self, actions=torch.cat((self.actions[:, :-1], torch.zeros_like(self.actions[:, -1:])), 1))
 
     def student_input(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model's input for the whole clip with the target frame at x (B, 1, C, h, w), level t (B,)."""
@@ -121,16 +126,22 @@ def student_sample(student: WorldTransformer, cfg: ModelConfig, clip: Clip, ts: 
 
 
 def dmd_loss(sample: torch.Tensor, teacher: WorldTransformer, fake: WorldTransformer, clip: Clip,
-             g: torch.Generator) -> torch.Tensor:
+             g: torch.Generator, guidance: float = 1.0) -> torch.Tensor:
     """Distribution matching (DMD): the student's sample noised to a random level, denoised by the
     teacher (the real score) and by the fake-score model (trained on the student's samples); the
     sample is moved along fake - real, normalised per sample as in DMD. As a loss whose gradient
-    with respect to the sample is that difference (divided by its size)."""
+    with respect to the sample is that difference (divided by its size). `guidance` w != 1: the real
+    score is guided by the action, as DMD guides it by the prompt: v_still + w (v_action - v_still), the
+    teacher's response to the action taken (against standing still) amplified w times."""
     B = sample.shape[0]
     t = DMD_T_MIN + (DMD_T_MAX - DMD_T_MIN) * torch.rand(B, generator=g).to(sample.device)
     with torch.no_grad():
         x_t = add_noise(sample.detach(), torch.randn(sample.shape, generator=g).to(sample), t[:, None])
-        real = predict_x0(x_t, velocity(teacher, clip, x_t, t), t[:, None])
+        v_real = velocity(teacher, clip, x_t, t)
+        if guidance != 1.0:
+            v_still = velocity(teacher, clip.without_action(), x_t, t)
+            v_real = v_still + guidance * (v_real - v_still)
+        real = predict_x0(x_t, v_real, t[:, None])
         fake_x0 = predict_x0(x_t, velocity(fake, clip, x_t, t), t[:, None])
         scale = (sample.detach() - real).float().abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
         grad = ((fake_x0 - real).float() / scale).nan_to_num()
