@@ -36,7 +36,9 @@ regression loss (which keeps the student on the teacher's trajectories) with its
   fake-score model (a copy of the teacher) is trained online by flow matching on the student's
   samples, beside the frozen teacher as the real score; the student's sample is noised to a random
   level and moved along the difference of the two denoised estimates (the gradient of the reverse KL
-  between the two distributions), which pulls it towards a mode instead of the mean.
+  between the two distributions), which pulls it towards a mode instead of the mean. `--guidance W`
+  guides the teacher's score by the action (standing still + W times its response to the action taken),
+  as DMD guides it by the prompt.
 The student's sample is drawn as the engine draws it (its k Euler steps after the context); the
 gradient goes through its last step only. Each objective sees the same batches and noise for a seed,
 so a list (`--objective regression,adversarial`) compares them in one run.
@@ -215,7 +217,8 @@ def method_of(objective: str, self_forcing: int = 0, guidance: float = 1.0) -> s
     """What a student's report and card say of how it was trained."""
     forced = f"; Self Forcing: the last {self_forcing} context frames of each clip are the student's own rollout"
     guided = f"; the teacher's score guided by the action, w = {guidance:g}"
-    return METHODS[objective] + (forced if self_forcing else "") + (guided if objective == "dmd" and guidance != 1 else "")
+    guided = guided if objective == "dmd" and guidance != 1 else ""
+    return METHODS[objective] + (forced if self_forcing else "") + guided
 
 
 def check_self_forcing(k: int, objective: str, cache_frames: int | None = None) -> None:
