@@ -137,8 +137,10 @@ def test_action_guidance_amplifies_only_what_the_action_changes():
         clip = Clip.of(cfg, x0, actions, torch.Generator().manual_seed(1))
         return dmd_loss(sample, model, fake, clip, torch.Generator().manual_seed(3), w).item()
 
+    from worldmodel.game.action import NOOP
+
     still = a.clone()
-    still[:, -1] = 0.0
+    still[:, -1] = torch.tensor(NOOP.to_vector())
     assert loss(teacher, still, 1.0) == loss(teacher, still, 3.0)
     moving = [loss(teacher, a, w) for w in (1.0, 2.0, 3.0)]
     assert all(math.isfinite(v) for v in moving) and len(set(moving)) == 3

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from worldmodel.game.action import NOOP
 from worldmodel.model.diffusion import add_noise, predict_x0, timesteps, velocity_target
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
@@ -39,9 +40,10 @@ class Clip:
         return cls(ctx, t_ctx, actions, x0[:, -1:], x0[:, -2])
 
     def without_action(self) -> "Clip":
-        """The same clip with the target frame's action the no-op (standing still, no turn): the
+        """The same clip with the target frame's action the no-op (`NOOP`: standing still, no turn): the
         unconditional side of action guidance."""
-        return replace(self, actions=torch.cat((self.actions[:, :-1], torch.zeros_like(self.actions[:, -1:])), 1))
+        noop = torch.tensor(NOOP.to_vector(), dtype=self.actions.dtype, device=self.actions.device)
+        return replace(self, actions=torch.cat((self.actions[:, :-1], noop.expand_as(self.actions[:, -1:])), 1))
 
     def student_input(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model's input for the whole clip with the target frame at x (B, 1, C, h, w), level t (B,)."""
