@@ -92,7 +92,8 @@ def test_resume_repairs_missing_unlisted_and_temp_files(reference, tmp_path):
 
 
 def test_refuses_to_mix_settings(reference):
-    for change in (dict(seed=4), dict(frame_size=[48, 64]), dict(episode_frames=50), dict(maps=["MAP03"])):
+    for change in (dict(seed=4), dict(frame_size=[48, 64]), dict(episode_frames=50), dict(maps=["MAP03"]),
+                   dict(straight_back=0.5)):
         with pytest.raises(UserError, match="other settings"):
             collect(CollectConfig(**dict(TINY, **change)), reference, workers=0, progress=False)
     with pytest.raises(UserError, match="more than --frames"):
@@ -107,6 +108,24 @@ def test_growing_a_dataset_equals_collecting_it_at_once(reference, tmp_path):
     collect(CollectConfig(**dict(TINY, frames=170)), fresh, workers=0, progress=False)
     assert shard_table(grown) == shard_table(fresh)
     verify.verify_dataset(grown)
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_refuses_a_straight_back_share_outside_0_1(tmp_path, capsys, value):
+    out = tmp_path / "d"
+    assert cli.main(["collect", "--frames", "10", "--out", str(out), "--maps", "MAP01", "--straight-back", value]) == 2
+    err = capsys.readouterr().err
+    assert "--straight-back" in err and len(err.strip().splitlines()) == 1
+
+
+def test_straight_back_is_recorded_and_changes_what_is_played(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    collect(CollectConfig(**dict(TINY, frames=60, maps=["MAP01"])), a, workers=0, progress=False)
+    collect(CollectConfig(**dict(TINY, frames=60, maps=["MAP01"], straight_back=1.0)), b, workers=0, progress=False)
+    assert json.loads((b / "collect.json").read_text())["straight_back"] == 1.0
+    acts = [np.concatenate([ds.load_shard(r, s["name"])["actions"] for s in ds.load_manifest(r)["shards"]])
+            for r in (a, b)]
+    assert not np.array_equal(*acts)
 
 
 def test_validation_split(tmp_path):

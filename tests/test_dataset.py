@@ -65,6 +65,11 @@ def test_verify_reports_the_action_mix(tmp_path):
     assert mix["forward"] == pytest.approx((move == 1).mean()) and mix["backward"] == pytest.approx((move == -1).mean())
     assert mix["forward"] + mix["still"] + mix["backward"] == pytest.approx(1.0)
     assert 0 < mix["backward"] < 1 and mix["turn"] == pytest.approx((acts[:, 2] != 0).mean()) and mix["use"] == 0
+    # backing off straight: backward with no strafe and no turn (attack and use do not matter)
+    acts = np.stack([a.to_vector() for a in (Action(move=-1), Action(move=-1, attack=True), Action(move=-1, turn=2.0),
+                                             Action(move=-1, strafe=1), Action(move=1), NOOP)])
+    counts = verify.action_counts(acts)
+    assert counts["straight back"] == 2 and counts["backward"] == 4 and counts["still"] == 1
 
 
 def test_object_arrays_are_refused(tmp_path):

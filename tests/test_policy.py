@@ -51,6 +51,30 @@ def test_deterministic_for_a_seed():
     assert [p.act() for _ in range(100)] == a
 
 
+def test_straight_back_backs_off_with_the_mouse_at_rest():
+    plain = explorer_actions(3000, seed=5)
+    # off by default, and off draws nothing: the evaluation's episodes (the default explorer) are unchanged
+    p = ExplorerPolicy(5, straight_back=0.0)
+    assert [p.act() for _ in range(3000)] == plain
+
+    def straight_runs(acts):
+        still = np.array([a.move == -1 and a.turn == 0 and a.strafe == 0 for a in acts])
+        return runs(still)[int(not still[0])::2] if still.any() else np.array([], int)
+
+    p = ExplorerPolicy(5, straight_back=1.0)
+    acts = [p.act() for _ in range(3000)]
+    held = straight_runs(acts)
+    # every backward hold of the free habits is straight: far more frames of long straight back-offs
+    # than the default has (there only where a backward hold meets a pause of the mouse)
+    plain_held = straight_runs(plain)
+    assert (held >= 8).sum() >= 5 and held[held >= 8].sum() > 2 * plain_held[plain_held >= 8].sum()
+    back = np.array([a.move == -1 for a in acts])
+    still = np.array([a.move == -1 and a.turn == 0 and a.strafe == 0 for a in acts])
+    assert still.sum() > 0.8 * back.sum()
+    with pytest.raises(ValueError, match="straight_back"):
+        ExplorerPolicy(0, straight_back=1.5)
+
+
 def test_stuck_detection_turns_away():
     p = ExplorerPolicy(0)
     turned = 0.0

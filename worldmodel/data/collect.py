@@ -51,7 +51,7 @@ CONFIG = "collect.json"
 LOCK = ".collect.lock"
 # settings that must be the same to add to an existing dataset (frames may grow, workers may change)
 FIXED_KEYS = ("format", "wad", "split", "maps", "frame_size", "seed", "episode_frames", "shard_frames",
-              "warmup_frames", "skill", "policy", "starts")
+              "warmup_frames", "skill", "policy", "starts", "straight_back")
 
 
 # -- the main process --------------------------------------------------------------------------------------
@@ -109,6 +109,7 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
         except ValueError as e:
             raise UserError(f"{conf_path}: unreadable ({e})") from None
         old.setdefault("starts", "map")  # datasets from before --starts
+        old.setdefault("straight_back", 0.0)  # and from before --straight-back
         diff = [k for k in FIXED_KEYS if old.get(k) != conf.get(k)]
         if diff:
             what = "; ".join(f"{k}: dataset {old.get(k)!r}, now {conf.get(k)!r}" for k in diff)
@@ -287,6 +288,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--starts", choices=STARTS, default="map",
                         help="where episodes start: map = the map's player start (default); level = start "
                              "cells all over one map, for a level model (never its evaluation start places)")
+    parser.add_argument("--straight-back", type=float, default=0.0, metavar="P",
+                        help="share of the policy's backward holds that back off straight, mouse at rest "
+                             "(default 0: the explorer as the evaluation plays it); more data for the "
+                             "model to learn backing off")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -302,7 +307,8 @@ def config_from_args(args) -> CollectConfig:
     return CollectConfig(frames=args.frames, maps=[m.upper() for m in maps], split=args.split, wad=args.wad,
                          frame_size=list(parse_frame_size(args.frame_size)), seed=args.seed,
                          episode_frames=args.episode_frames, shard_frames=args.shard_frames,
-                         warmup_frames=args.warmup_frames, skill=args.skill, starts=args.starts)
+                         warmup_frames=args.warmup_frames, skill=args.skill, starts=args.starts,
+                         straight_back=args.straight_back)
 
 
 def run(args) -> int:

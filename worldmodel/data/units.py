@@ -34,6 +34,7 @@ class CollectConfig:
     skill: int = 3
     starts: str = "map"
     policy: str = ""
+    straight_back: float = 0.0  # the policy's share of straight backward holds (ExplorerPolicy)
     format: int = 1
 
     def __post_init__(self):
@@ -46,6 +47,8 @@ class CollectConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup_frames < 0:
             raise UserError("--warmup-frames must be >= 0")
+        if not 0.0 <= self.straight_back <= 1.0:  # also refuses NaN
+            raise UserError(f"--straight-back must be between 0 and 1, got {self.straight_back}")
         if self.starts not in STARTS:
             raise UserError(f"--starts must be one of {', '.join(STARTS)}, got {self.starts!r}")
         if self.starts == "level" and len(self.maps) != 1:
@@ -205,7 +208,7 @@ def _play_unit(cfg: dict, unit: Unit, needed: list[int], root: str) -> list[dict
     pending_progress = 0
     with DoomEnv(cfg["wad"], unit.map, seed=unit.seed, frame_size=cfg["frame_size"], skill=cfg["skill"],
                  depth=True) as env:
-        policy = ExplorerPolicy(unit.seed)
+        policy = ExplorerPolicy(unit.seed, straight_back=cfg["straight_back"])
         frame = env.reset()
         if unit.start is not None:
             frame = env.warp(*unit.start)

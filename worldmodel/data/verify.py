@@ -121,18 +121,19 @@ def _requested_frames(root: Path) -> int | None:
         return None
 
 
-# what `action_counts` counts: name -> (column of the action vector, test on it)
+# what `action_counts` counts: name -> test on the encoded actions (N, ACTION_DIM): move, strafe, turn, attack, use
 ACTION_KINDS = {
-    "forward": (0, lambda v: v > 0), "still": (0, lambda v: v == 0), "backward": (0, lambda v: v < 0),
-    "strafe": (1, lambda v: v != 0), "turn": (2, lambda v: v != 0), "attack": (3, lambda v: v > 0),
-    "use": (4, lambda v: v > 0),
+    "forward": lambda a: a[:, 0] > 0, "still": lambda a: a[:, 0] == 0, "backward": lambda a: a[:, 0] < 0,
+    "straight back": lambda a: (a[:, 0] < 0) & (a[:, 1] == 0) & (a[:, 2] == 0),  # backing off, nothing else
+    "strafe": lambda a: a[:, 1] != 0, "turn": lambda a: a[:, 2] != 0, "attack": lambda a: a[:, 3] > 0,
+    "use": lambda a: a[:, 4] > 0,
 }
 
 
 def action_counts(actions: np.ndarray) -> dict[str, int]:
     """How many of the encoded actions (N, ACTION_DIM) walk forward / stand still / walk backward (move),
-    strafe, turn, attack, use."""
-    return {k: int(test(actions[:, col]).sum()) for k, (col, test) in ACTION_KINDS.items()}
+    back off straight (no strafe, no turn), strafe, turn, attack, use."""
+    return {k: int(test(actions).sum()) for k, test in ACTION_KINDS.items()}
 
 
 def _check_actions(actions: np.ndarray, name: str) -> None:

@@ -7,7 +7,9 @@ positions / depth buffers are given, for the same sequence of them).
 What it does, one call per game tic (1/35 s):
 - keys are *held*: forward most of the time, sometimes nothing, backwards about one frame in ten
   (a world model must learn to back up too), strafes left/right now and then, each for a duration
-  drawn from a log-normal (a fraction of a second to several seconds);
+  drawn from a log-normal (a fraction of a second to several seconds); with `straight_back` > 0 that
+  share of the backward holds backs off straight (mouse at rest, no strafe), as a player steps back to
+  look at what is ahead: off by default, so the evaluation's episodes stay as they are;
 - the mouse turns in *gestures*: a smooth bell-shaped speed profile (sin^2) with a random peak speed
   (slow looks to fast flicks, up to TURN_MAX degrees a tic) and a random total angle, both directions,
   separated by pauses with a little hand jitter;
@@ -54,11 +56,15 @@ class _Held:
 
 class ExplorerPolicy:
     """`act(position=None, depth=None) -> Action`, one call per tic. `position` is the player's
-    (x, y, angle) (`DoomEnv.position`), `depth` the last frame's depth buffer (`DoomEnv.depth`)."""
+    (x, y, angle) (`DoomEnv.position`), `depth` the last frame's depth buffer (`DoomEnv.depth`).
+    `straight_back`: the chance that a backward hold is straight (no turn, no strafe) while it lasts."""
 
-    def __init__(self, seed: int = 0, turn_max: float = TURN_MAX):
+    def __init__(self, seed: int = 0, turn_max: float = TURN_MAX, straight_back: float = 0.0):
+        if not 0.0 <= straight_back <= 1.0:
+            raise ValueError(f"straight_back must be in [0, 1], got {straight_back}")
         self.seed = int(seed)
         self.turn_max = float(turn_max)
+        self.straight_back = float(straight_back)
         self.reset()
 
     def reset(self) -> None:
@@ -100,6 +106,10 @@ class ExplorerPolicy:
             self.move.value, self.move.left = 0, self._lognormal(20, 0.7, 2, 90)
         else:
             self.move.value, self.move.left = -1, self._lognormal(22, 0.6, 4, 90)
+            # drawn only when asked for, so that the default policy's random stream is unchanged
+            if self.straight_back and self.rng.random() < self.straight_back:
+                self.turn_profile = [0.0] * self.move.left  # the mouse rests while it backs off
+                self.strafe.value, self.strafe.left = 0, self.move.left
 
     def _new_strafe(self):
         if self.rng.random() < 0.65:
