@@ -128,6 +128,19 @@ def test_straight_back_is_recorded_and_changes_what_is_played(tmp_path):
     assert not np.array_equal(*acts)
 
 
+def test_a_dataset_from_before_a_setting_resumes_with_its_default(tmp_path):
+    root = tmp_path / "old"
+    collect(CollectConfig(**dict(TINY, frames=60, maps=["MAP01"])), root, workers=0, progress=False)
+    conf = json.loads((root / "collect.json").read_text())
+    for key in ("starts", "straight_back"):  # collect.json as written before these settings existed
+        del conf[key]
+    atomic_write_json(root / "collect.json", conf)
+    assert collect(CollectConfig(**dict(TINY, frames=60, maps=["MAP01"])), root, workers=0, progress=False)["new_frames"] == 0
+    with pytest.raises(UserError, match="straight_back"):
+        collect(CollectConfig(**dict(TINY, frames=60, maps=["MAP01"], straight_back=0.5)), root, workers=0,
+                progress=False)
+
+
 def test_validation_split(tmp_path):
     root = tmp_path / "val"
     collect(CollectConfig(**dict(TINY, frames=30, maps=["MAP22"], split="val")), root, workers=0, progress=False)

@@ -35,7 +35,7 @@ import queue as queue_mod
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,8 @@ LOCK = ".collect.lock"
 # settings that must be the same to add to an existing dataset (frames may grow, workers may change)
 FIXED_KEYS = ("format", "wad", "split", "maps", "frame_size", "seed", "episode_frames", "shard_frames",
               "warmup_frames", "skill", "policy", "starts", "straight_back")
+# a setting added later (--starts, --straight-back) reads as its default in a dataset collected before it
+ADDED_LATER = {f.name: f.default for f in fields(CollectConfig) if f.name in ("starts", "straight_back")}
 
 
 # -- the main process --------------------------------------------------------------------------------------
@@ -108,8 +110,7 @@ def _collect_locked(cfg: CollectConfig, root: Path, workers, progress) -> dict:
             old = json.loads(conf_path.read_text())
         except ValueError as e:
             raise UserError(f"{conf_path}: unreadable ({e})") from None
-        old.setdefault("starts", "map")  # datasets from before --starts
-        old.setdefault("straight_back", 0.0)  # and from before --straight-back
+        old = {**ADDED_LATER, **old}
         diff = [k for k in FIXED_KEYS if old.get(k) != conf.get(k)]
         if diff:
             what = "; ".join(f"{k}: dataset {old.get(k)!r}, now {conf.get(k)!r}" for k in diff)
