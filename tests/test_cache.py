@@ -54,10 +54,15 @@ def clip(cfg: ModelConfig, n: int, seed: int = 1):
     return x, t, a
 
 
+# a 4x6 latent, 2x2 latent pixels a token: the same 2x3 tokens a frame
+PATCH2 = dict(ae_channels=(8, 8, 8), ae_res_blocks=(0, 0, 0), patch_size=2)
+
+
+@pytest.mark.parametrize("latent", [{}, PATCH2], ids=["patch1", "patch2"])
 @pytest.mark.parametrize("prev_frame", [False, True])
 @torch.inference_mode()
-def test_cached_rollout_equals_full_recompute_before_the_window_wraps(prev_frame):
-    cfg = small_cfg(prev_frame=prev_frame)
+def test_cached_rollout_equals_full_recompute_before_the_window_wraps(prev_frame, latent):
+    cfg = small_cfg(prev_frame=prev_frame, **latent)
     m = random_model(cfg)
     n = cfg.cache_frames  # sinks + window: nothing is evicted yet
     x, t, a = clip(cfg, n + 1)

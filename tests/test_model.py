@@ -76,6 +76,22 @@ def test_within_a_frame_attention_is_bidirectional():
     torch.testing.assert_close(out[:, 0], ref[:, 0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_token_carries_its_own_patch_of_the_latent():
+    """patch_size 2: each token holds the 2x2 latent pixels at its grid place (all channels), and the
+    output maps back to the latent grid the same way."""
+    cfg = tiny_config(ae_channels=(8, 16), ae_res_blocks=(0, 0), patch_size=2)  # 8x8 latent, 4x4 tokens
+    model = WorldTransformer(cfg)
+    C, (h, w), p = cfg.latent_channels, cfg.latent_size, cfg.patch_size
+    x = torch.randn(2, 3, C, h, w)
+    tokens = model._tokens(x)  # (B, F, T, C*p*p)
+    assert tokens.shape == (2, 3, cfg.tokens_per_frame, C * p * p)
+    gw = cfg.grid[1]
+    for r, c in [(0, 0), (1, 3), (3, 2)]:
+        patch = x[:, :, :, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten(2)  # (B, F, C*p*p)
+        assert torch.equal(tokens[:, :, r * gw + c].sort(-1).values, patch.sort(-1).values)
+    assert torch.equal(model._untokens(tokens), x)
+
+
 def test_overfits_one_small_batch():
     torch.manual_seed(0)
     cfg = tiny_config()

@@ -178,6 +178,31 @@ def test_init_switches_on_the_previous_frame_input_without_changing_what_the_mod
     assert torch.count_nonzero(moved["model"].patch_embed.weight[:, cfg.latent_channels:]) > 0
 
 
+def test_init_onto_another_latent_keeps_the_blocks_and_starts_the_token_layers_afresh(tmp_path):
+    """--init from a checkpoint on another autoencoder and patch size (here 4x4 latents, one a token, to
+    8x8 latents, 2x2 a token, with the previous frame): every weight whose shape and meaning carry over is
+    the checkpoint's; the patch embedding is freshly initialised and the output projection is zero."""
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.model.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    trained = train_model(synthetic_latents(cfg), tmp_path / "first", cfg, quick(steps=4))
+    save_pretrained(tmp_path / "ckpt", cfg, Autoencoder(cfg.autoencoder), trained["ema"])
+    ncfg = tiny_config(ae_channels=(8, 16), ae_res_blocks=(0, 0), patch_size=2, prev_frame=True)
+    assert ncfg.latent_size == (8, 8) and ncfg.grid == cfg.grid
+    cont = train_model(synthetic_latents(ncfg), tmp_path / "cont", ncfg,
+                       quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))["model"]
+    want, got = _state(trained["ema"]), _state(cont)
+    token_layers = {"patch_embed.weight", "patch_embed.bias", "final.linear.weight", "final.linear.bias"}
+    assert set(want) == set(got)
+    for k in set(want) - token_layers:
+        assert torch.equal(want[k], got[k]), k
+    assert got["patch_embed.weight"].shape == (cfg.dim, 2 * 4 * cfg.latent_channels)
+    assert torch.count_nonzero(got["patch_embed.weight"]) > 0
+    assert torch.count_nonzero(got["final.linear.weight"]) == 0 and torch.count_nonzero(got["final.linear.bias"]) == 0
+
+
 def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
     """The training loss under bf16 autocast (what `train model` uses on CPUs with native bf16, and on
     CUDA) agrees with float32 on the same batch; it is refused where the CPU has no bf16."""

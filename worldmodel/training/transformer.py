@@ -32,22 +32,35 @@ from worldmodel.training.steps import (Dist, StepRecord, amp_enabled, ema_update
                                        setup_distributed, step_bar, step_generator)
 
 
+# the fields that shape the latent a token carries: a run on another autoencoder (or patch size) keeps
+# the checkpoint's blocks and embeddings and starts its input and output layers afresh (`init_from`)
+LATENT_FIELDS = ("latent_channels", "ae_channels", "ae_res_blocks", "patch_size")
+
+
 def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> None:
     """Copy the transformer weights of the checkpoint at `path` into `model`: a new run that continues
     a trained model (its optimizer state is not in a checkpoint folder; `--resume` continues a run
     exactly). The model configs must agree except for the context noise (the sampling defaults are the
     run's own, not part of the model config), and
-    `prev_frame` may be switched on: the previous frame's input weights start at zero, so the new model
-    computes exactly what the checkpoint's did and learns to use the previous frame from there."""
+    - `prev_frame` may be switched on: the previous frame's input weights start at zero, so the new model
+      computes exactly what the checkpoint's did and learns to use the previous frame from there;
+    - the latent may change (`LATENT_FIELDS`: another autoencoder, another patch size): the blocks, the
+      noise and action embeddings and the output layer's modulation carry over; the patch embedding and
+      the output projection keep this model's fresh initialisation (the output at zero, as in a new DiT),
+      since the tokens they read and write mean something else now."""
     from worldmodel.model.checkpoint import load_pretrained
 
     icfg, _, transformer, _, _ = load_pretrained(path)
-    free = ("context_noise",)
-    diff = {k: v for k, v in cfg.differences(icfg).items()
-            if k not in free and not (k == "prev_frame" and cfg.prev_frame)}
+    differences = cfg.differences(icfg)
+    free = ("context_noise",) + LATENT_FIELDS
+    diff = {k: v for k, v in differences.items() if k not in free and not (k == "prev_frame" and cfg.prev_frame)}
     if diff:
         raise UserError(f"--init {path}: its model config differs from this run's in {ModelConfig.describe(diff)}")
     state = transformer.state_dict()
+    if any(k in LATENT_FIELDS for k in differences):
+        fresh = model.state_dict()
+        for name in ("patch_embed.weight", "patch_embed.bias", "final.linear.weight", "final.linear.bias"):
+            state[name] = fresh[name]
     w = state["patch_embed.weight"]
     if model.patch_embed.weight.shape != w.shape:  # prev_frame switched on: [old weights, zeros]
         state["patch_embed.weight"] = torch.cat((w, torch.zeros_like(w)), dim=1)
