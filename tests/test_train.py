@@ -198,7 +198,7 @@ def test_init_onto_another_latent_keeps_the_blocks_and_starts_the_token_layers_a
     assert set(want) == set(got)
     for k in set(want) - token_layers:
         assert torch.equal(want[k], got[k]), k
-    assert got["patch_embed.weight"].shape == (cfg.dim, 2 * 4 * cfg.latent_channels)
+    assert got["patch_embed.weight"].shape == (cfg.dim, 2 * ncfg.patch_size ** 2 * ncfg.latent_channels)  # [frame, prev]
     assert torch.count_nonzero(got["patch_embed.weight"]) > 0
     assert torch.count_nonzero(got["final.linear.weight"]) == 0 and torch.count_nonzero(got["final.linear.bias"]) == 0
 

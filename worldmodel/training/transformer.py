@@ -32,8 +32,7 @@ from worldmodel.training.steps import (Dist, StepRecord, amp_enabled, ema_update
                                        setup_distributed, step_bar, step_generator)
 
 
-# the fields that shape the latent a token carries: a run on another autoencoder (or patch size) keeps
-# the checkpoint's blocks and embeddings and starts its input and output layers afresh (`init_from`)
+# the fields that shape the latent a token carries (`init_from`: where they differ, the token layers start afresh)
 LATENT_FIELDS = ("latent_channels", "ae_channels", "ae_res_blocks", "patch_size")
 
 
