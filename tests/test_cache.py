@@ -58,11 +58,15 @@ def clip(cfg: ModelConfig, n: int, seed: int = 1):
 PATCH2 = dict(ae_channels=(8, 8, 8), ae_res_blocks=(0, 0, 0), patch_size=2)
 
 
+# what a frame's tokens carry of the previous frame: nothing, its latent, its latent and the output skip
+PREV = {"no-prev": {}, "prev": dict(prev_frame=True), "prev-skip": dict(prev_frame=True, prev_skip=True)}
+
+
 @pytest.mark.parametrize("latent", [{}, PATCH2], ids=["patch1", "patch2"])
-@pytest.mark.parametrize("prev_frame", [False, True])
+@pytest.mark.parametrize("prev", PREV.values(), ids=PREV.keys())
 @torch.inference_mode()
-def test_cached_rollout_equals_full_recompute_before_the_window_wraps(prev_frame, latent):
-    cfg = small_cfg(prev_frame=prev_frame, **latent)
+def test_cached_rollout_equals_full_recompute_before_the_window_wraps(prev, latent):
+    cfg = small_cfg(**prev, **latent)
     m = random_model(cfg)
     n = cfg.cache_frames  # sinks + window: nothing is evicted yet
     x, t, a = clip(cfg, n + 1)
@@ -157,11 +161,11 @@ def test_cached_rollout_after_wrapping_matches_a_naive_sliding_window(sinks, win
     assert (naive - got[:, 0]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("prev_frame", [False, True])
+@pytest.mark.parametrize("prev", PREV.values(), ids=PREV.keys())
 @torch.inference_mode()
-def test_fused_commit_pass_equals_a_separate_commit_pass_after_wrapping(prev_frame):
+def test_fused_commit_pass_equals_a_separate_commit_pass_after_wrapping(prev):
     """forward_cached(commit=1) on [finished frame, next frame] == commit pass, then a pass for the next."""
-    cfg = small_cfg(prev_frame=prev_frame)
+    cfg = small_cfg(**prev)
     m1 = random_model(cfg, seed=3)
     m2 = copy.deepcopy(m1)  # the same weights, a cache of its own
     n = 3 * cfg.cache_frames

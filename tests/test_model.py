@@ -60,6 +60,55 @@ def test_block_causal_future_frames_do_not_change_the_past(t_changed, what, prev
         assert (out[:, t_changed + 1:] - ref[:, t_changed + 1:]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("prev_skip", [False, True])
+def test_prev_skip_makes_a_new_model_estimate_a_copy_of_the_previous_frame(prev_skip):
+    """A new model's output layer is zero: without the skip its clean estimate x_t - t v is x_t itself;
+    with `prev_skip` it is (1 - t) x_t + t prev0, prev0 the previous frame's clean estimate from its own
+    noise level: at pure noise after a clean frame, a copy of it; the first frame (no previous) gets
+    (1 - t) x_t."""
+    cfg = tiny_config(prev_frame=True, prev_skip=prev_skip)
+    model = WorldTransformer(cfg).eval()
+    x, t, a = _inputs(cfg)
+    t[:, -2], t[:, -1] = 0.0, 1.0
+    with torch.no_grad():
+        x0 = diffusion.predict_x0(x, model(x, t, a), t)
+    if not prev_skip:
+        torch.testing.assert_close(x0, x)
+        return
+    tt, tp = t[:, 1:, None, None, None], t[:, :-1, None, None, None]
+    prev0 = (1 - tp) / ((1 - tp) ** 2 + tp ** 2) * x[:, :-1]
+    torch.testing.assert_close(x0[:, 1:], (1 - tt) * x[:, 1:] + tt * prev0)
+    torch.testing.assert_close(x0[:, 0], (1 - t[:, 0, None, None, None]) * x[:, 0])
+    torch.testing.assert_close(x0[:, -1], x[:, -2])
+
+
+@torch.no_grad()
+def test_a_new_prev_skip_model_samples_a_copy_of_the_last_frame_in_one_step():
+    """Through the engine's sampler (the KV cache, context committed at its noise level): one step of a
+    new model with `prev_skip` gives the last context frame as committed, cleaned from its noise level."""
+    from worldmodel.model.sampler import FrameSampler
+    from worldmodel.model.transformer import clean_estimate
+
+    cfg = tiny_config(prev_frame=True, prev_skip=True)
+    model = WorldTransformer(cfg).eval()
+    x, _, a = _inputs(cfg, B=1, F=4)
+    s = FrameSampler(model, cfg, 1, shift=1.0, seed=0, batch_size=1)
+    s.reset(x, a)
+    last, last_t = model.slots.last.clone(), model.slots.last_t.clone()
+    assert torch.equal(last_t, torch.full((1,), cfg.context_noise))
+    assert (last - x[:, -1]).abs().max() > 1e-3  # committed with its context noise
+    out = s.next(a[:, -1:])
+    torch.testing.assert_close(out[:, 0], clean_estimate(last[:, None], last_t[:, None])[:, 0])
+    torch.testing.assert_close(out[:, 0], x[:, -1], atol=0.3, rtol=0)  # the last frame, up to that noise
+
+
+def test_prev_skip_refuses_bad_values():
+    with pytest.raises(ValueError, match="prev_skip needs prev_frame"):
+        tiny_config(prev_skip=True)
+    with pytest.raises(ValueError, match="prev_skip is true or false, got 'maybe'"):
+        tiny_config(prev_frame=True, prev_skip="maybe")
+
+
 def test_within_a_frame_attention_is_bidirectional():
     cfg = tiny_config()
     torch.manual_seed(0)

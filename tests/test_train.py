@@ -203,6 +203,27 @@ def test_init_onto_another_latent_keeps_the_blocks_and_starts_the_token_layers_a
     assert torch.count_nonzero(got["final.linear.weight"]) == 0 and torch.count_nonzero(got["final.linear.bias"]) == 0
 
 
+def test_init_onto_the_prev_skip_starts_only_the_output_projection_afresh(tmp_path):
+    """--init from a checkpoint without the output skip into a run with it: every weight is the
+    checkpoint's but the output projection, which starts at zero (the new model starts as a copy)."""
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.model.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = tiny_config(prev_frame=True)
+    trained = train_model(synthetic_latents(cfg), tmp_path / "first", cfg, quick(steps=4))
+    save_pretrained(tmp_path / "ckpt", cfg, Autoencoder(cfg.autoencoder), trained["ema"])
+    ncfg = tiny_config(prev_frame=True, prev_skip=True)
+    cont = train_model(synthetic_latents(ncfg), tmp_path / "cont", ncfg,
+                       quick(steps=1, lr=0.0, warmup=0, init=str(tmp_path / "ckpt")))["model"]
+    want, got = _state(trained["ema"]), _state(cont)
+    output = {"final.linear.weight", "final.linear.bias"}
+    for k in set(want) - output:
+        assert torch.equal(want[k], got[k]), k
+    assert torch.count_nonzero(want["final.linear.weight"]) > 0
+    assert all(torch.count_nonzero(got[k]) == 0 for k in output)
+
+
 def test_bf16_autocast_training_loss_matches_float32_on_a_fixed_batch():
     """The training loss under bf16 autocast (what `train model` uses on CPUs with native bf16, and on
     CUDA) agrees with float32 on the same batch; it is refused where the CPU has no bf16."""

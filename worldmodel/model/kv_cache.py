@@ -36,6 +36,9 @@ class FrameSlots(nn.Module):
         # frame (B, C, h, w); None without
         self.register_buffer("last", torch.zeros((batch_size, cfg.latent_channels, *cfg.latent_size), device=device,
                                                  dtype=dtype) if cfg.prev_frame else None, persistent=False)
+        # with `prev_skip`: the noise level that frame was committed at (B,); None without
+        self.register_buffer("last_t", torch.ones((batch_size,), device=device, dtype=dtype) if cfg.prev_skip else None,
+                             persistent=False)
 
     @property
     def n_slots(self) -> int:
@@ -45,6 +48,8 @@ class FrameSlots(nn.Module):
         for b in self.buffers():
             b.zero_()
         self.slot_frame.fill_(-1)
+        if self.last_t is not None:
+            self.last_t.fill_(1.0)  # no frame yet: the zero previous frame counts as pure noise
 
     # -- bookkeeping: pure functions of (slot_frame, count), nothing is written --------------------
     def slots_for(self, n_frames: int) -> torch.Tensor:

@@ -13,7 +13,14 @@ at the same grid position (channel concatenation, as DIAMOND and GameNGen feed p
 copying what was there is one linear map away and the model learns the change. The previous frame is
 the previous position's input as the model sees it: in a training clip the frame before (at its own
 noise level; zeros for the first), at inference the last frame committed to the cache (kept in the
-cache beside its keys and values) or, for a speculative draft, the draft before it.
+cache beside its keys and values) or, for a speculative draft, the draft before it. With `prev_skip` also
+on, copying costs nothing: the output is the velocity x_t - prev0 plus the network's, where prev0 =
+c(t') prev is the previous frame's clean estimate from its own noise level t' (`clean_estimate`), so at
+pure noise (t = 1) the clean estimate x_t - t v is the previous frame minus the network's correction, and
+a model whose output layer is still at zero (a new DiT) already samples a copy of the last frame in one
+step. Scaling by the previous frame's level matters: a training clip's previous frame is often noisy
+(Diffusion Forcing), and a skip that passed that noise on would teach the network to cancel the previous
+frame, detail and all.
 
 Two ways in:
 - `forward(x, t, actions)`: a whole clip, positions 0..F-1 (training, full recompute).
@@ -69,6 +76,7 @@ class ModelConfig:
     # the transformer
     patch_size: int = 1  # latent pixels per token side
     prev_frame: bool = False  # each frame's tokens also carry the previous frame's latent (channel concat)
+    prev_skip: bool = False  # the output is a velocity from the previous frame: at t = 1 a copy of it (needs prev_frame)
     dim: int = 256
     depth: int = 6
     heads: int = 4
@@ -86,6 +94,9 @@ class ModelConfig:
         self.frame_size = tuple(self.frame_size)
         self.ae_channels = tuple(self.ae_channels)
         self.ae_res_blocks = tuple(self.ae_res_blocks)
+        for f in fields(self):  # `--set prev_frame=yes` is not a switch
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} is true or false, got {getattr(self, f.name)!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.head_dim % 2:
@@ -93,6 +104,8 @@ class ModelConfig:
         h, w = self.latent_size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"latent grid {h}x{w} is not divisible by patch size {self.patch_size}")
+        if self.prev_skip and not self.prev_frame:
+            raise ValueError("prev_skip needs prev_frame")
         if self.window_frames < 1 or self.sink_frames < 0 or self.max_draft < 1:
             raise ValueError("window_frames >= 1, sink_frames >= 0 and max_draft >= 1 are required")
 
@@ -314,16 +327,21 @@ class WorldTransformer(nn.Module):
         x = x.reshape(B, Fr, gh, gw, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, Fr, C, gh * p, gw * p)
 
-    def _run(self, x, t, actions, ctx: _AttnContext, first_prev: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, x, t, actions, ctx: _AttnContext, first_prev: torch.Tensor | None,
+             first_prev_t: torch.Tensor | None) -> torch.Tensor:
         tokens = self._tokens(x)  # (B, F, T, c)
         if self.cfg.prev_frame:  # frame f also gets frame f-1 (the first: `first_prev` (B, C, h, w))
-            prev = torch.cat((first_prev[:, None].to(x.dtype), x[:, :-1]), dim=1)
+            prev = torch.cat((first_prev[:, None].to(x.dtype), x[:, :-1]), dim=1)  # (B, F, C, h, w)
             tokens = torch.cat((tokens, self._tokens(prev)), dim=-1)  # (B, F, T, 2c)
         h = linear(tokens, self.patch_embed)  # (B, F, T, C)
         c = F.silu(self.noise_embed(t) + self.action_embed(actions.to(h.dtype)))  # (B, F, C), activated once
         for block in self.blocks:
             h = block(h, c, ctx)
-        return self._untokens(self.final(h, c))
+        v = self._untokens(self.final(h, c))  # (B, F, C, h, w)
+        if self.cfg.prev_skip:  # + x_t - prev0: the clean estimate x_t - t v = (1-t) x_t + t prev0 - t net
+            prev_t = torch.cat((first_prev_t[:, None].to(t.dtype), t[:, :-1]), dim=1)  # (B, F)
+            v = v + (x - clean_estimate(prev, prev_t)).to(v.dtype)
+        return v
 
     # -- entry points ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -334,7 +352,7 @@ class WorldTransformer(nn.Module):
         cos, sin = self._rope_at(pos) if Fr <= self.cfg.clip_frames else self._rope(pos)
         ctx = _AttnContext(cos=cos, sin=sin, attend=self._attend, tokens_per_frame=self.cfg.tokens_per_frame)
         first_prev = x.new_zeros((x.shape[0], *x.shape[2:])) if self.cfg.prev_frame else None
-        return self._run(x, t, actions, ctx, first_prev)
+        return self._run(x, t, actions, ctx, first_prev, t.new_ones(x.shape[0]))  # the zeros: pure noise
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, commit: int = 0) -> torch.Tensor:
         """F new frames after the frames in the KV cache (`setup_cache`; same shapes as `forward`;
@@ -366,11 +384,13 @@ class WorldTransformer(nn.Module):
         if Fr > n:
             ctx.cos, ctx.sin = self._rope_at(slots.query_positions(Fr - n, count))
             ctx.valid = (slot_frame >= 0).repeat_interleave(T)[None].expand(B, -1)
-        out = self._run(x, t, actions, ctx, slots.last if cfg.prev_frame else None)
+        out = self._run(x, t, actions, ctx, slots.last, slots.last_t)
         if n:
             slots.advance(slot_frame, count)
             if cfg.prev_frame:
                 slots.last.copy_(x[:, n - 1])
+            if cfg.prev_skip:
+                slots.last_t.copy_(t[:, n - 1])
         return out
 
 
@@ -388,6 +408,14 @@ class NoiseLevelEmbedding(nn.Module):
         args = (t.float() * 1000.0)[..., None] * freqs
         emb = torch.cat((args.cos(), args.sin()), dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def clean_estimate(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latent's linear least-squares estimate from its noisy version x = (1-t) x0 + t noise
+    (B, F, C, h, w) at levels t (B, F), for unit-variance latents (the autoencoder normalises them):
+    (1-t) / ((1-t)^2 + t^2) x; x itself at t = 0, zero at t = 1."""
+    s = (1 - t) / ((1 - t) ** 2 + t ** 2)
+    return s[..., None, None, None].to(x.dtype) * x
 
 
 def modulate(x, shift, scale):

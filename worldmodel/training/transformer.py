@@ -46,20 +46,22 @@ def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> No
     - the latent may change (`LATENT_FIELDS`: another autoencoder, another patch size): the blocks, the
       noise and action embeddings and the output layer's modulation carry over; the patch embedding and
       the output projection keep this model's fresh initialisation (the output at zero, as in a new DiT),
-      since the tokens they read and write mean something else now."""
+      since the tokens they read and write mean something else now;
+    - `prev_skip` may change: the output means something else, so the output projection starts afresh
+      (at zero: with the skip on, the new model starts by copying the previous frame)."""
     from worldmodel.model.checkpoint import load_pretrained
 
     icfg, _, transformer, _, _ = load_pretrained(path)
     differences = cfg.differences(icfg)
-    free = ("context_noise",) + LATENT_FIELDS
+    free = ("context_noise", "prev_skip") + LATENT_FIELDS
     diff = {k: v for k, v in differences.items() if k not in free and not (k == "prev_frame" and cfg.prev_frame)}
     if diff:
         raise UserError(f"--init {path}: its model config differs from this run's in {ModelConfig.describe(diff)}")
-    state = transformer.state_dict()
-    if any(k in LATENT_FIELDS for k in differences):
-        fresh = model.state_dict()
-        for name in ("patch_embed.weight", "patch_embed.bias", "final.linear.weight", "final.linear.bias"):
-            state[name] = fresh[name]
+    state, fresh = transformer.state_dict(), model.state_dict()
+    new_layers = (("patch_embed", "final.linear") if any(k in LATENT_FIELDS for k in differences) else
+                  ("final.linear",) if "prev_skip" in differences else ())
+    for name in (f"{layer}.{p}" for layer in new_layers for p in ("weight", "bias")):
+        state[name] = fresh[name]
     w = state["patch_embed.weight"]
     if model.patch_embed.weight.shape != w.shape:  # prev_frame switched on: [old weights, zeros]
         state["patch_embed.weight"] = torch.cat((w, torch.zeros_like(w)), dim=1)
