@@ -352,7 +352,8 @@ class WorldTransformer(nn.Module):
         cos, sin = self._rope_at(pos) if Fr <= self.cfg.clip_frames else self._rope(pos)
         ctx = _AttnContext(cos=cos, sin=sin, attend=self._attend, tokens_per_frame=self.cfg.tokens_per_frame)
         first_prev = x.new_zeros((x.shape[0], *x.shape[2:])) if self.cfg.prev_frame else None
-        return self._run(x, t, actions, ctx, first_prev, t.new_ones(x.shape[0]))  # the zeros: pure noise
+        first_prev_t = t.new_ones(x.shape[0]) if self.cfg.prev_skip else None  # the zeros count as pure noise
+        return self._run(x, t, actions, ctx, first_prev, first_prev_t)
 
     def forward_cached(self, x: torch.Tensor, t: torch.Tensor, actions: torch.Tensor, commit: int = 0) -> torch.Tensor:
         """F new frames after the frames in the KV cache (`setup_cache`; same shapes as `forward`;

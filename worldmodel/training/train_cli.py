@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "or a checkpoint folder")
     m.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start a new run from this checkpoint's transformer weights (e.g. checkpoints/doom-tiny); "
-                        "on another autoencoder or --set patch_size, its blocks, with the token layers afresh")
+                        "on another autoencoder or --set patch_size, its blocks, with the token layers afresh; "
+                        "onto --set prev_skip, all but the output layer")
     m.add_argument("--ema-decay", type=float, default=d.ema_decay)
     m.add_argument("--grad-clip", type=float, default=d.grad_clip)
     m.add_argument("--weight-decay", type=float, default=d.weight_decay)
