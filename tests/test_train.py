@@ -152,6 +152,27 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
         train_model(data, tmp_path / "bad", tiny_config(depth=3), quick(steps=1, init=str(tmp_path / "ckpt")))
 
 
+def test_init_from_a_distilled_student_says_to_distil_again(tmp_path, capsys):
+    """Flow-matching training undoes a student's distillation: a run started from one says so, once;
+    a run from a checkpoint that was not distilled says nothing."""
+    from worldmodel.model.autoencoder import Autoencoder
+    from worldmodel.model.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    data = synthetic_latents(cfg)
+    trained = train_model(data, tmp_path / "first", cfg, quick(steps=1))["ema"]
+    save_pretrained(tmp_path / "teacher", cfg, Autoencoder(cfg.autoencoder), trained, info={"steps": 1})
+    save_pretrained(tmp_path / "student", cfg, Autoencoder(cfg.autoencoder), trained,
+                    info={"steps": 1, "distill": {"student_steps": 2}})
+    capsys.readouterr()
+    train_model(data, tmp_path / "from-teacher", cfg, quick(steps=1, init=str(tmp_path / "teacher")))
+    assert "distilled" not in capsys.readouterr().err
+    train_model(data, tmp_path / "from-student", cfg, quick(steps=1, init=str(tmp_path / "student")))
+    err = capsys.readouterr().err
+    assert err.count("is a distilled student") == 1 and "worldmodel distill" in err
+
+
 def test_init_switches_on_the_previous_frame_input_without_changing_what_the_model_computes(tmp_path):
     """--init from a model without `prev_frame` into one with it: the previous frame's input weights start
     at zero, so the new model's outputs equal the checkpoint's exactly; after training they do not."""

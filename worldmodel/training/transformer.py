@@ -36,11 +36,11 @@ from worldmodel.training.steps import (Dist, StepRecord, amp_enabled, ema_update
 LATENT_FIELDS = ("latent_channels", "ae_channels", "ae_res_blocks", "patch_size")
 
 
-def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> None:
-    """Copy the transformer weights of the checkpoint at `path` into `model`: a new run that continues
-    a trained model (its optimizer state is not in a checkpoint folder; `--resume` continues a run
-    exactly). The model configs must agree except for the context noise (the sampling defaults are the
-    run's own, not part of the model config), and
+def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> dict:
+    """Copy the transformer weights of the checkpoint at `path` into `model` and return the checkpoint's
+    config.json: a new run that continues a trained model (its optimizer state is not in a checkpoint
+    folder; `--resume` continues a run exactly). The model configs must agree except for the context
+    noise (the sampling defaults are the run's own, not part of the model config), and
     - `prev_frame` may be switched on: the previous frame's input weights start at zero, so the new model
       computes exactly what the checkpoint's did and learns to use the previous frame from there;
     - the latent may change (`LATENT_FIELDS`: another autoencoder, another patch size): the blocks, the
@@ -51,7 +51,7 @@ def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> No
       (at zero: with the skip on, the new model starts by copying the previous frame)."""
     from worldmodel.model.checkpoint import load_pretrained
 
-    icfg, _, transformer, _, _ = load_pretrained(path)
+    icfg, _, transformer, config, _ = load_pretrained(path)
     differences = cfg.differences(icfg)
     free = ("context_noise", "prev_skip") + LATENT_FIELDS
     diff = {k: v for k, v in differences.items() if k not in free and not (k == "prev_frame" and cfg.prev_frame)}
@@ -66,6 +66,7 @@ def init_from(model: WorldTransformer, path: str | Path, cfg: ModelConfig) -> No
     if model.patch_embed.weight.shape != w.shape:  # prev_frame switched on: [old weights, zeros]
         state["patch_embed.weight"] = torch.cat((w, torch.zeros_like(w)), dim=1)
     model.load_state_dict(state)
+    return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,8 +244,12 @@ def _start(out: Path, model: WorldTransformer, ema: WorldTransformer, opt: torch
             print(f"resuming from {ckpts[-1]} (step {start})", file=sys.stderr)
     else:
         if tcfg.init:
-            init_from(model, tcfg.init, cfg)
+            distilled = "distill" in (init_from(model, tcfg.init, cfg).get("info") or {})
             ema.load_state_dict(model.state_dict())
+            if distilled and dist.main:  # measured: benchmarks/finetune_doom-tiny_map01_cpu
+                print(f"note: --init {tcfg.init} is a distilled student; this training moves it back towards a "
+                      f"many-step teacher, so distil the result again (worldmodel distill) before playing it",
+                      file=sys.stderr)
         if dist.main:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     return start, elapsed, last_val
