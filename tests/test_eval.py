@@ -292,6 +292,13 @@ def test_level_eval_end_to_end_with_two_models(tmp_path, capsys, make_checkpoint
     models = [r] + r["compared"]
     assert [m["model"]["name"] for m in models] == ["level", "other"]
     assert [row["model"] for row in r["comparison"]] == ["level", "other"]
+    for h in ("1", "4"):  # the second model against the first, episode by episode
+        gain = r["comparison"][1]["psnr_mean_1_to_h_vs_first"][h]
+        want = [np.mean(o["psnr"][:int(h)]) - np.mean(f["psnr"][:int(h)])
+                for o, f in zip(r["compared"][0]["fidelity"]["per_episode"], r["fidelity"]["per_episode"])]
+        assert gain["n"] == 2 and gain["mean"] == pytest.approx(np.mean(want))
+        assert gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1] and gain["ahead"] == sum(w > 0 for w in want)
+    assert "other against level, mean PSNR over 1..h episode by episode" in shown
     for m in models:
         assert m["fidelity"]["episodes"] == 2 and m["stability"]["frames"] == 8
         for h in ("1", "4"):
@@ -315,6 +322,24 @@ def test_level_eval_end_to_end_with_two_models(tmp_path, capsys, make_checkpoint
     assert not_finite(r) == []
     plots_written(r, out, {"fidelity.png", "controllability.png", "stability.png", "generalisation_fidelity.png",
                            "generalisation_controllability.png"})
+
+
+def test_paired_gain_is_the_episodes_mean_difference_with_its_spread():
+    """A model 1 dB ahead in every episode: +1 with a zero-width interval, ahead everywhere; ahead in some
+    episodes and behind in others: an interval that spans the mean and zero; episodes shorter than the
+    horizon are left out of both."""
+    rng = np.random.default_rng(3)
+    ref = [{"psnr": list(rng.uniform(12, 22, 10))} for _ in range(12)]
+    up = [{"psnr": [x + 1.0 for x in e["psnr"]]} for e in ref]
+    g = eval_report.paired_gain(up, ref, 10)
+    assert g["n"] == 12 and g["ahead"] == 12 and g["mean"] == pytest.approx(1.0)
+    assert g["ci95"] == pytest.approx([1.0, 1.0])
+    mixed = [{"psnr": [x + (0.5 if i % 2 else -0.5) + 0.1 for x in e["psnr"]]} for i, e in enumerate(ref)]
+    g = eval_report.paired_gain(mixed, ref, 10)
+    assert g["mean"] == pytest.approx(0.1) and g["ahead"] == 6 and g["ci95"][0] < 0 < g["mean"] < g["ci95"][1]
+    short = mixed[:11] + [{"psnr": mixed[11]["psnr"][:5]}]
+    assert eval_report.paired_gain(short, ref, 10)["n"] == 11 and eval_report.paired_gain(short, ref, 5)["n"] == 12
+    assert eval_report.paired_gain(short[11:], ref[11:], 10) is None
 
 
 def test_models_in_one_run_share_the_real_frames(tmp_path, monkeypatch, make_checkpoint):

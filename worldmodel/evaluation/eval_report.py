@@ -102,11 +102,28 @@ COMPARED = ("psnr", "psnr_copy", "psnr_gain_over_copy", "psnr_mean_1_to_h", "psn
             "psnr_mean_gain_over_copy", "ssim", "ssim_copy", "sharpness", "sharpness_real", "sharpness_in_real_range")
 
 
+def paired_gain(per_episode: list[dict], reference: list[dict], h: int, resamples: int = 2000,
+                seed: int = 0) -> dict | None:
+    """Is one model ahead of another by more than the episodes' spread? Each episode's mean PSNR over
+    frames 1..h, this model's minus the reference's on the same episode (the same real frames): their
+    mean, its 95% interval (bootstrap over the episodes) and the episodes where this model is ahead."""
+    d = np.asarray([mean_psnr(a["psnr"][:h]) - mean_psnr(b["psnr"][:h]) for a, b in zip(per_episode, reference)
+                    if len(a["psnr"]) >= h and len(b["psnr"]) >= h])
+    if not len(d):
+        return None
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    return {"n": len(d), "mean": float(d.mean()), "ci95": [float(np.percentile(means, 2.5)),
+                                                           float(np.percentile(means, 97.5))],
+            "ahead": int((d > 0).sum())}
+
+
 def comparison(sections: list[dict]) -> list[dict]:
     """The headline numbers of each model (--checkpoint's first) side by side: fidelity at each horizon,
-    controllability (right direction where the real game moved as expected), stability."""
+    controllability (right direction where the real game moved as expected), stability; for each model
+    after the first, its mean PSNR over 1..h against the first's, episode by episode (`paired_gain`)."""
     rows = []
-    for s in sections:
+    first = sections[0]["fidelity"]["per_episode"]
+    for i, s in enumerate(sections):
         c = s["controllability"]
         st = s.get("stability")
         rows.append({"model": s["model"]["name"],
@@ -115,6 +132,9 @@ def comparison(sections: list[dict]) -> list[dict]:
                          "overall": c["overall"]["model_correct_where_real_moved"],
                          **{n: p["model_correct_where_real_moved"] for n, p in c["probes"].items()}},
                      "stability_in_real_range": st["in_real_range_all"] if st else None})
+        if i:
+            rows[-1]["psnr_mean_1_to_h_vs_first"] = {
+                h: paired_gain(s["fidelity"]["per_episode"], first, int(h)) for h in s["fidelity"]["horizons"]}
     return rows
 
 
@@ -290,6 +310,12 @@ def print_summary(res: dict) -> None:
                   + ", ".join(f"{n} {f(p['model_direction_correct'], '.0%')}/{f(p['real_direction_correct'], '.0%')}/"
                               f"{f(p['model_correct_where_real_moved'], '.0%')} of {p['n_real_moved']}"
                               for n, p in c["probes"].items()))
+        for row in part.get("comparison", [])[1:]:
+            gains = [(h, g) for h, g in row["psnr_mean_1_to_h_vs_first"].items() if g]
+            print(f"{row['model']} against {part['comparison'][0]['model']}, mean PSNR over 1..h episode by episode "
+                  "(95% interval, episodes ahead): " + ", ".join(
+                      f"1..{h} {g['mean']:+.2f} dB ({g['ci95'][0]:+.2f}..{g['ci95'][1]:+.2f}, {g['ahead']}/{g['n']})"
+                      for h, g in gains))
     for sec in all_sections(res):
         st = sec.get("stability")
         if st:

@@ -40,7 +40,8 @@ For each episode:
 Several models (`--compare C`, repeatable, beside --checkpoint/--preset) are scored on exactly the same
 episodes: the real game is played once per episode and its frames, the copy-last baseline and the real
 optical flow are shared (`real_sha256` in `episode_list` names each episode's real frames); the JSON's
-`comparison` puts the models side by side and the plots show them all. `--generalisation MAPS` (level
+`comparison` puts the models side by side (with each one's PSNR gain over the first, episode by
+episode: `eval_report.paired_gain`) and the plots show them all. `--generalisation MAPS` (level
 mode) adds the same fidelity and controllability on maps the level model never saw, as a section of its
 own: generalisation, reported and not tuned for.
 
