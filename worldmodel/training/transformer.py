@@ -248,7 +248,7 @@ def _start(out: Path, model: WorldTransformer, ema: WorldTransformer, opt: torch
             ema.load_state_dict(model.state_dict())
             if distilled and dist.main:  # measured: benchmarks/finetune_doom-tiny_map01_cpu
                 print(f"note: --init {tcfg.init} is a distilled student; this training moves it back towards a "
-                      f"many-step teacher, so distil the result again (worldmodel distill) before playing it",
+                      "many-step teacher, so distil the result again (worldmodel distill) before playing it",
                       file=sys.stderr)
         if dist.main:
             (out / "metrics.jsonl").unlink(missing_ok=True)
