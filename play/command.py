@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "(auto: clips when the checkpoint has them)")
     m = p.add_argument_group("model")
     m.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    add_engine_arguments(m, ("steps", "speculative", "attention", "threads", "pipeline", "seed"),
+    add_engine_arguments(m, ("steps", "context_noise", "speculative", "attention", "threads", "pipeline", "seed"),
                          defaults={"speculative": None},  # None: DEFAULT_SPECULATIVE, up to the model's max_draft
                          helps={"steps": "; +/- change it live",
                                 "speculative": f" (default {DEFAULT_SPECULATIVE}: a held key is the common case "

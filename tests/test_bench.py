@@ -111,8 +111,6 @@ def test_speed_benchmark_runs_the_ladder_old_to_new_in_one_run(tmp_path, capsys,
     measured, ratios to the old arrangement, the profile, and the Markdown tables for the README."""
     import importlib.util
 
-    from worldmodel.evaluation.timing import combine_rounds  # noqa: F401  (the script builds on bench's measurement)
-
     spec = importlib.util.spec_from_file_location("bench_speed", "benchmarks/bench_speed.py")
     bs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bs)

@@ -86,14 +86,20 @@ def test_a_new_checkpoint_round_trips_its_sampling_defaults(tmp_path, parts):
     cfg, ae, dit = parts
     folder = save_pretrained(tmp_path / "ckpt", cfg, ae, dit, sampling=SamplingDefaults(steps=2, shift=1.5))
     config = json.loads((folder / "config.json").read_text())
-    assert config["sampling"] == {"steps": 2, "shift": 1.5} and "sample_steps" not in config["model"]
+    assert config["sampling"] == {"steps": 2, "shift": 1.5, "context_noise": None}
+    assert "sample_steps" not in config["model"]
     wm = WorldModel.from_pretrained(folder, device="cpu")
     assert wm.sampling == SamplingDefaults(steps=2, shift=1.5) and wm.steps == 2 and wm.sampler.shift == 1.5
     assert WorldModel.from_pretrained(folder, device="cpu", steps=3).steps == 3  # the settings' steps come first
     wm.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["sampling"] == config["sampling"]
     plain = save_pretrained(tmp_path / "plain", cfg, ae, dit)  # no sampling given: the defaults, written out
-    assert json.loads((plain / "config.json").read_text())["sampling"] == {"steps": 4, "shift": 1.0}
+    assert json.loads((plain / "config.json").read_text())["sampling"] == {"steps": 4, "shift": 1.0,
+                                                                            "context_noise": None}
+    noisy = save_pretrained(tmp_path / "noisy", cfg, ae, dit, sampling=SamplingDefaults(steps=2, context_noise=0.15))
+    wm = WorldModel.from_pretrained(noisy, device="cpu")
+    assert wm.context_noise == 0.15 and wm.sampler.context_noise == 0.15  # over the training level, cfg.context_noise
+    assert WorldModel.from_pretrained(noisy, device="cpu", context_noise=0.0).sampler.context_noise == 0.0
 
 
 def test_an_old_format_checkpoint_loads_with_its_sampling_steps(tmp_path, ckpt):
@@ -111,12 +117,15 @@ def test_an_old_format_checkpoint_loads_with_its_sampling_steps(tmp_path, ckpt):
     del config["model"]["sample_steps"], config["model"]["sample_shift"]  # older still: the defaults then
     assert sampling_defaults(config) == SamplingDefaults()
     root = Path(__file__).resolve().parents[1]
-    for name in ("doom-tiny", "doom-map01", "doom-map01-sf", "doom-map01-dense"):  # the shipped 2-step checkpoints
+    for name in ("doom-map01", "doom-map01-dense"):  # the shipped 2-step checkpoints
         assert sampling_defaults(read_config(root / "checkpoints" / name)) == SamplingDefaults(steps=2, shift=1.0)
+    for name in ("doom-tiny", "doom-map01-sf"):  # format 3: frames committed at the level measured best on MAP01
+        assert sampling_defaults(read_config(root / "checkpoints" / name)) == SamplingDefaults(2, 1.0, 0.1)
 
 
 @pytest.mark.parametrize("sampling", [{"steps": 0, "shift": 1.0}, {"steps": 2, "shift": -1}, {"steps": 2.5},
-                                      {"steps": 2, "speed": 1}, [2, 1.0]])
+                                      {"steps": 2, "speed": 1}, [2, 1.0], {"steps": 2, "context_noise": 1.5},
+                                      {"steps": 2, "context_noise": "low"}])
 def test_bad_sampling_defaults_are_one_line_naming_the_file(ckpt, sampling):
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "sampling": sampling}))

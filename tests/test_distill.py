@@ -260,7 +260,7 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
     cfg = tiny_config(prev_frame=True)
     torch.manual_seed(0)
     WorldModel(cfg, Autoencoder(cfg.autoencoder), active_teacher(cfg), device="cpu",
-               sampling=SamplingDefaults(steps=2)).save_pretrained(tmp_path / "t")
+               sampling=SamplingDefaults(steps=2, context_noise=0.2)).save_pretrained(tmp_path / "t")
     data = make_dataset(tmp_path / "data", frames=40)
     out = tmp_path / "out"
     rc = main(["distill", "--teacher", str(tmp_path / "t"), "--data", str(data), "--out", str(out),
@@ -280,7 +280,8 @@ def test_a_short_run_of_each_objective_gives_finite_losses_and_checkpoints_that_
         assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
         assert all(math.isfinite(entry["eval"][k]) for k in ("psnr_1", "psnr_rollout", "sharpness_ratio"))
         wm = WorldModel.from_pretrained(out / objective, device="cpu")
-        assert wm.sampling == SamplingDefaults(steps=1) and wm.steps == 1  # the student's steps, not the teacher's 2
+        # the student's steps, not the teacher's 2; not the teacher's context noise: its own is measured anew
+        assert wm.sampling == SamplingDefaults(steps=1) and wm.steps == 1 and wm.context_noise == cfg.context_noise
         assert wm.info["distill"]["objective"] == objective and wm.info["distill"]["losses"] == entry["losses"]
         assert wm.cfg.prev_frame
         frames = np.zeros((cfg.cache_frames, 32, 32, 3), np.uint8)

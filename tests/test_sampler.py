@@ -162,3 +162,35 @@ def test_configure_checks_everything_before_changing_anything():
         wm.configure(dtype="bfloat16")
     wm.configure(steps=3, speculative=2)
     assert (wm.steps, wm.speculative, wm.sampler.steps) == (3, 2, 3)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_frames_enter_the_context_at_the_engines_context_noise_which_can_change_between_frames(fused):
+    """The level frames are committed at: the setting, else the checkpoint's sampling default, else the
+    model's training level; the fused commit (riding the next frame's first pass) and a commit pass of
+    its own both use it, and configure() changes it for the frames committed after."""
+    from worldmodel.model.sampler import SamplingDefaults
+    cfg = ModelConfig(**CFG)
+    model = StandIn(cfg)
+    wm = WorldModel(cfg, Autoencoder(cfg.autoencoder), model, device="cpu", dtype="float32", fused=fused,
+                    sampling=SamplingDefaults(steps=2, context_noise=0.25))
+    assert wm.context_noise == 0.25  # the checkpoint's, over the training level (CFG: 0.0)
+    H, W = wm.frame_size
+    wm.reset(np.zeros((2, H, W, 3), np.uint8), [HELD, HELD])
+    wm.step_latent(HELD)
+    wm.configure(context_noise=0.1)
+    wm.step_latent(HELD)
+    wm.step_latent(HELD)
+    wm.sampler.flush()
+    levels = [round(level, 6) for _, _, level in model.committed]
+    # the 2 context frames at 0.25; frame 1 at 0.25 committed unfused, at 0.1 fused (its commit rode frame 2's pass)
+    assert levels == [0.25, 0.25] + ([0.1] if fused else [0.25]) + [0.1, 0.1]
+    for _, _, t in model.passes:  # every pass: the committed frames at a context level, the new at the schedule's
+        assert set(t) <= {0.25, 0.1, 1.0, 0.5}
+    wm.configure(context_noise=None)  # back to the checkpoint's
+    assert wm.context_noise == 0.25 and wm.sampler.context_noise == 0.25
+    plain = WorldModel(cfg, Autoencoder(cfg.autoencoder), StandIn(cfg), device="cpu", dtype="float32")
+    assert plain.context_noise == CFG["context_noise"]  # no sampling default: the training level
+    with pytest.raises(ValueError, match=r"context noise must be a number in \[0, 1\)"):
+        wm.configure(context_noise=1.0)
+    assert wm.context_noise == 0.25

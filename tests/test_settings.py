@@ -19,13 +19,15 @@ def sub(name: str) -> argparse.ArgumentParser:
 def test_each_command_keeps_its_flags_and_defaults():
     defaults = {name: {a.dest: a.default for a in sub(name)._actions if a.dest in SETTINGS}
                 for name in ("play", "record", "eval", "bench")}
-    assert defaults["play"] == {"steps": None, "speculative": None, "attention": None, "threads": "auto",
-                                "pipeline": "auto", "seed": 0}
-    assert defaults["record"] == {"seed": "0", "steps": None, "speculative": 1, "attention": None}
-    assert defaults["eval"] == {"seed": 0, "steps": None, "speculative": 1, "attention": None}
+    assert defaults["play"] == {"steps": None, "context_noise": None, "speculative": None, "attention": None,
+                                "threads": "auto", "pipeline": "auto", "seed": 0}
+    assert defaults["record"] == {"seed": "0", "steps": None, "context_noise": None, "speculative": 1,
+                                  "attention": None}
+    assert defaults["eval"] == {"seed": 0, "steps": None, "context_noise": None, "speculative": 1, "attention": None}
     assert defaults["bench"] == {**{k: None for k in SWEPT}, "seed": 0}  # bench's --seed: its trace's
     assert SWEPT == ("steps", "speculative", "attention", "compile", "threads", "pipeline")
-    assert RECORDED == ("steps", "speculative", "speculative_tolerance", "attention", "seed", "compile")
+    assert RECORDED == ("steps", "context_noise", "speculative", "speculative_tolerance", "attention", "seed",
+                        "compile")
 
 
 def test_flags_parse_to_checked_settings():
@@ -43,7 +45,9 @@ def test_flags_parse_to_checked_settings():
 
 @pytest.mark.parametrize("argv, flag", [(["--steps", "0"], "--steps"), (["--speculative", "0"], "--speculative"),
                                         (["--threads", "0"], "--threads"), (["--pipeline", "yes"], "--pipeline"),
-                                        (["--attention", "nope"], "--attention")])
+                                        (["--attention", "nope"], "--attention"),
+                                        (["--context-noise", "1"], "--context-noise"),
+                                        (["--context-noise", "-0.1"], "--context-noise")])
 def test_a_bad_value_is_one_line_naming_its_flag(argv, flag):
     with pytest.raises(UserError, match=f"^{flag}: "):
         settings_from_args(sub("play").parse_args(argv))
@@ -60,7 +64,7 @@ def test_settings_are_frozen_and_checked():
     with pytest.raises(AttributeError):
         s.steps = 3
     for bad in ({"steps": 0}, {"speculative": True}, {"speculative_tolerance": float("nan")}, {"seed": 1.5},
-                {"compile": "fast"}, {"dtype": "int8"}):
+                {"compile": "fast"}, {"dtype": "int8"}, {"context_noise": float("nan")}, {"context_noise": 1}):
         with pytest.raises(ValueError):
             EngineSettings(**bad)
     with pytest.raises(TypeError):

@@ -436,7 +436,8 @@ def test_cli_trains_autoencoder_and_model_and_exports(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["dim"] == 64 and config["train"]["steps"] == 4
     # `--set sample_steps=N` sets the run's sampling defaults (not an architecture field): the export says it
-    assert config["sampling"] == {"steps": 3, "shift": 1.0} and "sample_steps" not in config["model"]
+    assert config["sampling"] == {"steps": 3, "shift": 1.0, "context_noise": None}
+    assert "sample_steps" not in config["model"]
     assert json.loads((run / "export" / "config.json").read_text())["sampling"] == config["sampling"]
     assert (run / "samples" / "step_00000004.png").is_file() and (run / "samples" / "latest.png").is_file()
     import cv2

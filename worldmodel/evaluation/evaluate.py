@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stability-frames", type=int, default=21000,
                         help="long-rollout length, per model (default 21000 = 10 min of game time; 0 skips it)")
     parser.add_argument("--sample-every", type=int, default=35, help="stability sampling interval in frames")
-    add_engine_arguments(parser, ("seed", "steps", "speculative", "attention"),
+    add_engine_arguments(parser, ("seed", "steps", "context_noise", "speculative", "attention"),
                          helps={"seed": ": each episode's (--seed + episode), and its game's"})
     parser.add_argument("--videos", action="store_true",
                         help="also write DIR/<map>_ep<k> side-by-side recordings [model(s) | real]")

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-clip", type=int, metavar="I",
                         help="start from the checkpoint's start clip I instead of the game")
     parser.add_argument("--context", type=int, metavar="N", help="context frames (default: the model's cache size)")
-    add_engine_arguments(parser, ("seed", "steps", "speculative", "attention"), lists=("seed",),
+    add_engine_arguments(parser, ("seed", "steps", "context_noise", "speculative", "attention"), lists=("seed",),
                          defaults={"seed": "0"}, helps={"seed": ": one recording each, and its game's seed (default 0)"})
     parser.add_argument("--side-by-side", action="store_true", help="write [model | real game] frames")
     parser.add_argument("--strip", type=int, default=0, metavar="N",

@@ -130,12 +130,12 @@ def _setting(name: str) -> property:
 
 class WorldModel:
     """The engine. Its settings are one EngineSettings (worldmodel/inference/settings.py: steps,
-    speculative, speculative_tolerance, attention, seed, compile, threads, pipeline, dtype), given at
-    construction as keyword arguments (or `settings=`) and changed between frames by `configure(...)`;
-    `settings` holds them as the engine runs them (resolved: no None, no "auto"), and each is an
-    attribute too (`wm.steps`). Construction-only: `device` ("auto": cuda, mps, cpu), `dtype`, `fused`
+    context_noise, speculative, speculative_tolerance, attention, seed, compile, threads, pipeline,
+    dtype), given at construction as keyword arguments (or `settings=`) and changed between frames by
+    `configure(...)`; `settings` holds them as the engine runs them (resolved: no None, no "auto"), and
+    each is an attribute too (`wm.steps`). Construction-only: `device` ("auto": cuda, mps, cpu), `dtype`, `fused`
     (commit each frame in the next frame's first pass; False = a separate pass), `sampling` (the model's
-    SamplingDefaults: the steps when the settings name none, the schedule's shift)."""
+    SamplingDefaults: the steps and context noise when the settings name none, the schedule's shift)."""
 
     def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, *,
                  device="auto", settings: EngineSettings | None = None, fused: bool = True, name: str = "",
@@ -218,15 +218,17 @@ class WorldModel:
         (with changes on top). Every value is checked before any is applied (ValueError, one line:
         nothing changed): EngineSettings checks the values, this the engine's limits (speculative up to
         the model's max_draft, a backend the device can run, CUDA graphs on CUDA only; dtype is fixed at
-        construction). Changing seed or speculative drops the drafts not yet served."""
+        construction). Changing seed, speculative or context_noise drops the drafts not yet served."""
         named = set(SETTINGS) if settings is not None else set(changes)
         new = self._resolve(dataclasses.replace(settings or self.settings, **changes))
         old = self.settings
         if old is None or "steps" in named:
             self.sampler.steps = new.steps
+        if old is None or "context_noise" in named:
+            self.sampler.context_noise = new.context_noise
         if old is None or new.attention != old.attention:
             self.transformer.attention = new.attention
-        if old is None or {"seed", "speculative"} & named:
+        if old is None or {"seed", "speculative", "context_noise"} & named:
             self._discard_drafts()
             self.sampler.reseed(new.seed)
         if (old.compile if old is not None else False) != new.compile:
@@ -251,6 +253,8 @@ class WorldModel:
             compile_options(s.compile, self.device)  # CUDA graphs without CUDA: ValueError
         return dataclasses.replace(
             s, steps=s.steps or self.sampling.steps, attention=attention, dtype=dtype,
+            context_noise=next(t for t in (s.context_noise, self.sampling.context_noise, self.cfg.context_noise)
+                               if t is not None),
             threads=max(1, devices.cpu_cores() // 2) if s.threads == AUTO else s.threads,
             pipeline=self.device.type == "cpu" and devices.cpu_cores() >= 2 if s.pipeline == AUTO else s.pipeline)
 
@@ -274,6 +278,7 @@ class WorldModel:
                         else torch.compile(self._decode_eager, dynamic=False, **options))
 
     steps = _setting("steps")
+    context_noise = _setting("context_noise")
     speculative = _setting("speculative")
     speculative_tolerance = _setting("speculative_tolerance")
     attention = _setting("attention")

@@ -5,9 +5,9 @@ and the settings those flags give (`settings_from_args`, `sweep_from_args`).
 A setting is checked here when it is made (a frozen EngineSettings cannot hold a bad value); what
 depends on the model or the device (speculative <= the model's max_draft, a backend this device can
 run, CUDA graphs only on CUDA) is checked by the engine when it takes them (`WorldModel.configure`,
-worldmodel/inference/engine.py). The engine's default number of denoising steps is the checkpoint's
-(`steps=None`: its SamplingDefaults, config.json's "sampling"). No heavy imports: every command
-module imports this to build the command line.
+worldmodel/inference/engine.py). The engine's default number of denoising steps and context noise
+level are the checkpoint's (`steps=None`, `context_noise=None`: its SamplingDefaults, config.json's
+"sampling"). No heavy imports: every command module imports this to build the command line.
 """
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def _integer(name: str, n, low: int | None = None, what: str = "an integer") -> 
 
 def _check_steps(n):
     return None if n is None else _integer("steps", n, 1, "a positive integer")
+
+
+def _check_context_noise(t):
+    if t is None:
+        return None
+    from worldmodel.model.sampler import check_context_noise  # torch: imported when a setting is made
+
+    return check_context_noise(t)
 
 
 def _check_speculative(n):
@@ -113,6 +121,8 @@ class EngineSettings:
     can change between frames (`WorldModel.configure`), but `dtype` (construction only)."""
     steps: int | None = _setting(None, _check_steps, "denoising steps a frame (default: the checkpoint's)",
                                  "K", recorded=True, swept=True)
+    context_noise: float | None = _setting(None, _check_context_noise, "noise level the frames enter the context at, "
+                                           "0 to 1 (default: the checkpoint's)", "T", recorded=True)
     speculative: int = _setting(1, _check_speculative, "speculative next-frame sampling: frames made per pass while "
                                 "an action is held (1 = off)", "N", recorded=True, swept=True)
     speculative_tolerance: float = _setting(DEFAULT_TOLERANCE, _check_tolerance,
@@ -147,7 +157,8 @@ def _flag_type(name: str, as_list: bool):
     """argparse type of --NAME: the text as the setting's type (a number where it is one; one value, or a
     comma-separated list). The settings' checks come after parsing (`settings_from_args`,
     `sweep_from_args`), so that a bad value is the command's one-line error (exit code 2)."""
-    number = {"steps": int, "speculative": int, "seed": int, "threads": int, "speculative_tolerance": float}.get(name)
+    number = {"steps": int, "speculative": int, "seed": int, "threads": int, "speculative_tolerance": float,
+              "context_noise": float}.get(name)
 
     def parse_one(text: str):
         text = text.strip()

@@ -28,7 +28,8 @@ from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
 # 2: the sampling defaults in their own `sampling` section (1: inside `model`, as sample_steps/sample_shift;
 # still read). A reader of format 1 would sample a format-2 student at its own default steps, so it refuses.
-FORMAT_VERSION = 2
+# 3: `sampling.context_noise`, the level frames are committed at (absent in 2: the model's training level).
+FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = {"autoencoder": "autoencoder.safetensors", "transformer": "transformer.safetensors"}
 HUB_PATTERNS = [CONFIG_FILE, "*.safetensors", "*.md", "start_clips/*"]  # what a checkpoint folder holds

@@ -17,13 +17,14 @@ before it. That makes speculation with N = 1 identical to plain sampling, a reje
 trace, and the same seed give the same frames whatever was drafted.
 
 `SamplingDefaults` is what a checkpoint says about how it is best sampled (config.json's "sampling",
-worldmodel/model/checkpoint.py): the steps an engine takes when its settings name none, and the shift
-of the noise schedule. They are not architecture: a distilled student has its teacher's
-architecture and its own step count.
+worldmodel/model/checkpoint.py): the steps an engine takes when its settings name none, the shift
+of the noise schedule, and the noise level frames are committed at. They are not architecture: a
+distilled student has its teacher's architecture and its own step count.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -34,13 +35,26 @@ from worldmodel.model.transformer import LEGACY_SAMPLING_FIELDS, ModelConfig, Wo
 _DENOISE, _COMMIT = 0, 1  # noise streams of a frame
 
 
+def check_context_noise(t) -> float:
+    """A context noise level: a number in [0, 1) (1 would be pure noise: no context), as a float."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t < 1:
+        raise ValueError(f"context noise must be a number in [0, 1), got {t!r}")
+    return float(t)
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """How a checkpoint is best sampled: `steps` Euler steps (the engine's when EngineSettings.steps is
     None; a distilled student's is its own step count) over the schedule `diffusion.timesteps(steps,
-    shift)`. ValueError (one line) for a value out of range."""
+    shift)`; `context_noise`, the noise level frames enter the context at (the engine's when
+    EngineSettings.context_noise is None; None: the level the model was trained to read its context at,
+    ModelConfig.context_noise). Training teaches the model levels from 0 to 0.3 and tells it which
+    (diffusion.sample_training_noise_levels), so a model may read its own imperfect frames best at a
+    level other than its training one: measured, and written here. ValueError (one line) for a value
+    out of range."""
     steps: int = 4
     shift: float = 1.0
+    context_noise: float | None = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -49,6 +63,8 @@ class SamplingDefaults:
                 or self.shift <= 0):
             raise ValueError(f"sampling shift must be a positive number, got {self.shift!r}")
         object.__setattr__(self, "shift", float(self.shift))
+        if self.context_noise is not None:
+            object.__setattr__(self, "context_noise", check_context_noise(self.context_noise))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +89,8 @@ class FrameSampler:
     action, nothing committed; `accept(latents, actions)`: those frames happened (they are committed
     by the next pass); `next(actions (B, 1, A))`: both for one frame. `reset(latents, actions)` seeds
     the context. `flush()` commits what is pending now (not needed for sampling). `shift` is the noise
-    schedule's (the model's SamplingDefaults.shift).
+    schedule's (the model's SamplingDefaults.shift); `context_noise` the level frames are committed at
+    (the model's training level, cfg.context_noise, unless set; it may change between frames).
 
     The KV cache is the transformer's (`setup_cache`, done here for `batch_size`): one sampler at a time
     runs a transformer. `forward` runs a pass (`transformer.forward_cached`, or its compiled form
@@ -82,6 +99,7 @@ class FrameSampler:
     def __init__(self, transformer: WorldTransformer, cfg: ModelConfig, steps: int, *, shift: float, seed: int = 0,
                  batch_size: int = 1, fused: bool = True):
         self.model, self.cfg = transformer, cfg
+        self.context_noise = cfg.context_noise  # the level frames are committed at (the engine sets its own)
         p = next(transformer.parameters())
         self.device, self.dtype = p.device, p.dtype
         transformer.setup_cache(batch_size)
@@ -137,7 +155,7 @@ class FrameSampler:
         if not take:
             return None
         first = self.frame_index - len(take) - len(self._pending)
-        x = torch.cat([add_noise(lat, self._noise(first + i, _COMMIT), self._full(self.cfg.context_noise, 1))
+        x = torch.cat([add_noise(lat, self._noise(first + i, _COMMIT), self._full(self.context_noise, 1))
                        for i, (lat, _) in enumerate(take)], dim=1)
         return x, torch.cat([a for _, a in take], dim=1)
 
@@ -146,7 +164,7 @@ class FrameSampler:
         """Commit pending frames with plain commit passes until at most `keep` are left."""
         while len(self._pending) > keep:
             x, a = self._take_pending(min(self.max_commit, len(self._pending) - keep))
-            self.forward(x, self._full(self.cfg.context_noise, x.shape[1]), a, commit=x.shape[1])
+            self.forward(x, self._full(self.context_noise, x.shape[1]), a, commit=x.shape[1])
 
     @torch.inference_mode()
     def accept(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
@@ -200,7 +218,7 @@ class FrameSampler:
             else:
                 xp, ap = pending
                 P = xp.shape[1]
-                t = torch.cat((self._full(self.cfg.context_noise, P), self._full(ts[i], N)), dim=1)
+                t = torch.cat((self._full(self.context_noise, P), self._full(ts[i], N)), dim=1)
                 v = self.forward(torch.cat((xp, x), dim=1), t, torch.cat((ap, a), dim=1), commit=P)[:, P:]
             x = x + (ts[i + 1] - ts[i]) * v
         return x

@@ -262,7 +262,7 @@ def run(args) -> int:
                     | {"objective": objective, "method": method_of(objective, args.self_forcing, args.guidance),
                        "student_steps": k, "eval": res, "losses": losses}}
             save_pretrained(dest, cfg, ae, copy.deepcopy(student).half() if args.half else student, info,
-                            dataclasses.replace(sampling, steps=k))
+                            dataclasses.replace(sampling, steps=k, context_noise=None))  # its own level: measured anew
             if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():
                 shutil.copytree(Path(folder) / "start_clips", dest / "start_clips")
             entry["checkpoint"] = str(dest)
