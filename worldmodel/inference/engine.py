@@ -133,9 +133,10 @@ class WorldModel:
     context_noise, speculative, speculative_tolerance, attention, seed, compile, threads, pipeline,
     dtype), given at construction as keyword arguments (or `settings=`) and changed between frames by
     `configure(...)`; `settings` holds them as the engine runs them (resolved: no None, no "auto"), and
-    each is an attribute too (`wm.steps`). Construction-only: `device` ("auto": cuda, mps, cpu), `dtype`, `fused`
-    (commit each frame in the next frame's first pass; False = a separate pass), `sampling` (the model's
-    SamplingDefaults: the steps and context noise when the settings name none, the schedule's shift)."""
+    each is an attribute too (`wm.steps`). Construction-only: `device` ("auto": cuda, mps, cpu),
+    `dtype`, `fused` (commit each frame in the next frame's first pass; False = a separate pass),
+    `sampling` (the model's SamplingDefaults: the steps and context noise when the settings name none,
+    the schedule's shift)."""
 
     def __init__(self, cfg: ModelConfig, autoencoder: Autoencoder, transformer: WorldTransformer, *,
                  device="auto", settings: EngineSettings | None = None, fused: bool = True, name: str = "",

@@ -122,7 +122,7 @@ class EngineSettings:
     steps: int | None = _setting(None, _check_steps, "denoising steps a frame (default: the checkpoint's)",
                                  "K", recorded=True, swept=True)
     context_noise: float | None = _setting(None, _check_context_noise, "noise level the frames enter the context at, "
-                                           "0 to 1 (default: the checkpoint's)", "T", recorded=True)
+                                           "in [0, 1) (default: the checkpoint's)", "T", recorded=True)
     speculative: int = _setting(1, _check_speculative, "speculative next-frame sampling: frames made per pass while "
                                 "an action is held (1 = off)", "N", recorded=True, swept=True)
     speculative_tolerance: float = _setting(DEFAULT_TOLERANCE, _check_tolerance,
