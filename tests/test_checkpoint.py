@@ -119,7 +119,7 @@ def test_an_old_format_checkpoint_loads_with_its_sampling_steps(tmp_path, ckpt):
     root = Path(__file__).resolve().parents[1]
     for name in ("doom-map01", "doom-map01-dense"):  # the shipped 2-step checkpoints
         assert sampling_defaults(read_config(root / "checkpoints" / name)) == SamplingDefaults(steps=2, shift=1.0)
-    for name in ("doom-tiny", "doom-map01-sf"):  # format 3: frames committed at the level measured best on MAP01
+    for name in ("doom-tiny", "doom-map01-sf", "doom-map01-guided"):  # format 3: committed at the level best on MAP01
         assert sampling_defaults(read_config(root / "checkpoints" / name)) == SamplingDefaults(2, 1.0, 0.1)
 
 

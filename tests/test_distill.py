@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from worldmodel.training.distill import OBJECTIVES, DistillConfig, Distillation, distill_student
-from worldmodel.training.distill_objectives import (Clip, commit_context, schedule, student_sample, teacher_targets,
-                                                    velocity)
+from worldmodel.training.distill_objectives import (Clip, Guidance, commit_context, schedule, student_sample,
+                                                    teacher_targets, velocity)
 from worldmodel.model.transformer import WorldTransformer
 
 from test_model import tiny_config
@@ -135,7 +135,7 @@ def test_action_guidance_amplifies_only_what_the_action_changes():
 
     def loss(model, actions, w):
         clip = Clip.of(cfg, x0, actions, torch.Generator().manual_seed(1))
-        return dmd_loss(sample, model, fake, clip, torch.Generator().manual_seed(3), w).item()
+        return dmd_loss(sample, model, fake, clip, torch.Generator().manual_seed(3), Guidance(w)).item()
 
     from worldmodel.game.action import NOOP
 
@@ -148,6 +148,47 @@ def test_action_guidance_amplifies_only_what_the_action_changes():
     with torch.no_grad():
         blind.action_embed[2].weight.zero_()
     assert loss(blind, a, 1.0) == loss(blind, a, 3.0)
+
+
+def test_guided_regression_targets_are_the_guided_teachers_flow():
+    """The regression objective's targets under action guidance w: one sub-step's secant is exactly
+    v_still + w (v_action - v_still) from the teacher's own passes (the standing-still pass leaves the KV
+    cache as it was); over several sub-steps, a standing-still frame's targets do not depend on w, a
+    moving frame's do, and a teacher blind to actions is not guided at all. Guiding only some fields
+    keeps the others on both sides: a frame that only turns is not guided by ("move", "strafe")."""
+    from worldmodel.game.action import FIELDS, NOOP
+
+    cfg = tiny_config(prev_frame=True)
+    teacher = active_teacher(cfg, seed=0)
+    x0, a = batch(cfg, seed=2)
+    clip = Clip.of(cfg, x0, a, torch.Generator().manual_seed(1))
+    x = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(3))
+    t_a, t_b = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.5, 0.2, 0.0])
+
+    def targets(model, actions, w, substeps=1, fields=FIELDS):
+        return teacher_targets(model, cfg, clip.ctx, clip.t_ctx, actions[:, :-1], x, actions[:, -1:], t_a, t_b,
+                               substeps, Guidance(w, fields))
+
+    with torch.no_grad():
+        v_action = velocity(teacher, clip, x, t_a)
+        v_still = velocity(teacher, clip.without_action(Guidance(2.5)), x, t_a)
+    assert (v_action - v_still).abs().mean() > 1e-3
+    torch.testing.assert_close(targets(teacher, a, 2.5), v_still + 2.5 * (v_action - v_still), atol=1e-5, rtol=1e-4)
+    still = a.clone()
+    still[:, -1] = torch.tensor(NOOP.to_vector())
+    torch.testing.assert_close(targets(teacher, still, 3.0, 4), targets(teacher, still, 1.0, 4))
+    moving = [targets(teacher, a, w, 4) for w in (1.0, 2.0)]
+    assert (moving[0] - moving[1]).abs().mean() > 1e-3
+    turning = still.clone()
+    turning[:, -1, FIELDS.index("turn")] = 0.5
+    walking = ("move", "strafe")
+    torch.testing.assert_close(targets(teacher, turning, 3.0, 4, walking), targets(teacher, turning, 1.0, 4))
+    assert (targets(teacher, turning, 3.0, 4) - targets(teacher, turning, 1.0, 4)).abs().mean() > 1e-3
+    assert (targets(teacher, a, 3.0, 4, walking) - targets(teacher, a, 1.0, 4)).abs().mean() > 1e-3
+    blind = active_teacher(cfg, seed=0)
+    with torch.no_grad():
+        blind.action_embed[2].weight.zero_()
+    torch.testing.assert_close(targets(blind, a, 3.0, 4), targets(blind, a, 1.0, 4))
 
 
 @pytest.mark.parametrize("prev_frame", [False, True])
@@ -235,8 +276,8 @@ def test_the_critic_takes_critic_steps_updates_per_student_update(monkeypatch, o
     ("--iters", "0", []), ("--ema", "1", []), ("--self-forcing", "-1", []), ("--critic-steps", "0", []),
     ("--self-forcing", "2", ["--objective", "dmd,adversarial"]),
     ("--guidance", "0", ["--objective", "dmd"]), ("--guidance", "-2", ["--objective", "dmd"]),
-    ("--guidance", "nan", ["--objective", "dmd"]), ("--guidance", "2", []),
-    ("--guidance", "2", ["--objective", "regression,adversarial"]),
+    ("--guidance", "nan", ["--objective", "dmd"]), ("--guidance", "inf", []),
+    ("--guide", "jump", ["--guidance", "2"]), ("--guide", ",", ["--guidance", "2"]), ("--guide", "move,fly", []),
 ])
 def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value, more):
     from worldmodel.cli import main
@@ -316,7 +357,7 @@ def test_without_a_latent_cache_only_shards_spread_over_the_data_are_encoded(tmp
 def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     """`--self-forcing K` with dmd: refused in one line when K leaves no real context frame for this
     teacher; otherwise the run's report and the student's card say so (and the action guidance of the
-    teacher's score), and the student plays."""
+    teacher), and the student plays."""
     from worldmodel.game.action import Action
     from worldmodel.model.autoencoder import Autoencoder
     from worldmodel.cli import main
@@ -334,10 +375,12 @@ def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     rc = main([*args, "--out", str(tmp_path / "bad"), "--self-forcing", str(cfg.cache_frames)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--self-forcing" in err, err
-    assert main([*args, "--out", str(tmp_path / "out"), "--self-forcing", "2", "--guidance", "2.5"]) == 0
+    assert main([*args, "--out", str(tmp_path / "out"), "--self-forcing", "2", "--guidance", "2.5",
+                 "--guide", "strafe, move"]) == 0
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["self_forcing"] == 2 and "Self Forcing" in report["methods"]["dmd"]
-    assert report["guidance"] == 2.5 and "guided by the action, w = 2.5" in report["methods"]["dmd"]
+    assert report["guidance"] == 2.5 and report["guide"] == ["move", "strafe"]
+    assert "guided by the action (move, strafe), w = 2.5" in report["methods"]["dmd"]
     entry = report["students"]["dmd-2"]
     assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
     wm = WorldModel.from_pretrained(tmp_path / "out", device="cpu")

@@ -36,9 +36,14 @@ regression loss (which keeps the student on the teacher's trajectories) with its
   fake-score model (a copy of the teacher) is trained online by flow matching on the student's
   samples, beside the frozen teacher as the real score; the student's sample is noised to a random
   level and moved along the difference of the two denoised estimates (the gradient of the reverse KL
-  between the two distributions), which pulls it towards a mode instead of the mean. `--guidance W`
-  guides the teacher's score by the action (standing still + W times its response to the action taken),
-  as DMD guides it by the prompt.
+  between the two distributions), which pulls it towards a mode instead of the mean.
+Action guidance (`--guidance W`, any objective): the teacher is guided by the action wherever it is
+asked, its flow in the regression targets and its score in DMD: standing still + W times its response
+to the action taken, as classifier-free guidance guides by a prompt (guided distillation, as Meng et
+al. distil a guided teacher). `--guide FIELDS` rests only those fields on the unconditional side
+(move,strafe: walking amplified, the turn not). The student learns to follow the controls more strongly
+at no cost per frame; the teacher needs no training without actions, standing still is its
+unconditional side.
 The student's sample is drawn as the engine draws it (its k Euler steps after the context); the
 gradient goes through its last step only. Each objective sees the same batches and noise for a seed,
 so a list (`--objective regression,adversarial`) compares them in one run.
@@ -65,12 +70,13 @@ import torch
 import torch.nn as nn
 
 from worldmodel.errors import UserError
+from worldmodel.game.action import FIELDS
 from worldmodel.model.sampler import FrameSampler
 from worldmodel.metrics import psnr_frames
 from worldmodel.model.autoencoder import Autoencoder
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
-from worldmodel.training.distill_objectives import (Clip, LatentCritic, critic_hinge_loss, dmd_loss, fake_score_loss,
-                                                    regression_loss, schedule, student_sample)
+from worldmodel.training.distill_objectives import (Clip, Guidance, LatentCritic, critic_hinge_loss, dmd_loss,
+                                                    fake_score_loss, regression_loss, schedule, student_sample)
 from worldmodel.training.steps import ema_update
 from worldmodel.training.transformer import self_forced_clip
 
@@ -98,7 +104,8 @@ class DistillConfig:
     critic_steps: int = 1  # updates of the critic or fake score per student update (DMD2's two time-scale rule: 5)
     adv_weight: float = 0.1  # adversarial: the critic's loss beside the regression loss
     dmd_weight: float = 1.0  # dmd: the distribution-matching loss beside the regression loss
-    guidance: float = 1.0  # dmd: action guidance of the teacher's score (1: none)
+    guidance: float = 1.0  # action guidance of the teacher, its ODE targets and its score (1: none)
+    guide: tuple[str, ...] = FIELDS  # the action fields guided (the rest kept on both sides)
     ema: float = 0.99  # decay of the averaged student weights that are saved
     self_forcing: int = 0  # > 0: the last K context frames are the student's own rollout (regression, dmd)
     grad_clip: float = 1.0
@@ -132,6 +139,7 @@ class Distillation:
         self.schedule = schedule(steps, shift)
         self.substeps = max(1, math.ceil(config.teacher_steps / steps))
         self.adv_weight, self.dmd_weight, self.grad_clip = config.adv_weight, config.dmd_weight, config.grad_clip
+        self.guidance = Guidance(config.guidance, config.guide)
         lr, critic_lr = config.lr, config.critic_lr
         self.teacher = teacher.eval().requires_grad_(False)
         start = teacher if init is None else init
@@ -167,7 +175,8 @@ class Distillation:
         if lr is not None:
             for group in self.opt.param_groups:
                 group["lr"] = lr
-        loss = regression_loss(self.student, self.teacher, self.cfg, clip, self.schedule, self.substeps, g)
+        loss = regression_loss(self.student, self.teacher, self.cfg, clip, self.schedule, self.substeps, g,
+                               self.guidance)
         out, sample = {"regression": loss.item()}, None
         if self.critic is not None:
             self.critic.eval().requires_grad_(False)  # eval: no power iteration of its spectral norm
@@ -176,7 +185,7 @@ class Distillation:
                 extra = -self.critic(sample[:, 0], clip.prev, clip.actions[:, -1]).mean()
                 weight = self.adv_weight
             else:
-                extra = dmd_loss(sample, self.teacher, self.critic, clip, g, self.config.guidance)
+                extra = dmd_loss(sample, self.teacher, self.critic, clip, g, self.guidance)
                 weight = self.dmd_weight
             self.critic.train().requires_grad_(True)
             out[self.objective] = extra.item()
@@ -213,11 +222,11 @@ class Distillation:
         ema_update(self.avg, self.student, decay)
 
 
-def method_of(objective: str, self_forcing: int = 0, guidance: float = 1.0) -> str:
+def method_of(objective: str, self_forcing: int = 0, guidance: float = 1.0, guide: tuple[str, ...] = FIELDS) -> str:
     """What a student's report and card say of how it was trained."""
     forced = f"; Self Forcing: the last {self_forcing} context frames of each clip are the student's own rollout"
-    guided = f"; the teacher's score guided by the action, w = {guidance:g}"
-    guided = guided if objective == "dmd" and guidance != 1 else ""
+    which = "" if tuple(guide) == FIELDS else f" ({', '.join(guide)})"
+    guided = f"; the teacher guided by the action{which}, w = {guidance:g}" if guidance != 1 else ""
     return METHODS[objective] + (forced if self_forcing else "") + guided
 
 

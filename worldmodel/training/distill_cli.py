@@ -28,6 +28,7 @@ import torch
 
 from worldmodel.device import resolve_device
 from worldmodel.errors import UserError
+from worldmodel.game.action import FIELDS
 from worldmodel.files import atomic_write_json, check_output_path
 from worldmodel.model.checkpoint import load_pretrained, sampling_defaults, save_pretrained
 from worldmodel.model.transformer import ModelConfig
@@ -60,9 +61,17 @@ def parse_objectives(spec: str) -> list[str]:
     return out
 
 
+def parse_guide(spec: str) -> tuple[str, ...]:
+    """`--guide`: the action fields guidance amplifies the response to, in `FIELDS` order."""
+    names = {s.strip() for s in str(spec).split(",") if s.strip()}
+    if not names or names - set(FIELDS):
+        raise UserError(f"--guide: each value must be one of {', '.join(FIELDS)} (a list: move,strafe), got {spec!r}")
+    return tuple(f for f in FIELDS if f in names)
+
+
 def check_arguments(args) -> None:
-    """One clear line for a rate, weight or decay out of range (before anything is loaded); counts are
-    `config.check_sizes`'."""
+    """One clear line for a rate, weight, decay or list out of range (before anything is loaded); counts are
+    `config.check_sizes`' (`args.guide` becomes its tuple of fields)."""
     positive = {"--lr": args.lr, "--critic-lr": args.critic_lr, "--adv-weight": args.adv_weight,
                 "--dmd-weight": args.dmd_weight, "--guidance": args.guidance}
     for name, v in positive.items():
@@ -73,9 +82,7 @@ def check_arguments(args) -> None:
     objectives = parse_objectives(args.objective)
     for objective in objectives:
         check_self_forcing(args.self_forcing, objective)
-    if args.guidance != 1.0 and "dmd" not in objectives:
-        raise UserError(f"--guidance guides the teacher's score of the dmd objective; the objective here is "
-                        f"{args.objective}")
+    args.guide = parse_guide(args.guide)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,10 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dmd objective: weight of the distribution-matching loss beside the regression loss "
                              "(default %(default)s)")
     parser.add_argument("--guidance", type=float, default=D.guidance, metavar="W",
-                        help="dmd objective: action guidance of the teacher's score, v_still + W (v_action - "
-                             "v_still): the teacher's response to each action (against standing still) amplified W "
-                             "times, as DMD guides its real score by the prompt; the student learns it at no cost "
+                        help="action guidance of the teacher (its ODE targets, and its score in dmd), v_still + W "
+                             "(v_action - v_still): its response to each action (against standing still) amplified W "
+                             "times, as classifier-free guidance guides by a prompt; the student learns it at no cost "
                              "per frame (default %(default)s: none)")
+    parser.add_argument("--guide", default=",".join(D.guide), metavar="FIELDS",
+                        help="the action fields --guidance amplifies the response to, the others kept on both "
+                             "sides (move,strafe: walking guided, turning not; default: all, against standing "
+                             "still)")
     parser.add_argument("--critic-lr", type=float, default=D.critic_lr,
                         help="learning rate of the critic (adversarial) or of the fake-score model (dmd) "
                              "(default %(default)s)")
@@ -221,7 +232,7 @@ def run(args) -> int:
           f"({time.time() - t0:.0f} s to encode)", file=sys.stderr)
 
     report = {"teacher": str(args.teacher), "objectives": objectives,
-              "methods": {o: method_of(o, args.self_forcing, args.guidance) for o in objectives},
+              "methods": {o: method_of(o, args.self_forcing, args.guidance, args.guide) for o in objectives},
               "data": str(args.data),
               "val_data": str(val_source),
               "train_clips": len(train), "train_frames": len(train.latents), "teacher_steps": args.teacher_steps,
@@ -229,7 +240,8 @@ def run(args) -> int:
               "init_student": args.init_student, "iters_total": init_iters + args.iters,
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps,
               "adv_weight": args.adv_weight,
-              "dmd_weight": args.dmd_weight, "guidance": args.guidance, "ema": args.ema,
+              "dmd_weight": args.dmd_weight, "guidance": args.guidance,
+              "guide": list(args.guide), "ema": args.ema,
               "self_forcing": args.self_forcing, "seed": args.seed,
               "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),
@@ -259,8 +271,8 @@ def run(args) -> int:
             dest = dest / f"steps-{k}" if len(ks) > 1 else dest
             info = {**(config.get("info") or {}),
                     "distill": {k_: v for k_, v in report.items() if k_ != "students"}
-                    | {"objective": objective, "method": method_of(objective, args.self_forcing, args.guidance),
-                       "student_steps": k, "eval": res, "losses": losses}}
+                    | {"objective": objective, "student_steps": k, "eval": res, "losses": losses,
+                       "method": method_of(objective, args.self_forcing, args.guidance, args.guide)}}
             save_pretrained(dest, cfg, ae, copy.deepcopy(student).half() if args.half else student, info,
                             dataclasses.replace(sampling, steps=k, context_noise=None))  # its own level: measured anew
             if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():

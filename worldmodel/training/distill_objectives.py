@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from worldmodel.game.action import NOOP
+from worldmodel.game.action import FIELDS, NOOP
 from worldmodel.model.diffusion import add_noise, predict_x0, timesteps, velocity_target
 from worldmodel.model.transformer import ModelConfig, WorldTransformer
 
@@ -39,15 +39,37 @@ class Clip:
         ctx = add_noise(x0[:, :-1], torch.randn(x0[:, :-1].shape, generator=g).to(x0), t_ctx)
         return cls(ctx, t_ctx, actions, x0[:, -1:], x0[:, -2])
 
-    def without_action(self) -> "Clip":
-        """The same clip with the target frame's action the no-op (`NOOP`: standing still, no turn): the
-        unconditional side of action guidance."""
-        noop = torch.tensor(NOOP.to_vector(), dtype=self.actions.dtype, device=self.actions.device)
-        return replace(self, actions=torch.cat((self.actions[:, :-1], noop.expand_as(self.actions[:, -1:])), 1))
+    def without_action(self, guidance: "Guidance") -> "Clip":
+        """The same clip with the target frame's guided action fields at rest: the unconditional side of
+        action guidance."""
+        return replace(self, actions=torch.cat((self.actions[:, :-1], guidance.still(self.actions[:, -1:])), 1))
 
     def student_input(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model's input for the whole clip with the target frame at x (B, 1, C, h, w), level t (B,)."""
         return torch.cat((self.ctx, x), 1), torch.cat((self.t_ctx, t[:, None].to(self.t_ctx)), 1), self.actions
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Action guidance, as classifier-free guidance guides by a prompt: v_still + weight (v_action - v_still),
+    the model's response to the action taken amplified `weight` times against the same action with
+    `fields` at rest (all of them: standing still, `NOOP`; ("move", "strafe"): the turn kept, only the
+    response to walking amplified). The teacher needs no training without actions."""
+    weight: float = 1.0  # 1: none
+    fields: tuple[str, ...] = FIELDS
+
+    @property
+    def active(self) -> bool:
+        return self.weight != 1.0
+
+    def still(self, actions: torch.Tensor) -> torch.Tensor:
+        """The actions (..., A) with the guided fields at rest: the unconditional side."""
+        rest = torch.tensor(NOOP.to_vector(), dtype=actions.dtype, device=actions.device)
+        mask = torch.tensor([f in self.fields for f in FIELDS], device=actions.device)
+        return torch.where(mask, rest, actions)
+
+    def __call__(self, v_action: torch.Tensor, v_still: torch.Tensor) -> torch.Tensor:
+        return v_still + self.weight * (v_action - v_still)
 
 
 def velocity(model: WorldTransformer, clip: Clip, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -70,15 +92,18 @@ def commit_context(model: WorldTransformer, cfg: ModelConfig, ctx: torch.Tensor,
 
 @torch.inference_mode()
 def teacher_targets(teacher: WorldTransformer, cfg: ModelConfig, ctx, t_ctx, a_ctx, x_a, a_tgt, t_a, t_b,
-                    substeps: int) -> torch.Tensor:
+                    substeps: int, guidance: Guidance = Guidance()) -> torch.Tensor:
     """The teacher's secant velocity over [t_a, t_b] (per sample, (B,)) from x_a (B, 1, C, h, w):
-    `substeps` Euler steps of its flow with the context in a KV cache."""
+    `substeps` Euler steps of its flow with the context in a KV cache (of its flow guided by the action
+    if `guidance` is active: one more pass a sub-step)."""
     commit_context(teacher, cfg, ctx, t_ctx, a_ctx)
     x = x_a
     for j in range(substeps):
         s0 = t_a + (t_b - t_a) * (j / substeps)
         s1 = t_a + (t_b - t_a) * ((j + 1) / substeps)
         v = teacher.forward_cached(x, s0[:, None], a_tgt, commit=0)
+        if guidance.active:
+            v = guidance(v, teacher.forward_cached(x, s0[:, None], guidance.still(a_tgt), commit=0))
         x = x + (s1 - s0).view(-1, 1, 1, 1, 1).to(x.dtype) * v
     return ((x - x_a) / (t_b - t_a).view(-1, 1, 1, 1, 1).to(x.dtype)).clone()
 
@@ -95,16 +120,18 @@ def schedule(steps: int, shift: float) -> torch.Tensor:
 
 
 def regression_loss(student: WorldTransformer, teacher: WorldTransformer, cfg: ModelConfig, clip: Clip,
-                    ts: torch.Tensor, substeps: int, g: torch.Generator) -> torch.Tensor:
+                    ts: torch.Tensor, substeps: int, g: torch.Generator,
+                    guidance: Guidance = Guidance()) -> torch.Tensor:
     """Trajectory distillation: for a random interval [t_i, t_i+1] of the student's schedule `ts`, the
     target frame at x_{t_i} (pure noise for i = 0, the real frame noised to t_i otherwise), the
-    student's velocity MSE against the teacher's `substeps`-step secant over the interval."""
+    student's velocity MSE against the teacher's `substeps`-step secant over the interval (of its flow
+    guided by the action if `guidance` is active: guided distillation, the guidance baked into the student)."""
     B, dev = clip.target.shape[0], clip.target.device
     i = torch.randint(0, len(ts) - 1, (B,), generator=g)
     t_a, t_b = ts[i].to(dev), ts[i + 1].to(dev)
     x_a = add_noise(clip.target, torch.randn(clip.target.shape, generator=g).to(clip.target), t_a[:, None])
     target = teacher_targets(teacher, cfg, clip.ctx, clip.t_ctx, clip.actions[:, :-1], x_a, clip.actions[:, -1:],
-                             t_a, t_b, substeps)
+                             t_a, t_b, substeps, guidance)
     return (velocity(student, clip, x_a, t_a).float() - target.float()).pow(2).mean()
 
 
@@ -128,21 +155,19 @@ def student_sample(student: WorldTransformer, cfg: ModelConfig, clip: Clip, ts: 
 
 
 def dmd_loss(sample: torch.Tensor, teacher: WorldTransformer, fake: WorldTransformer, clip: Clip,
-             g: torch.Generator, guidance: float = 1.0) -> torch.Tensor:
+             g: torch.Generator, guidance: Guidance = Guidance()) -> torch.Tensor:
     """Distribution matching (DMD): the student's sample noised to a random level, denoised by the
     teacher (the real score) and by the fake-score model (trained on the student's samples); the
     sample is moved along fake - real, normalised per sample as in DMD. As a loss whose gradient
-    with respect to the sample is that difference (divided by its size). `guidance` w != 1: the real
-    score is guided by the action, as DMD guides it by the prompt: v_still + w (v_action - v_still), the
-    teacher's response to the action taken (against standing still) amplified w times."""
+    with respect to the sample is that difference (divided by its size). An active `guidance`: the real
+    score is guided by the action, as DMD guides it by the prompt."""
     B = sample.shape[0]
     t = DMD_T_MIN + (DMD_T_MAX - DMD_T_MIN) * torch.rand(B, generator=g).to(sample.device)
     with torch.no_grad():
         x_t = add_noise(sample.detach(), torch.randn(sample.shape, generator=g).to(sample), t[:, None])
         v_real = velocity(teacher, clip, x_t, t)
-        if guidance != 1.0:
-            v_still = velocity(teacher, clip.without_action(), x_t, t)
-            v_real = v_still + guidance * (v_real - v_still)
+        if guidance.active:
+            v_real = guidance(v_real, velocity(teacher, clip.without_action(guidance), x_t, t))
         real = predict_x0(x_t, v_real, t[:, None])
         fake_x0 = predict_x0(x_t, velocity(fake, clip, x_t, t), t[:, None])
         scale = (sample.detach() - real).float().abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
