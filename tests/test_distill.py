@@ -36,6 +36,17 @@ def batch(cfg, n=3, seed=0):
             torch.randn(n, K + 1, cfg.action_dim, generator=g).clamp(-1, 1))
 
 
+def scene(prev_frame: bool, seed: int):
+    """A teacher, a clip laid out as the engine sees it, its actions, a noisy target frame x and three
+    intervals [t_a, t_b] of the flow, all from `seed` on."""
+    cfg = tiny_config(prev_frame=prev_frame)
+    model = active_teacher(cfg, seed=seed)
+    x0, a = batch(cfg, seed=seed + 1)
+    clip = Clip.of(cfg, x0, a, torch.Generator().manual_seed(seed + 2))
+    x = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(seed + 3))
+    return cfg, model, a, clip, x, torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.4, 0.1, 0.0])
+
+
 def state(module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
@@ -158,12 +169,7 @@ def test_guided_regression_targets_are_the_guided_teachers_flow():
     keeps the others on both sides: a frame that only turns is not guided by ("move", "strafe")."""
     from worldmodel.game.action import FIELDS, NOOP
 
-    cfg = tiny_config(prev_frame=True)
-    teacher = active_teacher(cfg, seed=0)
-    x0, a = batch(cfg, seed=2)
-    clip = Clip.of(cfg, x0, a, torch.Generator().manual_seed(1))
-    x = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(3))
-    t_a, t_b = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.5, 0.2, 0.0])
+    cfg, teacher, a, clip, x, t_a, t_b = scene(prev_frame=True, seed=0)
 
     def targets(model, actions, w, substeps=1, fields=FIELDS):
         return teacher_targets(model, cfg, clip.ctx, clip.t_ctx, actions[:, :-1], x, actions[:, -1:], t_a, t_b,
@@ -197,12 +203,7 @@ def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     targets and the engine use (the context committed into the KV cache, which with `prev_frame` also
     carries the last context frame as the target's previous frame): the same velocity, and the same
     2-step sample as two cached Euler steps from the same noise."""
-    cfg = tiny_config(prev_frame=prev_frame)
-    model = active_teacher(cfg, seed=3)
-    x0, a = batch(cfg, seed=4)
-    clip = Clip.of(cfg, x0, a, torch.Generator().manual_seed(5))
-    x = torch.randn(clip.target.shape, generator=torch.Generator().manual_seed(6))
-    t_a, t_b = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.4, 0.1, 0.0])
+    cfg, model, a, clip, x, t_a, t_b = scene(prev_frame, seed=3)
     secant = teacher_targets(model, cfg, clip.ctx, clip.t_ctx, a[:, :-1], x, a[:, -1:], t_a, t_b, 1)
     with torch.no_grad():
         v = velocity(model, clip, x, t_a)
