@@ -1,7 +1,8 @@
-"""A short rollout of the shipped model pinned by hash: moving code around must not change what a player
-sees. The hash is exact on the kind of CPU it was pinned on (the same torch CPU capability: float
-reductions differ between instruction sets); everywhere, the frames must match pinned 8x8-block means
-within a level of uint8 (a real change of behaviour moves them by far more)."""
+"""A short rollout of a shipped model pinned by hash (`doom-tiny`, whose network the default
+`doom-map01-guided` shares): moving code around must not change what a player sees. The hash is exact
+on the kind of CPU it was pinned on (the same torch CPU capability: float reductions differ between
+instruction sets); everywhere, the frames must match pinned 8x8-block means within a level of uint8 (a
+real change of behaviour moves them by far more)."""
 import hashlib
 from pathlib import Path
 

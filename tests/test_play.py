@@ -287,7 +287,7 @@ def test_without_display_or_checkpoint_the_message_says_what_to_do(monkeypatch, 
     assert main(["play"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "checkpoints/doom-tiny" in err and "--preset tiny" in err and "--real" in err
+    assert "checkpoints/doom-map01-guided" in err and "--preset tiny" in err and "--real" in err
 
 
 # -- the two-stage pipeline: frame t decoded while frame t+1 is generated ------------------------------------

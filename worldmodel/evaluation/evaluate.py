@@ -3,7 +3,7 @@ model) or on validation maps.
 
     worldmodel eval --level MAP01 --checkpoint checkpoints/doom-map01 --compare checkpoints/doom-tiny \
         --generalisation MAP21-MAP24 --out eval/doom-map01
-    worldmodel eval --maps MAP21-MAP24 --episodes 6 --horizons 1,8,35,175 --out eval/doom-tiny
+    worldmodel eval --checkpoint checkpoints/doom-tiny --maps MAP21-MAP24 --episodes 6 --horizons 1,8,35,175 --out eval/doom-tiny
 
 Episodes. *Level mode* (`--level MAP`; the default for a checkpoint whose config names its level,
 `info.level = {"wad": ..., "map": ...}`): episode k starts at one of the level's EVAL_STARTS evaluation
