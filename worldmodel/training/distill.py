@@ -222,12 +222,10 @@ class Distillation:
         ema_update(self.avg, self.student, decay)
 
 
-def method_of(objective: str, self_forcing: int = 0, guidance: float = 1.0, guide: tuple[str, ...] = FIELDS) -> str:
+def method_of(objective: str, self_forcing: int = 0, guidance: Guidance = Guidance()) -> str:
     """What a student's report and card say of how it was trained."""
     forced = f"; Self Forcing: the last {self_forcing} context frames of each clip are the student's own rollout"
-    which = "" if tuple(guide) == FIELDS else f" ({', '.join(guide)})"
-    guided = f"; the teacher guided by the action{which}, w = {guidance:g}" if guidance != 1 else ""
-    return METHODS[objective] + (forced if self_forcing else "") + guided
+    return METHODS[objective] + (forced if self_forcing else "") + (f"; {guidance}" if guidance.active else "")
 
 
 def check_self_forcing(k: int, objective: str, cache_frames: int | None = None) -> None:

@@ -37,6 +37,7 @@ from worldmodel.training.clips import LatentClips, encode_dataset
 from worldmodel.training.config import check_sizes
 from worldmodel.training.distill import (DEFAULT_OBJECTIVE, OBJECTIVES, DistillConfig, baselines, check_self_forcing,
                                          distill_student, evaluate, method_of)
+from worldmodel.training.distill_objectives import Guidance
 from worldmodel.training.steps import add_amp_argument, amp_enabled, hardware
 
 STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
@@ -231,8 +232,9 @@ def run(args) -> int:
     print(f"distill: {len(train)} training clips from {len(train.latents)} frames, {len(val)} validation clips "
           f"({time.time() - t0:.0f} s to encode)", file=sys.stderr)
 
+    guidance = Guidance(args.guidance, args.guide)
     report = {"teacher": str(args.teacher), "objectives": objectives,
-              "methods": {o: method_of(o, args.self_forcing, args.guidance, args.guide) for o in objectives},
+              "methods": {o: method_of(o, args.self_forcing, guidance) for o in objectives},
               "data": str(args.data),
               "val_data": str(val_source),
               "train_clips": len(train), "train_frames": len(train.latents), "teacher_steps": args.teacher_steps,
@@ -272,7 +274,7 @@ def run(args) -> int:
             info = {**(config.get("info") or {}),
                     "distill": {k_: v for k_, v in report.items() if k_ != "students"}
                     | {"objective": objective, "student_steps": k, "eval": res, "losses": losses,
-                       "method": method_of(objective, args.self_forcing, args.guidance, args.guide)}}
+                       "method": method_of(objective, args.self_forcing, guidance)}}
             save_pretrained(dest, cfg, ae, copy.deepcopy(student).half() if args.half else student, info,
                             dataclasses.replace(sampling, steps=k, context_noise=None))  # its own level: measured anew
             if (Path(folder) / "start_clips").is_dir() and not (dest / "start_clips").exists():

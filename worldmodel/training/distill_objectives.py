@@ -71,6 +71,11 @@ class Guidance:
     def __call__(self, v_action: torch.Tensor, v_still: torch.Tensor) -> torch.Tensor:
         return v_still + self.weight * (v_action - v_still)
 
+    def __str__(self) -> str:
+        """What a student's card says of it ("" when inactive)."""
+        which = "" if tuple(self.fields) == FIELDS else f" ({', '.join(self.fields)})"
+        return f"the teacher guided by the action{which}, w = {self.weight:g}" if self.active else ""
+
 
 def velocity(model: WorldTransformer, clip: Clip, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The model's velocity (B, 1, C, h, w) at the target frame x (level t (B,)) after the clip's
