@@ -197,6 +197,51 @@ def test_guided_regression_targets_are_the_guided_teachers_flow():
     torch.testing.assert_close(targets(blind, a, 3.0, 4), targets(blind, a, 1.0, 4))
 
 
+def test_centred_guidance_amplifies_the_response_but_not_its_mean_over_the_frame():
+    """`Guidance(centred=True)`: one sub-step's target has, channel by channel, the frame mean of the
+    unguided target (the overall brightness and colour are the teacher's own) while what varies over the
+    frame is amplified as plain guidance amplifies it."""
+    cfg, teacher, a, clip, x, t_a, t_b = scene(prev_frame=True, seed=0)
+
+    def targets(guidance):
+        return teacher_targets(teacher, cfg, clip.ctx, clip.t_ctx, a[:, :-1], x, a[:, -1:], t_a, t_b, 1, guidance)
+
+    plain, guided, centred = targets(Guidance()), targets(Guidance(3.0)), targets(Guidance(3.0, centred=True))
+    mean = lambda v: v.mean(dim=(-2, -1))  # noqa: E731
+    torch.testing.assert_close(mean(centred), mean(plain), atol=1e-5, rtol=1e-4)
+    assert (mean(guided) - mean(plain)).abs().max() > 1e-3
+    torch.testing.assert_close(centred - mean(centred)[..., None, None], guided - mean(guided)[..., None, None],
+                               atol=1e-5, rtol=1e-4)
+    assert str(Guidance(3.0, centred=True)).endswith("w = 3, centred")
+
+
+def test_backing_off_is_guided_by_its_own_weight():
+    """`Guidance(back=...)`: in one batch, the frame that backs off (move < 0) gets the regression targets
+    of guidance at the backing-off weight, the frames that walk forward or stand still those of the plain
+    weight; the card says both; a backing-off weight without the move field guided is refused."""
+    from worldmodel.game.action import FIELDS
+
+    cfg, teacher, a, clip, x, t_a, t_b = scene(prev_frame=True, seed=0)
+    a = a.clone()
+    move = FIELDS.index("move")
+    a[:, -1, move] = torch.tensor([-1.0, 1.0, 0.0])  # backs off, walks forward, stands (turns, strafes) still
+    walking = ("move", "strafe")
+
+    def targets(guidance):
+        return teacher_targets(teacher, cfg, clip.ctx, clip.t_ctx, a[:, :-1], x, a[:, -1:], t_a, t_b, 4, guidance)
+
+    both, plain, hard = targets(Guidance(2.0, walking, back=5.0)), targets(Guidance(2.0, walking)), \
+        targets(Guidance(5.0, walking))
+    torch.testing.assert_close(both[0], hard[0])
+    torch.testing.assert_close(both[1:], plain[1:])
+    assert (hard[0] - plain[0]).abs().mean() > 1e-3
+    assert Guidance(1.0, walking, back=3.0).active and not Guidance(1.0, walking, back=1.0).active
+    assert str(Guidance(2.0, walking, back=4.0)) == "the teacher guided by the action (move, strafe), w = 2, " \
+                                                    "backing off w = 4"
+    with pytest.raises(ValueError, match="move"):
+        Guidance(2.0, ("strafe",), back=4.0)
+
+
 @pytest.mark.parametrize("prev_frame", [False, True])
 def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     """What the student is trained through (one pass over context + target frame) is what the teacher's
@@ -279,11 +324,13 @@ def test_the_critic_takes_critic_steps_updates_per_student_update(monkeypatch, o
     ("--guidance", "0", ["--objective", "dmd"]), ("--guidance", "-2", ["--objective", "dmd"]),
     ("--guidance", "nan", ["--objective", "dmd"]), ("--guidance", "inf", []),
     ("--guide", "jump", ["--guidance", "2"]), ("--guide", ",", ["--guidance", "2"]), ("--guide", "move,fly", []),
+    ("--guidance-back", "0", ["--guidance", "2"]), ("--guidance-back", "nan", []), ("--guidance-back", "-4", []),
+    ("--guidance-back", "4", ["--guide", "strafe"]), ("--guidance-centred", None, ["--guidance", "1"]),
 ])
 def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value, more):
     from worldmodel.cli import main
     rc = main(["distill", "--teacher", str(tmp_path / "none"), "--data", str(tmp_path / "none"), "--out",
-               str(tmp_path / "out"), f"{flag}={value}", *more])
+               str(tmp_path / "out"), flag if value is None else f"{flag}={value}", *more])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and flag in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
@@ -377,11 +424,12 @@ def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--self-forcing" in err, err
     assert main([*args, "--out", str(tmp_path / "out"), "--self-forcing", "2", "--guidance", "2.5",
-                 "--guide", "strafe, move"]) == 0
+                 "--guide", "strafe, move", "--guidance-back", "4", "--guidance-centred"]) == 0
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["self_forcing"] == 2 and "Self Forcing" in report["methods"]["dmd"]
-    assert report["guidance"] == 2.5 and report["guide"] == ["move", "strafe"]
-    assert "guided by the action (move, strafe), w = 2.5" in report["methods"]["dmd"]
+    assert report["guidance"] == 2.5 and report["guide"] == ["move", "strafe"] and report["guidance_back"] == 4
+    assert report["guidance_centred"] is True
+    assert "guided by the action (move, strafe), w = 2.5, backing off w = 4, centred" in report["methods"]["dmd"]
     entry = report["students"]["dmd-2"]
     assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
     wm = WorldModel.from_pretrained(tmp_path / "out", device="cpu")

@@ -75,6 +75,8 @@ def check_arguments(args) -> None:
     `config.check_sizes`' (`args.guide` becomes its tuple of fields)."""
     positive = {"--lr": args.lr, "--critic-lr": args.critic_lr, "--adv-weight": args.adv_weight,
                 "--dmd-weight": args.dmd_weight, "--guidance": args.guidance}
+    if args.guidance_back is not None:
+        positive["--guidance-back"] = args.guidance_back
     for name, v in positive.items():
         if not (math.isfinite(v) and v > 0):
             raise UserError(f"{name} must be a positive number, got {v:g}")
@@ -84,6 +86,12 @@ def check_arguments(args) -> None:
     for objective in objectives:
         check_self_forcing(args.self_forcing, objective)
     args.guide = parse_guide(args.guide)
+    if args.guidance_back is not None and "move" not in args.guide:
+        raise UserError(f"--guidance-back guides backing off, a value of move: --guide must include move, "
+                        f"got {','.join(args.guide)}")
+    if args.guidance_centred and args.guidance == 1.0 and args.guidance_back in (None, 1.0):
+        raise UserError("--guidance-centred shapes action guidance, and there is none: give --guidance W or "
+                        "--guidance-back W (other than 1)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the action fields --guidance amplifies the response to, the others kept on both "
                              "sides (move,strafe: walking guided, turning not; default: all, against standing "
                              "still)")
+    parser.add_argument("--guidance-back", type=float, default=D.guidance_back, metavar="W",
+                        help="the guidance of the frames that back off (move < 0) instead of --guidance's, for a "
+                             "teacher that responds to backing off far less than to walking forward (default: "
+                             "--guidance's)")
+    parser.add_argument("--guidance-centred", action="store_true",
+                        help="amplify the response to the action without its mean over the frame (per latent "
+                             "channel): guidance moves what is in the frame, not its overall brightness and colour")
     parser.add_argument("--critic-lr", type=float, default=D.critic_lr,
                         help="learning rate of the critic (adversarial) or of the fake-score model (dmd) "
                              "(default %(default)s)")
@@ -232,7 +247,7 @@ def run(args) -> int:
     print(f"distill: {len(train)} training clips from {len(train.latents)} frames, {len(val)} validation clips "
           f"({time.time() - t0:.0f} s to encode)", file=sys.stderr)
 
-    guidance = Guidance(args.guidance, args.guide)
+    guidance = Guidance(args.guidance, args.guide, args.guidance_back, args.guidance_centred)
     report = {"teacher": str(args.teacher), "objectives": objectives,
               "methods": {o: method_of(o, args.self_forcing, guidance) for o in objectives},
               "data": str(args.data),
@@ -243,7 +258,8 @@ def run(args) -> int:
               "batch": args.batch, "lr": args.lr, "critic_lr": args.critic_lr, "critic_steps": args.critic_steps,
               "adv_weight": args.adv_weight,
               "dmd_weight": args.dmd_weight, "guidance": args.guidance,
-              "guide": list(args.guide), "ema": args.ema,
+              "guide": list(args.guide), "guidance_back": args.guidance_back,
+              "guidance_centred": args.guidance_centred, "ema": args.ema,
               "self_forcing": args.self_forcing, "seed": args.seed,
               "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),

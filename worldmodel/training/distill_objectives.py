@@ -54,13 +54,23 @@ class Guidance:
     """Action guidance, as classifier-free guidance guides by a prompt: v_still + weight (v_action - v_still),
     the model's response to the action taken amplified `weight` times against the same action with
     `fields` at rest (all of them: standing still, `NOOP`; ("move", "strafe"): the turn kept, only the
-    response to walking amplified). The teacher needs no training without actions."""
+    response to walking amplified). `back`: the weight of the frames whose action backs off (move < 0)
+    instead, for a teacher that responds to backing off far less than to walking forward (None: `weight`).
+    `centred`: the amplified part of the response loses its mean over the frame, channel by channel, so
+    that guidance moves what is in the frame without shifting its overall brightness and colour.
+    The teacher needs no training without actions."""
     weight: float = 1.0  # 1: none
     fields: tuple[str, ...] = FIELDS
+    back: float | None = None
+    centred: bool = False
+
+    def __post_init__(self):
+        if self.back is not None and "move" not in self.fields:
+            raise ValueError("a backing-off weight guides the move field: fields must include 'move'")
 
     @property
     def active(self) -> bool:
-        return self.weight != 1.0
+        return self.weight != 1.0 or self.back not in (None, 1.0)
 
     def still(self, actions: torch.Tensor) -> torch.Tensor:
         """The actions (..., A) with the guided fields at rest: the unconditional side."""
@@ -68,13 +78,22 @@ class Guidance:
         mask = torch.tensor([f in self.fields for f in FIELDS], device=actions.device)
         return torch.where(mask, rest, actions)
 
-    def __call__(self, v_action: torch.Tensor, v_still: torch.Tensor) -> torch.Tensor:
-        return v_still + self.weight * (v_action - v_still)
+    def __call__(self, v_action: torch.Tensor, v_still: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """v_action, v_still (B, 1, C, h, w) of the target frame, whose actions are (B, 1, A)."""
+        w = torch.full(actions.shape[:1], self.weight, dtype=v_action.dtype, device=v_action.device)
+        if self.back is not None:
+            w = torch.where(actions[:, -1, FIELDS.index("move")] < 0, self.back, w)
+        response = v_action - v_still  # v_still + w response = v_action + (w - 1) response
+        if self.centred:
+            response = response - response.mean(dim=(-2, -1), keepdim=True)
+        return v_action + (w.view(-1, 1, 1, 1, 1) - 1) * response
 
     def __str__(self) -> str:
         """What a student's card says of it ("" when inactive)."""
         which = "" if tuple(self.fields) == FIELDS else f" ({', '.join(self.fields)})"
-        return f"the teacher guided by the action{which}, w = {self.weight:g}" if self.active else ""
+        back = "" if self.back is None else f", backing off w = {self.back:g}"
+        centred = ", centred" if self.centred else ""
+        return f"the teacher guided by the action{which}, w = {self.weight:g}{back}{centred}" if self.active else ""
 
 
 def velocity(model: WorldTransformer, clip: Clip, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +127,7 @@ def teacher_targets(teacher: WorldTransformer, cfg: ModelConfig, ctx, t_ctx, a_c
         s1 = t_a + (t_b - t_a) * ((j + 1) / substeps)
         v = teacher.forward_cached(x, s0[:, None], a_tgt, commit=0)
         if guidance.active:
-            v = guidance(v, teacher.forward_cached(x, s0[:, None], guidance.still(a_tgt), commit=0))
+            v = guidance(v, teacher.forward_cached(x, s0[:, None], guidance.still(a_tgt), commit=0), a_tgt)
         x = x + (s1 - s0).view(-1, 1, 1, 1, 1).to(x.dtype) * v
     return ((x - x_a) / (t_b - t_a).view(-1, 1, 1, 1, 1).to(x.dtype)).clone()
 
@@ -172,7 +191,7 @@ def dmd_loss(sample: torch.Tensor, teacher: WorldTransformer, fake: WorldTransfo
         x_t = add_noise(sample.detach(), torch.randn(sample.shape, generator=g).to(sample), t[:, None])
         v_real = velocity(teacher, clip, x_t, t)
         if guidance.active:
-            v_real = guidance(v_real, velocity(teacher, clip.without_action(guidance), x_t, t))
+            v_real = guidance(v_real, velocity(teacher, clip.without_action(guidance), x_t, t), clip.actions[:, -1:])
         real = predict_x0(x_t, v_real, t[:, None])
         fake_x0 = predict_x0(x_t, velocity(fake, clip, x_t, t), t[:, None])
         scale = (sample.detach() - real).float().abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
