@@ -242,6 +242,28 @@ def test_backing_off_is_guided_by_its_own_weight():
         Guidance(2.0, ("strafe",), back=4.0)
 
 
+def test_a_guidance_interval_guides_only_the_noise_levels_inside_it():
+    """`Guidance(interval=(lo, hi))`: over four sub-steps, the sample whose sub-steps all start at noise
+    levels inside (lo, hi] gets plain guidance's targets, the one whose sub-steps are all below lo the
+    unguided teacher's, and the one that starts inside and ends below lo neither; the card says which
+    levels; an empty or out-of-range interval is refused."""
+    cfg, teacher, a, clip, x, t_a, t_b = scene(prev_frame=True, seed=0)  # t_a 0.9, 0.5, 0.2; t_b 0.4, 0.1, 0
+
+    def targets(guidance):
+        return teacher_targets(teacher, cfg, clip.ctx, clip.t_ctx, a[:, :-1], x, a[:, -1:], t_a, t_b, 4, guidance)
+
+    # sub-steps start at 0.9 .. 0.525 (inside), 0.5 (inside) then 0.4 .. 0.2, and 0.2 .. 0.05 (all below)
+    limited, guided, plain = targets(Guidance(3.0, interval=(0.45, 1.0))), targets(Guidance(3.0)), targets(Guidance())
+    torch.testing.assert_close(limited[0], guided[0])
+    torch.testing.assert_close(limited[2], plain[2])
+    assert (guided[2] - plain[2]).abs().mean() > 1e-3
+    assert (limited[1] - guided[1]).abs().mean() > 1e-4 and (limited[1] - plain[1]).abs().mean() > 1e-4
+    assert str(Guidance(3.0, interval=(0.5, 1.0))).endswith("w = 3, at noise levels (0.5, 1]")
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="interval"):
+            Guidance(3.0, interval=bad)
+
+
 @pytest.mark.parametrize("prev_frame", [False, True])
 def test_the_whole_clip_pass_is_the_cached_pass(prev_frame):
     """What the student is trained through (one pass over context + target frame) is what the teacher's
@@ -326,6 +348,9 @@ def test_the_critic_takes_critic_steps_updates_per_student_update(monkeypatch, o
     ("--guide", "jump", ["--guidance", "2"]), ("--guide", ",", ["--guidance", "2"]), ("--guide", "move,fly", []),
     ("--guidance-back", "0", ["--guidance", "2"]), ("--guidance-back", "nan", []), ("--guidance-back", "-4", []),
     ("--guidance-back", "4", ["--guide", "strafe"]), ("--guidance-centred", None, ["--guidance", "1"]),
+    ("--guidance-interval", "0.5,1", []), ("--guidance-interval", "1,0.5", ["--guidance", "2"]),
+    ("--guidance-interval", "0.5", ["--guidance", "2"]), ("--guidance-interval", "0,2", ["--guidance", "2"]),
+    ("--guidance-interval", "a,b", ["--guidance", "2"]),
 ])
 def test_bad_flag_values_are_refused_with_one_line(tmp_path, capsys, flag, value, more):
     from worldmodel.cli import main
@@ -424,12 +449,14 @@ def test_a_self_forced_dmd_run_reports_it_and_plays(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--self-forcing" in err, err
     assert main([*args, "--out", str(tmp_path / "out"), "--self-forcing", "2", "--guidance", "2.5",
-                 "--guide", "strafe, move", "--guidance-back", "4", "--guidance-centred"]) == 0
+                 "--guide", "strafe, move", "--guidance-back", "4", "--guidance-centred",
+                 "--guidance-interval", "0.25,1"]) == 0
     report = json.loads((tmp_path / "out" / "distill_report.json").read_text())
     assert report["self_forcing"] == 2 and "Self Forcing" in report["methods"]["dmd"]
     assert report["guidance"] == 2.5 and report["guide"] == ["move", "strafe"] and report["guidance_back"] == 4
-    assert report["guidance_centred"] is True
-    assert "guided by the action (move, strafe), w = 2.5, backing off w = 4, centred" in report["methods"]["dmd"]
+    assert report["guidance_centred"] is True and report["guidance_interval"] == [0.25, 1.0]
+    assert "guided by the action (move, strafe), w = 2.5, backing off w = 4, centred, at noise levels (0.25, 1]" \
+        in report["methods"]["dmd"]
     entry = report["students"]["dmd-2"]
     assert all(math.isfinite(v) for c in entry["losses"].values() for v in c.values())
     wm = WorldModel.from_pretrained(tmp_path / "out", device="cpu")

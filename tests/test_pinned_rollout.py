@@ -1,9 +1,11 @@
 """A short rollout of a shipped model pinned by hash (`doom-tiny`, whose network the default
 `doom-map01-guided` shares): moving code around must not change what a player sees. The hash is exact
-on the kind of CPU it was pinned on (the same torch CPU capability: float reductions differ between
-instruction sets); everywhere, the frames must match pinned 8x8-block means within a level of uint8 (a
-real change of behaviour moves them by far more)."""
+on the kind of CPU it was pinned on (the same torch CPU capability and CPU vendor: float reductions
+differ between instruction sets, and an Intel and an AMD CPU with the same AVX-512 capability take
+different matmul kernels); everywhere, the frames must match pinned 8x8-block means within a level of
+uint8 (a real change of behaviour moves them by far more)."""
 import hashlib
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,16 @@ def block_means(frames: np.ndarray) -> np.ndarray:
     return frames.reshape(f, h // BLOCK, BLOCK, w // BLOCK, BLOCK, c).astype(np.float64).mean(axis=(2, 4))
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor (GenuineIntel, AuthenticAMD) from /proc/cpuinfo, else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def digest(frames: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
 
@@ -51,7 +63,7 @@ def test_the_shipped_models_rollout_is_pinned():
     diff = np.abs(means - pinned["block_means"])
     assert diff.max() < 1.0, f"frames moved: block means differ by up to {diff.max():.2f} levels"
     if str(pinned["capability"]) == torch.backends.cpu.get_cpu_capability() \
-            and str(pinned["torch"]) == torch.__version__:
+            and str(pinned["torch"]) == torch.__version__ and str(pinned["vendor"]) == cpu_vendor():
         assert digest(frames) == str(pinned["sha256"])
 
 
@@ -71,5 +83,6 @@ if __name__ == "__main__":  # re-pin (only when a change of the frames is intend
     torch.set_num_threads(1)
     frames = rollout()
     np.savez_compressed(PINNED, block_means=block_means(frames), sha256=digest(frames),
-                        capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__)
+                        capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
+                        vendor=cpu_vendor())
     print(f"pinned {len(frames)} frames: {digest(frames)}")

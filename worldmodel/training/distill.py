@@ -45,7 +45,7 @@ al. distil a guided teacher). `--guide FIELDS` rests only those fields on the un
 (move < 0) at their own weight, for a teacher that responds to backing off far less than to walking
 forward; `--guidance-centred` amplifies the response without its mean over the frame (per latent
 channel), so that guidance moves what is in the frame and leaves its overall brightness and colour to
-the teacher. The student learns to follow the controls more strongly at no cost per frame; the teacher
+the teacher; `--guidance-interval LO,HI` guides only at the noise levels t with LO < t <= HI. The student learns to follow the controls more strongly at no cost per frame; the teacher
 needs no training without actions, standing still is its unconditional side.
 The student's sample is drawn as the engine draws it (its k Euler steps after the context); the
 gradient goes through its last step only. Each objective sees the same batches and noise for a seed,
@@ -111,6 +111,7 @@ class DistillConfig:
     guide: tuple[str, ...] = FIELDS  # the action fields guided (the rest kept on both sides)
     guidance_back: float | None = None  # the guidance of frames that back off (move < 0); None: `guidance`'s
     guidance_centred: bool = False  # the amplified response without its mean over the frame (per channel)
+    guidance_interval: tuple[float, float] | None = None  # guided only at noise levels lo < t <= hi; None: all
     ema: float = 0.99  # decay of the averaged student weights that are saved
     self_forcing: int = 0  # > 0: the last K context frames are the student's own rollout (regression, dmd)
     grad_clip: float = 1.0
@@ -144,7 +145,8 @@ class Distillation:
         self.schedule = schedule(steps, shift)
         self.substeps = max(1, math.ceil(config.teacher_steps / steps))
         self.adv_weight, self.dmd_weight, self.grad_clip = config.adv_weight, config.dmd_weight, config.grad_clip
-        self.guidance = Guidance(config.guidance, config.guide, config.guidance_back, config.guidance_centred)
+        self.guidance = Guidance(config.guidance, config.guide, config.guidance_back, config.guidance_centred,
+                                 config.guidance_interval)
         lr, critic_lr = config.lr, config.critic_lr
         self.teacher = teacher.eval().requires_grad_(False)
         start = teacher if init is None else init

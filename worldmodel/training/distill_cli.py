@@ -70,6 +70,20 @@ def parse_guide(spec: str) -> tuple[str, ...]:
     return tuple(f for f in FIELDS if f in names)
 
 
+def parse_interval(spec: str | None) -> tuple[float, float] | None:
+    """`--guidance-interval LO,HI`: the noise levels guided, 0 <= LO < HI <= 1 (None: all)."""
+    if spec is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in str(spec).split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if not 0.0 <= lo < hi <= 1.0:
+        raise UserError(f"--guidance-interval: two noise levels LO,HI with 0 <= LO < HI <= 1 (0.5,1: the first "
+                        f"half of the schedule, from pure noise), got {spec!r}")
+    return lo, hi
+
+
 def check_arguments(args) -> None:
     """One clear line for a rate, weight, decay or list out of range (before anything is loaded); counts are
     `config.check_sizes`' (`args.guide` becomes its tuple of fields)."""
@@ -89,9 +103,12 @@ def check_arguments(args) -> None:
     if args.guidance_back is not None and "move" not in args.guide:
         raise UserError(f"--guidance-back guides backing off, a value of move: --guide must include move, "
                         f"got {','.join(args.guide)}")
-    if args.guidance_centred and args.guidance == 1.0 and args.guidance_back in (None, 1.0):
-        raise UserError("--guidance-centred shapes action guidance, and there is none: give --guidance W or "
-                        "--guidance-back W (other than 1)")
+    args.guidance_interval = parse_interval(args.guidance_interval)
+    for flag, given in (("--guidance-centred", args.guidance_centred),
+                        ("--guidance-interval", args.guidance_interval is not None)):
+        if given and args.guidance == 1.0 and args.guidance_back in (None, 1.0):
+            raise UserError(f"{flag} shapes action guidance, and there is none: give --guidance W or "
+                            "--guidance-back W (other than 1)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-centred", action="store_true",
                         help="amplify the response to the action without its mean over the frame (per latent "
                              "channel): guidance moves what is in the frame, not its overall brightness and colour")
+    parser.add_argument("--guidance-interval", default=D.guidance_interval, metavar="LO,HI",
+                        help="guide only at the noise levels t with LO < t <= HI (1: pure noise, 0: the clean "
+                             "frame; 0.5,1: the first half of the schedule), the teacher unguided elsewhere "
+                             "(default: every level)")
     parser.add_argument("--critic-lr", type=float, default=D.critic_lr,
                         help="learning rate of the critic (adversarial) or of the fake-score model (dmd) "
                              "(default %(default)s)")
@@ -247,7 +268,7 @@ def run(args) -> int:
     print(f"distill: {len(train)} training clips from {len(train.latents)} frames, {len(val)} validation clips "
           f"({time.time() - t0:.0f} s to encode)", file=sys.stderr)
 
-    guidance = Guidance(args.guidance, args.guide, args.guidance_back, args.guidance_centred)
+    guidance = Guidance(args.guidance, args.guide, args.guidance_back, args.guidance_centred, args.guidance_interval)
     report = {"teacher": str(args.teacher), "objectives": objectives,
               "methods": {o: method_of(o, args.self_forcing, guidance) for o in objectives},
               "data": str(args.data),
@@ -259,7 +280,9 @@ def run(args) -> int:
               "adv_weight": args.adv_weight,
               "dmd_weight": args.dmd_weight, "guidance": args.guidance,
               "guide": list(args.guide), "guidance_back": args.guidance_back,
-              "guidance_centred": args.guidance_centred, "ema": args.ema,
+              "guidance_centred": args.guidance_centred,
+              "guidance_interval": None if args.guidance_interval is None else list(args.guidance_interval),
+              "ema": args.ema,
               "self_forcing": args.self_forcing, "seed": args.seed,
               "device": str(device),
               "hardware": hardware(device), "amp_bf16": amp, "command": command_line(),

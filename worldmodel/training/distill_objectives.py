@@ -58,15 +58,20 @@ class Guidance:
     instead, for a teacher that responds to backing off far less than to walking forward (None: `weight`).
     `centred`: the amplified part of the response loses its mean over the frame, channel by channel, so
     that guidance moves what is in the frame without shifting its overall brightness and colour.
+    `interval` (lo, hi): guided only at noise levels t with lo < t <= hi, unguided elsewhere (a guidance
+    interval, as Kynkaanniemi et al. limit classifier-free guidance; None: at every level).
     The teacher needs no training without actions."""
     weight: float = 1.0  # 1: none
     fields: tuple[str, ...] = FIELDS
     back: float | None = None
     centred: bool = False
+    interval: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.back is not None and "move" not in self.fields:
             raise ValueError("a backing-off weight guides the move field: fields must include 'move'")
+        if self.interval is not None and not 0.0 <= self.interval[0] < self.interval[1] <= 1.0:
+            raise ValueError(f"a guidance interval (lo, hi) needs 0 <= lo < hi <= 1, got {self.interval}")
 
     @property
     def active(self) -> bool:
@@ -78,11 +83,15 @@ class Guidance:
         mask = torch.tensor([f in self.fields for f in FIELDS], device=actions.device)
         return torch.where(mask, rest, actions)
 
-    def __call__(self, v_action: torch.Tensor, v_still: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """v_action, v_still (B, 1, C, h, w) of the target frame, whose actions are (B, 1, A)."""
+    def __call__(self, v_action: torch.Tensor, v_still: torch.Tensor, actions: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+        """v_action, v_still (B, 1, C, h, w) of the target frame at noise level t (B,), whose actions are (B, 1, A)."""
         w = torch.full(actions.shape[:1], self.weight, dtype=v_action.dtype, device=v_action.device)
         if self.back is not None:
             w = torch.where(actions[:, -1, FIELDS.index("move")] < 0, self.back, w)
+        if self.interval is not None:
+            lo, hi = self.interval
+            w = torch.where((t > lo) & (t <= hi), w, 1.0)
         response = v_action - v_still  # v_still + w response = v_action + (w - 1) response
         if self.centred:
             response = response - response.mean(dim=(-2, -1), keepdim=True)
@@ -93,7 +102,9 @@ class Guidance:
         which = "" if tuple(self.fields) == FIELDS else f" ({', '.join(self.fields)})"
         back = "" if self.back is None else f", backing off w = {self.back:g}"
         centred = ", centred" if self.centred else ""
-        return f"the teacher guided by the action{which}, w = {self.weight:g}{back}{centred}" if self.active else ""
+        interval = "" if self.interval is None else f", at noise levels ({self.interval[0]:g}, {self.interval[1]:g}]"
+        return (f"the teacher guided by the action{which}, w = {self.weight:g}{back}{centred}{interval}"
+                if self.active else "")
 
 
 def velocity(model: WorldTransformer, clip: Clip, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -127,7 +138,7 @@ def teacher_targets(teacher: WorldTransformer, cfg: ModelConfig, ctx, t_ctx, a_c
         s1 = t_a + (t_b - t_a) * ((j + 1) / substeps)
         v = teacher.forward_cached(x, s0[:, None], a_tgt, commit=0)
         if guidance.active:
-            v = guidance(v, teacher.forward_cached(x, s0[:, None], guidance.still(a_tgt), commit=0), a_tgt)
+            v = guidance(v, teacher.forward_cached(x, s0[:, None], guidance.still(a_tgt), commit=0), a_tgt, s0)
         x = x + (s1 - s0).view(-1, 1, 1, 1, 1).to(x.dtype) * v
     return ((x - x_a) / (t_b - t_a).view(-1, 1, 1, 1, 1).to(x.dtype)).clone()
 
@@ -191,7 +202,7 @@ def dmd_loss(sample: torch.Tensor, teacher: WorldTransformer, fake: WorldTransfo
         x_t = add_noise(sample.detach(), torch.randn(sample.shape, generator=g).to(sample), t[:, None])
         v_real = velocity(teacher, clip, x_t, t)
         if guidance.active:
-            v_real = guidance(v_real, velocity(teacher, clip.without_action(guidance), x_t, t), clip.actions[:, -1:])
+            v_real = guidance(v_real, velocity(teacher, clip.without_action(guidance), x_t, t), clip.actions[:, -1:], t)
         real = predict_x0(x_t, v_real, t[:, None])
         fake_x0 = predict_x0(x_t, velocity(fake, clip, x_t, t), t[:, None])
         scale = (sample.detach() - real).float().abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
