@@ -1,8 +1,8 @@
 """A short rollout of a shipped model pinned by hash (`doom-tiny`, whose network the default
 `doom-map01-guided` shares): moving code around must not change what a player sees. The hash is exact
 on the kind of CPU it was pinned on (the same torch CPU capability and CPU vendor: float reductions
-differ between instruction sets, and an Intel and an AMD CPU with the same AVX-512 capability take
-different matmul kernels); everywhere, the frames must match pinned 8x8-block means within a level of
+differ between instruction sets, and an Intel Xeon with the same AVX512 capability as the AMD EPYC that
+pinned it rounds differently); everywhere, the frames must match pinned 8x8-block means within a level of
 uint8 (a real change of behaviour moves them by far more)."""
 import hashlib
 import platform

@@ -45,8 +45,9 @@ al. distil a guided teacher). `--guide FIELDS` rests only those fields on the un
 (move < 0) at their own weight, for a teacher that responds to backing off far less than to walking
 forward; `--guidance-centred` amplifies the response without its mean over the frame (per latent
 channel), so that guidance moves what is in the frame and leaves its overall brightness and colour to
-the teacher; `--guidance-interval LO,HI` guides only at the noise levels t with LO < t <= HI. The student learns to follow the controls more strongly at no cost per frame; the teacher
-needs no training without actions, standing still is its unconditional side.
+the teacher; `--guidance-interval LO,HI` guides only at the noise levels t with LO < t <= HI. The
+student learns to follow the controls more strongly at no cost per frame; the teacher needs no training
+without actions, standing still is its unconditional side.
 The student's sample is drawn as the engine draws it (its k Euler steps after the context); the
 gradient goes through its last step only. Each objective sees the same batches and noise for a seed,
 so a list (`--objective regression,adversarial`) compares them in one run.
