@@ -118,6 +118,10 @@ class DistillConfig:
     grad_clip: float = 1.0
     seed: int = 0
 
+    def action_guidance(self) -> Guidance:
+        """The teacher's action guidance these settings ask for (inactive at guidance 1)."""
+        return Guidance(self.guidance, self.guide, self.guidance_back, self.guidance_centred, self.guidance_interval)
+
 
 # --------------------------------------------------------------------------------------------------
 # Distillation: the student, its critic, their updates
@@ -146,8 +150,7 @@ class Distillation:
         self.schedule = schedule(steps, shift)
         self.substeps = max(1, math.ceil(config.teacher_steps / steps))
         self.adv_weight, self.dmd_weight, self.grad_clip = config.adv_weight, config.dmd_weight, config.grad_clip
-        self.guidance = Guidance(config.guidance, config.guide, config.guidance_back, config.guidance_centred,
-                                 config.guidance_interval)
+        self.guidance = config.action_guidance()
         lr, critic_lr = config.lr, config.critic_lr
         self.teacher = teacher.eval().requires_grad_(False)
         start = teacher if init is None else init

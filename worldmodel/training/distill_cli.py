@@ -37,7 +37,6 @@ from worldmodel.training.clips import LatentClips, encode_dataset
 from worldmodel.training.config import check_sizes
 from worldmodel.training.distill import (DEFAULT_OBJECTIVE, OBJECTIVES, DistillConfig, baselines, check_self_forcing,
                                          distill_student, evaluate, method_of)
-from worldmodel.training.distill_objectives import Guidance
 from worldmodel.training.steps import add_amp_argument, amp_enabled, hardware
 
 STUDENT_STEPS = (1, 2, 4)  # each divides the default --teacher-steps 8: a student step is whole teacher steps
@@ -268,7 +267,7 @@ def run(args) -> int:
     print(f"distill: {len(train)} training clips from {len(train.latents)} frames, {len(val)} validation clips "
           f"({time.time() - t0:.0f} s to encode)", file=sys.stderr)
 
-    guidance = Guidance(args.guidance, args.guide, args.guidance_back, args.guidance_centred, args.guidance_interval)
+    guidance = dconfig.action_guidance()
     report = {"teacher": str(args.teacher), "objectives": objectives,
               "methods": {o: method_of(o, args.self_forcing, guidance) for o in objectives},
               "data": str(args.data),
