@@ -34,6 +34,8 @@ ROWS = {  # name: (label, how the checkpoint was made)
     "1s": ("1-step student", DISTILL.replace("RUN", "runs/tract-1s-g2-back4-c") + " --steps-student 1 --teacher-steps 16"),
     "1s-sf4": ("1-step student, 4 self-forced context frames",
                DISTILL.replace("RUN", "runs/tract-1s-sf4-g2-back4-c") + " --steps-student 1 --teacher-steps 16 --self-forcing 4"),
+    "1s-sf7": ("1-step student, 7 self-forced context frames",
+               DISTILL.replace("RUN", "runs/tract-1s-sf7-g2-back4-c") + " --steps-student 1 --teacher-steps 16 --self-forcing 7"),
     "sf4": ("2-step student, 4 self-forced context frames",
             DISTILL.replace("RUN", "runs/tract-sf4-g2-back4-c") + " --steps-student 2 --teacher-steps 8 --self-forcing 4"),
 }
